@@ -1,0 +1,86 @@
+"""llmq: query an LLM for every row of a Spark DataFrame, from Airflow."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+
+def get_provider_info() -> dict[str, Any]:
+    """Provider metadata read by Airflow (entry point group ``apache_airflow_provider``).
+
+    The connection form is declared here (``conn-fields`` / ``ui-field-behaviour``): the Airflow 3.3
+    UI reads only this and never imports the hook for it.
+    """
+    string = {"type": ["string", "null"]}
+    return {
+        "package-name": "airflow-provider-llmq",
+        "name": "LLM Query (llmq)",
+        "description": "Query OpenAI / Azure OpenAI chat completions for every row of a Spark DataFrame.",
+        "versions": [__version__],
+        "hooks": [
+            {
+                "integration-name": "LLM Query",
+                "python-modules": ["airflow_provider_llmq.hooks.llmq"],
+            }
+        ],
+        "operators": [
+            {
+                "integration-name": "LLM Query",
+                "python-modules": ["airflow_provider_llmq.operators.llmq"],
+            }
+        ],
+        "connection-types": [
+            {
+                "connection-type": "llmq",
+                "hook-class-name": "airflow_provider_llmq.hooks.llmq.LLMQueryHook",
+                "hook-name": "LLM Query (OpenAI / Azure OpenAI)",
+                "conn-fields": {
+                    "api_type": {
+                        "label": "API type",
+                        "schema": {
+                            "type": ["string", "null"],
+                            "enum": ["azure", "openai"],
+                            "default": "azure",
+                        },
+                        "description": "azure: api-key header, deployment in the URL; openai: Bearer token.",
+                    },
+                    "api_version": {
+                        "label": "API version (Azure)",
+                        "schema": {**string, "default": "2024-06-01"},
+                        "description": "Azure OpenAI api-version query parameter, e.g. 2024-06-01.",
+                    },
+                    "deployment": {
+                        "label": "Deployment (Azure) / model (OpenAI)",
+                        "schema": string,
+                        "description": "Azure deployment name in the URL, or the OpenAI model in the body.",
+                    },
+                    "ca_cert": {
+                        "label": "CA certificate",
+                        "schema": string,
+                        "description": "CA bundle path, or the PEM text, for a self-signed or corporate CA.",
+                    },
+                    "verify": {
+                        "label": "Verify TLS",
+                        "schema": {"type": ["boolean", "null"], "default": True},
+                        "description": "Turn off only for a throwaway test endpoint: a warning is logged.",
+                    },
+                    "timeout": {
+                        "label": "Request timeout (s)",
+                        "schema": {"type": ["number", "null"], "default": 60},
+                        "description": "Per-request timeout; the operators' request_timeout overrides it.",
+                    },
+                },
+                "ui-field-behaviour": {
+                    "hidden-fields": ["schema", "port", "login"],
+                    "relabeling": {"host": "API base URL", "password": "API key"},
+                    "placeholders": {
+                        "host": "https://my-resource.openai.azure.com or https://api.openai.com/v1",
+                        "password": "the API key (sent only in a header)",
+                        "extra": '{"api_type": "azure", "deployment": "gpt-4o-mini"}',
+                    },
+                },
+            }
+        ],
+    }

@@ -1,0 +1,340 @@
+"""The request engine: one row's attempts, limits and retries, driven by a sync or an async client.
+
+``_attempts`` is the whole policy for one row as a generator that yields the blocking steps it
+needs (take a slot from the limiter, send, sleep) and receives what the network answered. The
+two clients below only perform those steps, with ``requests`` or with ``aiohttp``: they share
+every rule about payloads, errors, retries, pauses and limits, and differ only in I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import requests
+from requests.adapters import HTTPAdapter
+
+from airflow_provider_llmq.core.endpoint import EndpointConfig
+from airflow_provider_llmq.core.errors import LLMQueryConfigError
+from airflow_provider_llmq.core.limits import AsyncLimiter, ThreadLimiter, estimate_prompt_tokens
+from airflow_provider_llmq.core.payload import (
+    DEFAULT_SYSTEM_PROMPT,
+    EMPTY_PROMPT,
+    RATE_LIMITED,
+    Answer,
+    ChatRequest,
+    Failure,
+    classify_exception,
+    classify_response,
+)
+from airflow_provider_llmq.core.result import STATUS_ERROR, STATUS_OK, QueryResult
+from airflow_provider_llmq.core.retry import RetryPolicy
+
+DEFAULT_COMPLETION_ESTIMATE = 256  # tokens a request is assumed to cost when max_tokens is unset
+
+
+@dataclass(frozen=True)
+class _Acquire:
+    tokens: int
+
+
+@dataclass(frozen=True)
+class _Send:
+    body: bytes
+
+
+@dataclass(frozen=True)
+class _Sleep:
+    seconds: float
+
+
+_Step = _Acquire | _Send | _Sleep
+# what a _Send gets back: (status, headers, body) or the transport exception
+_Received = tuple[int, Mapping[str, str], bytes] | BaseException
+
+
+@dataclass(frozen=True)
+class QueryOptions:
+    """What is the same for every row of a run.
+
+    :param request: system prompt, model and body params.
+    :param retry: retry policy.
+    :param requests_per_minute: client-side cap on requests, None for none.
+    :param tokens_per_minute: client-side cap on estimated tokens, None for none.
+    """
+
+    request: ChatRequest = field(default_factory=ChatRequest)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+
+    def estimated_tokens(self, prompt: str) -> int:
+        completion = self.request.max_completion_tokens()
+        return (
+            estimate_prompt_tokens(self.request.system_prompt or "")
+            + estimate_prompt_tokens(prompt)
+            + (DEFAULT_COMPLETION_ESTIMATE if completion is None else completion)
+        )
+
+
+def _is_empty(prompt: object) -> bool:
+    return not isinstance(prompt, str) or not prompt.strip()
+
+
+def _attempts(
+    row_id: Any, prompt: Any, options: QueryOptions, limiter: ThreadLimiter | AsyncLimiter
+) -> Generator[_Step, _Received | None, QueryResult]:
+    if _is_empty(prompt):
+        return QueryResult(
+            row_id, None, STATUS_ERROR, EMPTY_PROMPT, "prompt is null or empty: no request sent"
+        )
+    body = json.dumps(options.request.body(prompt), ensure_ascii=False).encode("utf-8")
+    estimate = options.estimated_tokens(prompt) if options.tokens_per_minute else 0
+    started = time.monotonic()
+    attempts = 0
+    while True:
+        yield _Acquire(estimate)
+        attempts += 1
+        received = yield _Send(body)
+        if isinstance(received, BaseException):
+            outcome: Answer | Failure = classify_exception(received)
+        else:
+            assert received is not None
+            outcome = classify_response(*received)
+        if isinstance(outcome, Answer):
+            if estimate and outcome.prompt_tokens is not None:
+                limiter.adjust_tokens(estimate, outcome.prompt_tokens + (outcome.completion_tokens or 0))
+            return QueryResult(
+                row_id,
+                outcome.content,
+                STATUS_OK,
+                http_status=200,
+                attempts=attempts,
+                prompt_tokens=outcome.prompt_tokens,
+                completion_tokens=outcome.completion_tokens,
+                latency_ms=round((time.monotonic() - started) * 1000, 3),
+                finish_reason=outcome.finish_reason,
+            )
+        if not options.retry.should_retry(outcome, attempts):
+            return QueryResult(
+                row_id,
+                None,
+                STATUS_ERROR,
+                outcome.code,
+                outcome.message,
+                http_status=outcome.http_status,
+                attempts=attempts,
+                latency_ms=round((time.monotonic() - started) * 1000, 3),
+            )
+        delay = options.retry.delay(outcome, attempts)
+        if outcome.code == RATE_LIMITED and outcome.retry_after is not None:
+            # the server throttles the whole deployment: hold every request of this client
+            limiter.pause_for(delay)
+        else:
+            yield _Sleep(delay)
+
+
+class _SSLContextAdapter(HTTPAdapter):
+    """Lets ``requests`` trust a CA given as PEM text (``verify=`` only takes a path)."""
+
+    def __init__(self, ssl_context: Any, **kwargs: Any) -> None:
+        self._ssl_context = ssl_context
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["ssl_context"] = self._ssl_context
+        super().init_poolmanager(*args, **kwargs)
+
+
+class SyncClient:
+    """A pooled ``requests.Session``, safe to share between threads.
+
+    :param endpoint: where to send.
+    :param options: request, retry and limits.
+    :param pool_size: connections kept open (the thread pool's size).
+    """
+
+    def __init__(self, endpoint: EndpointConfig, options: QueryOptions | None = None, pool_size: int = 32):
+        self.endpoint = endpoint
+        self.options = options or QueryOptions()
+        self.limiter = ThreadLimiter(self.options.requests_per_minute, self.options.tokens_per_minute)
+        self._url = endpoint.url(self.options.request.model)
+        self._headers = endpoint.request_headers()
+        self._session = requests.Session()
+        self._session.verify = endpoint.verify
+        self._session.trust_env = False
+        adapter_kwargs: dict[str, Any] = {
+            "pool_connections": 1,
+            "pool_maxsize": max(1, pool_size),
+            "max_retries": 0,
+        }
+        adapter: HTTPAdapter = (
+            _SSLContextAdapter(endpoint.ssl_context(), **adapter_kwargs)
+            if endpoint.is_tls
+            else HTTPAdapter(**adapter_kwargs)
+        )
+        self._session.mount("https://", adapter)
+        self._session.mount("http://", adapter)
+
+    def __repr__(self) -> str:
+        return f"SyncClient({self.endpoint!r})"
+
+    def query(self, row_id: Any, prompt: Any) -> QueryResult:
+        plan = _attempts(row_id, prompt, self.options, self.limiter)
+        received: _Received | None = None
+        try:
+            while True:
+                step = plan.send(received)
+                received = None
+                if isinstance(step, _Acquire):
+                    self.limiter.acquire(step.tokens)
+                elif isinstance(step, _Sleep):
+                    time.sleep(step.seconds)
+                else:
+                    received = self._post(step.body)
+        except StopIteration as done:
+            result: QueryResult = done.value
+            return result
+
+    def _post(self, body: bytes) -> _Received:
+        try:
+            response = self._session.post(
+                self._url, data=body, headers=self._headers, timeout=self.endpoint.timeout
+            )
+            return response.status_code, response.headers, response.content
+        except Exception as exc:  # every transport error is classified, not raised
+            return exc
+
+    def close(self) -> None:
+        self._session.close()
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """One ``aiohttp.ClientSession`` per event loop, its connector sized to the concurrency.
+
+    Use as ``async with AsyncClient(endpoint, options, concurrency) as client``.
+    """
+
+    def __init__(self, endpoint: EndpointConfig, options: QueryOptions | None = None, concurrency: int = 32):
+        self.endpoint = endpoint
+        self.options = options or QueryOptions()
+        self.limiter = AsyncLimiter(self.options.requests_per_minute, self.options.tokens_per_minute)
+        self._url = endpoint.url(self.options.request.model)
+        self._headers = endpoint.request_headers()
+        self._concurrency = max(1, concurrency)
+        self._session: aiohttp.ClientSession | None = None
+
+    def __repr__(self) -> str:
+        return f"AsyncClient({self.endpoint!r})"
+
+    async def __aenter__(self) -> AsyncClient:
+        ssl_arg: Any = None
+        if self.endpoint.is_tls:
+            ssl_arg = self.endpoint.ssl_context() if self.endpoint.verify else False
+        connector = aiohttp.TCPConnector(limit=self._concurrency, ssl=ssl_arg)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=self.endpoint.timeout),
+            headers=self._headers,
+            trust_env=False,
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def query(self, row_id: Any, prompt: Any) -> QueryResult:
+        import asyncio
+
+        plan = _attempts(row_id, prompt, self.options, self.limiter)
+        received: _Received | None = None
+        try:
+            while True:
+                step = plan.send(received)
+                received = None
+                if isinstance(step, _Acquire):
+                    await self.limiter.acquire(step.tokens)
+                elif isinstance(step, _Sleep):
+                    await asyncio.sleep(step.seconds)
+                else:
+                    received = await self._post(step.body)
+        except StopIteration as done:
+            result: QueryResult = done.value
+            return result
+
+    async def _post(self, body: bytes) -> _Received:
+        if self._session is None:
+            raise RuntimeError("AsyncClient used outside 'async with'")
+        try:
+            async with self._session.post(self._url, data=body) as response:
+                return response.status, response.headers, await response.read()
+        except Exception as exc:  # every transport error is classified, not raised
+            return exc
+
+
+def configure(
+    endpoint: EndpointConfig,
+    *,
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+    model: str | None = None,
+    request_params: Mapping[str, Any] | None = None,
+    max_retries: int = 6,
+    request_timeout: float | None = None,
+    max_retry_wait: float = 60.0,
+    retry_backoff: float = 0.5,
+    requests_per_minute: float | None = None,
+    tokens_per_minute: float | None = None,
+) -> tuple[EndpointConfig, QueryOptions]:
+    """The options every query method shares, as an endpoint and :class:`QueryOptions`.
+
+    :param system_prompt: system message sent before each prompt (None: none).
+    :param model: overrides the connection's deployment (Azure, in the URL) or model (OpenAI, body).
+    :param request_params: extra body fields: temperature, max_tokens, response_format, ...
+    :param max_retries: retries per row after the first attempt.
+    :param request_timeout: per-request timeout in seconds; overrides the connection's.
+    :param max_retry_wait: cap in seconds on one server-requested wait (Retry-After).
+    :param retry_backoff: first computed backoff in seconds, doubled per retry up to 16 times it.
+    :param requests_per_minute: client-side requests/min cap, spread evenly; None for none.
+    :param tokens_per_minute: client-side tokens/min cap (estimated prompt + max_tokens); None for none.
+    """
+    for name, value in (
+        ("requests_per_minute", requests_per_minute),
+        ("tokens_per_minute", tokens_per_minute),
+    ):
+        if value is not None and value <= 0:
+            raise LLMQueryConfigError(f"{name} must be positive, got {value!r}")
+    endpoint = endpoint.with_options(model=model, timeout=request_timeout)
+    options = QueryOptions(
+        request=ChatRequest(
+            system_prompt=system_prompt,
+            model=endpoint.body_model() if endpoint.api_type == "openai" else None,
+            params=dict(request_params or {}),
+        ),
+        retry=RetryPolicy(
+            max_retries=max_retries,
+            initial_backoff=retry_backoff,
+            max_backoff=retry_backoff * 16,  # 0.5 s doubling to 8 s, as the openai SDK
+            max_retry_wait=max_retry_wait,
+        ),
+        requests_per_minute=requests_per_minute,
+        tokens_per_minute=tokens_per_minute,
+    )
+    return endpoint, options
+
+
+__all__ = ["AsyncClient", "QueryOptions", "SyncClient", "configure"]

@@ -1,0 +1,15 @@
+"""Errors that end a task instead of being recorded on a row."""
+
+from __future__ import annotations
+
+
+class LLMQueryError(Exception):
+    """Base class: a problem no retry of the same request can fix."""
+
+
+class LLMQueryAuthError(LLMQueryError):
+    """The endpoint refused the credentials (401 / 403)."""
+
+
+class LLMQueryConfigError(LLMQueryError):
+    """The endpoint, deployment, TLS set-up or arguments are wrong (404, bad CA, bad option)."""

@@ -1,0 +1,50 @@
+"""The outcome of one row's query: an answer, or an explicit error kept as data."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class QueryResult:
+    """What happened to one row.
+
+    :param row_id: the row's id, as given by the caller (never matched back by position).
+    :param response: the answer text; None when the row ended in error.
+    :param status: ``"ok"`` or ``"error"``.
+    :param error_code: machine-readable reason (``content_filter``, ``rate_limited``, ...); None when ok.
+    :param error_message: human-readable reason; None when ok.
+    :param http_status: HTTP status of the last request, None if no answer was received.
+    :param attempts: every HTTP request made for the row, 429s included (0 when none was sent).
+    :param prompt_tokens: tokens the API billed for the prompt (from its ``usage``).
+    :param completion_tokens: tokens the API billed for the answer.
+    :param latency_ms: wall time from the first request to the final outcome, retries included.
+    :param finish_reason: the API's ``finish_reason`` (``stop``, ``length``, ...).
+    """
+
+    row_id: Any
+    response: str | None
+    status: str
+    error_code: str | None = None
+    error_message: str | None = None
+    http_status: int | None = None
+    attempts: int = 0
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    latency_ms: float | None = None
+    finish_reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == STATUS_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def with_row_id(self, row_id: Any) -> QueryResult:
+        """The same outcome for another row (dedupe fans one answer out to every row asking it)."""
+        return QueryResult(**{**asdict(self), "row_id": row_id})

@@ -1,0 +1,156 @@
+"""LLMQueryHook: an Airflow connection of type ``llmq`` turned into an :class:`EndpointConfig`."""
+
+from __future__ import annotations
+
+import asyncio
+from functools import cached_property
+from typing import Any
+
+from airflow.sdk import BaseHook
+
+from airflow_provider_llmq.core.client import AsyncClient, SyncClient, configure
+from airflow_provider_llmq.core.endpoint import API_TYPES, EndpointConfig
+from airflow_provider_llmq.core.errors import LLMQueryAuthError, LLMQueryConfigError, LLMQueryError
+from airflow_provider_llmq.core.payload import DEFAULT_SYSTEM_PROMPT
+from airflow_provider_llmq.core.result import QueryResult
+
+_FALSE_WORDS = frozenset({"false", "0", "no", "off"})
+
+
+def _as_bool(value: Any, default: bool = True) -> bool:
+    if value is None or value == "":
+        return default
+    if isinstance(value, str):
+        return value.strip().lower() not in _FALSE_WORDS
+    return bool(value)
+
+
+class LLMQueryHook(BaseHook):
+    """Talks to an OpenAI or Azure OpenAI chat-completions endpoint.
+
+    Credentials and TLS come from the connection only: host (API base URL), password (API key),
+    extras ``api_type``, ``api_version``, ``deployment`` / ``model``, ``ca_cert``, ``verify``,
+    ``timeout``, ``headers``.
+
+    :param llm_conn_id: the ``llmq`` connection to use.
+    """
+
+    conn_name_attr = "llm_conn_id"
+    default_conn_name = "llmq_default"
+    conn_type = "llmq"
+    hook_name = "LLM Query (OpenAI / Azure OpenAI)"
+
+    def __init__(self, llm_conn_id: str = default_conn_name, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.llm_conn_id = llm_conn_id
+
+    def __repr__(self) -> str:
+        return f"LLMQueryHook(llm_conn_id={self.llm_conn_id!r})"
+
+    @cached_property
+    def endpoint(self) -> EndpointConfig:
+        """The connection as an :class:`EndpointConfig` (what the core methods take)."""
+        conn = self.get_connection(self.llm_conn_id)
+        extra = conn.extra_dejson
+        api_type = str(extra.get("api_type") or "openai").lower()
+        if api_type not in API_TYPES:
+            raise LLMQueryConfigError(
+                f"connection {self.llm_conn_id!r}: extra api_type must be one of {API_TYPES}, "
+                f"got {api_type!r}"
+            )
+        verify = _as_bool(extra.get("verify"), default=True)
+        if not verify:
+            self.log.warning(
+                "Connection %r has verify=false: TLS certificates are NOT checked", self.llm_conn_id
+            )
+        host = conn.host or ""
+        if conn.port and host and ":" not in host.split("://")[-1]:
+            host = f"{host.rstrip('/')}:{conn.port}"
+        headers = extra.get("headers") or {}
+        if not isinstance(headers, dict):
+            raise LLMQueryConfigError(f"connection {self.llm_conn_id!r}: extra headers must be a JSON object")
+        try:
+            return EndpointConfig(
+                api_base=host,
+                api_key=conn.password or "",
+                api_type=api_type,  # type: ignore[arg-type]
+                model=extra.get("deployment") or extra.get("model") or None,
+                api_version=extra.get("api_version") or None,
+                ca_cert=extra.get("ca_cert") or None,
+                verify=verify,
+                timeout=float(extra.get("timeout") or 60),
+                headers={str(k): str(v) for k, v in headers.items()},
+            )
+        except LLMQueryConfigError as exc:
+            raise LLMQueryConfigError(f"connection {self.llm_conn_id!r}: {exc}") from None
+
+    def query(
+        self,
+        prompt: str,
+        *,
+        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+        model: str | None = None,
+        max_retries: int = 6,
+        **request_params: Any,
+    ) -> QueryResult:
+        """Ask one prompt; failures come back as a result with ``status="error"``.
+
+        :param prompt: the user message.
+        :param system_prompt: the system message (None: none).
+        :param model: overrides the connection's deployment / model.
+        :param max_retries: retries after the first attempt.
+        :param request_params: body fields such as ``temperature=0, max_tokens=50``.
+        """
+        endpoint, options = configure(
+            self.endpoint,
+            system_prompt=system_prompt,
+            model=model,
+            request_params=request_params,
+            max_retries=max_retries,
+        )
+        with SyncClient(endpoint, options, pool_size=1) as client:
+            return client.query(None, prompt)
+
+    async def aquery(
+        self,
+        prompt: str,
+        *,
+        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+        model: str | None = None,
+        max_retries: int = 6,
+        **request_params: Any,
+    ) -> QueryResult:
+        """:meth:`query` for async code (deferrable triggers, notebooks); same arguments."""
+        base = await asyncio.to_thread(lambda: self.endpoint)  # the connection lookup may block
+        endpoint, options = configure(
+            base,
+            system_prompt=system_prompt,
+            model=model,
+            request_params=request_params,
+            max_retries=max_retries,
+        )
+        async with AsyncClient(endpoint, options, concurrency=1) as client:
+            return await client.query(None, prompt)
+
+    def test_connection(self) -> tuple[bool, str]:
+        """One real, cheap request (a 1-token completion), reported as Airflow's (ok, message)."""
+        try:
+            endpoint = self.endpoint
+            result = self.query("ping", system_prompt=None, max_retries=0, max_tokens=1)
+        except LLMQueryAuthError as exc:
+            return False, f"Authentication failed: {exc}"
+        except LLMQueryConfigError as exc:
+            return False, str(exc)
+        except LLMQueryError as exc:
+            return False, f"{type(exc).__name__}: {exc}"
+        if result.ok or (result.http_status is not None and 400 <= result.http_status < 500):
+            # a 400 to the probe (e.g. a model that rejects max_tokens) still proves reach and auth
+            return True, (
+                f"Connection successful: {endpoint.api_type} endpoint {endpoint.api_base} answered "
+                f"HTTP {result.http_status} for model {endpoint.model or '(from request)'}"
+            )
+        if result.error_code == "connection_error":
+            return False, f"Could not reach {endpoint.api_base}: {result.error_message}"
+        if result.error_code == "timeout":
+            return False, f"Timed out reaching {endpoint.api_base} (timeout {endpoint.timeout:g} s)"
+        return False, f"The endpoint answered HTTP {result.http_status}: {result.error_message}"
