@@ -27,6 +27,9 @@ CONNECTION_ERROR = "connection_error"
 BAD_RESPONSE = "bad_response"
 EMPTY_PROMPT = "empty_prompt"
 
+# recorded errors that a later try asks again: the row may well succeed then
+TRANSIENT_ERROR_CODES = frozenset({RATE_LIMITED, SERVER_ERROR, TIMEOUT, CONNECTION_ERROR, BAD_RESPONSE})
+
 _RESERVED_PARAMS = frozenset({"messages", "stream", "n"})
 
 

@@ -1,0 +1,195 @@
+"""Configuration, deterministic answers and fault plans of the mock server.
+
+Everything here is a pure function of (prompt, attempt number, config): a test can predict exactly
+what the server does with a row (its answer, which attempt fails and how) without asking the server,
+and an answer that lands on the wrong row or lost its system prompt is caught by comparing strings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+DEFAULT_FAULT_KINDS = ("500", "429", "reset", "malformed")
+#: kinds that fail on every attempt (the API never accepts the prompt), not only on the first ones
+PERMANENT_KINDS = frozenset({"content_filter", "context_length"})
+_NAMED_KINDS = frozenset({"reset", "malformed", "empty"}) | PERMANENT_KINDS
+
+# [[500]] [[500x2]] [[429:ms=300]] [[429:s=86400x99]] [[resetx2]] [[slow:3000]] [[content_filter]]
+_MARKER = re.compile(
+    r"\[\[(\d{3}|reset|malformed|empty|slow|content_filter|context_length)"
+    r"(?::(?:(ms|s)=)?(\d+))?(?:x(\d+))?\]\]"
+)
+
+
+@dataclass
+class MockConfig:
+    """Every knob of the mock server; all of them can be changed at runtime (``configure``).
+
+    Rates are fractions of *distinct prompts* (not of requests) so that a retried row meets the same
+    fate on every run with the same ``seed``: a soak test knows in advance which rows must end as
+    errors and which must recover.
+    """
+
+    api_key: str = "mock-key"
+    latency_ms: float = 0.0
+    latency_jitter_ms: float = 0.0
+    rps: float | None = None
+    max_concurrency: int | None = None
+    seed: int = 0
+    fault_rate: float = 0.0
+    fault_kinds: list[str] = field(default_factory=lambda: list(DEFAULT_FAULT_KINDS))
+    fault_attempts: int = 1
+    slow_rate: float = 0.0
+    slow_ms: float = 0.0
+    content_filter_rate: float = 0.0
+    #: Azure deployments that exist; empty means every deployment name is accepted
+    deployments: list[str] = field(default_factory=list)
+    #: ``{"after": N, "count": M}``: after N answered chat requests the next M get 401
+    auth_fail: dict[str, int] | None = None
+    #: retry-after-ms sent with a ``[[429]]`` marker or a 429 from ``fault_kinds``
+    retry_after_ms: int = 200
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse settings the server could only misinterpret silently (typos in kinds, bad rates)."""
+        for kind in self.fault_kinds:
+            if not (kind in _NAMED_KINDS or re.fullmatch(r"\d{3}", str(kind))):
+                raise ValueError(f"unknown fault kind {kind!r}")
+        if not self.fault_kinds and self.fault_rate:
+            raise ValueError("fault_rate needs at least one fault kind")
+        for name in ("fault_rate", "slow_rate", "content_filter_rate"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise ValueError(f"{name} must be within [0, 1]")
+        if self.auth_fail is not None and not {"after", "count"} <= set(self.auth_fail):
+            raise ValueError('auth_fail must look like {"after": N, "count": M}')
+
+    def update(self, **changes: Any) -> None:
+        """Apply runtime changes; an unknown name is an error, not a silently ignored typo."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
+        backup = asdict(self)
+        for name, value in changes.items():
+            setattr(self, name, value)
+        try:
+            self.validate()
+        except ValueError:
+            for name, value in backup.items():
+                setattr(self, name, value)
+            raise
+
+    def public_dict(self) -> dict[str, Any]:
+        """The config as JSON-able dict without the key (admin answers and logs must not leak it)."""
+        data = asdict(self)
+        data.pop("api_key")
+        return data
+
+
+@dataclass(frozen=True)
+class Fault:
+    """What the server does instead of a normal answer (``kind``), plus the 429 headers to send."""
+
+    kind: str
+    retry_after_s: int | None = None
+    retry_after_ms: int | None = None
+
+
+def prompt_hash(prompt: str) -> str:
+    """Key of the per-prompt attempt counter (hex sha256): stats never hold prompt text."""
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+
+
+def normalise_params(params: dict[str, Any] | None) -> dict[str, Any]:
+    """``None`` and ``{}`` mean the same request, so they must give the same answer."""
+    return dict(params or {})
+
+
+def expected_answer(
+    model: str | None, system_prompt: str | None, prompt: str, params: dict[str, Any] | None = None
+) -> str:
+    """The answer the server gives for this request: tests compare it with what landed on a row.
+
+    ``model`` is the Azure deployment (Azure route) or the body's ``model`` (OpenAI route);
+    ``params`` is the body minus ``messages``, ``model`` and ``stream``.
+    """
+    blob = json.dumps([model, system_prompt, prompt, normalise_params(params)], sort_keys=True)
+    digest = hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+    return f"answer:{digest} len={len(prompt)}"
+
+
+def _prompt_draw(prompt: str, seed: int) -> tuple[float, int]:
+    """A uniform draw in [0, 1) and the full hash, both fixed by (seed, prompt)."""
+    h = int(hashlib.sha256(f"{seed}|{prompt}".encode()).hexdigest(), 16)
+    return (h >> 192) / float(1 << 64), h
+
+
+def planned_fault(prompt: str, config: MockConfig) -> str | None:
+    """The rate-driven fate of a prompt: ``"content_filter"``, ``"slow"``, a fault kind or None.
+
+    Markers inside the prompt are not considered (they are visible in the text). The rates take
+    disjoint slices of one uniform draw, so a prompt is never picked by two of them.
+    """
+    u, h = _prompt_draw(prompt, config.seed)
+    edge = config.content_filter_rate
+    if u < edge:
+        return "content_filter"
+    edge += config.fault_rate
+    if u < edge:
+        return str(config.fault_kinds[h % len(config.fault_kinds)])
+    edge += config.slow_rate
+    if u < edge:
+        return "slow"
+    return None
+
+
+def jitter_ms(prompt: str, config: MockConfig) -> float:
+    """Per-prompt latency jitter: deterministic so benchmark runs are comparable."""
+    if not config.latency_jitter_ms:
+        return 0.0
+    _, h = _prompt_draw(prompt, config.seed)
+    return config.latency_jitter_ms * ((h >> 64) & 0xFFFF) / 65536.0
+
+
+def _make_fault(kind: str, unit: str | None, value: int | None, config: MockConfig) -> Fault:
+    if kind != "429":
+        return Fault(kind)
+    if unit == "s" and value is not None:
+        return Fault(kind, retry_after_s=value)
+    ms = value if value is not None else config.retry_after_ms
+    return Fault(kind, retry_after_s=max(1, math.ceil(ms / 1000)), retry_after_ms=ms)
+
+
+def plan(prompt: str, attempt: int, config: MockConfig) -> tuple[float, Fault | None]:
+    """Extra delay (ms) and the fault, if any, for the ``attempt``-th request carrying ``prompt``.
+
+    Markers win over rates; ``slow`` adds delay on every attempt; the first marker active on this
+    attempt decides the fault; permanent kinds fail on every attempt.
+    """
+    delay = 0.0
+    fault: Fault | None = None
+    for m in _MARKER.finditer(prompt):
+        kind, unit, value, times = m.group(1), m.group(2), m.group(3), m.group(4)
+        if kind == "slow":
+            delay += float(value or 0)
+            continue
+        active = kind in PERMANENT_KINDS or attempt <= int(times or 1)
+        if fault is None and active:
+            fault = _make_fault(kind, unit, int(value) if value else None, config)
+    rate_kind = planned_fault(prompt, config) if (
+        config.fault_rate or config.slow_rate or config.content_filter_rate
+    ) else None
+    if rate_kind == "slow":
+        delay += config.slow_ms
+    elif rate_kind is not None and fault is None and (
+        rate_kind in PERMANENT_KINDS or attempt <= config.fault_attempts
+    ):
+        fault = _make_fault(rate_kind, None, None, config)
+    return delay, fault

@@ -1,0 +1,349 @@
+"""The mock OpenAI / Azure server over real TLS sockets: answers, faults, limits, counters, runners.
+
+Note: ``requests`` lets ``REQUESTS_CA_BUNDLE`` override ``Session.verify``, so every call here passes
+``verify=`` explicitly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields
+from typing import Any
+
+import pytest
+import requests
+
+from airflow_provider_llmq.mock_server import (
+    MockConfig,
+    MockServer,
+    MockServerProcess,
+    expected_answer,
+    plan,
+    planned_fault,
+)
+
+KEY = "test-key"
+DEP = "gpt-test"
+_DEFAULTS = {f.name: getattr(MockConfig(), f.name) for f in fields(MockConfig) if f.name != "api_key"}
+
+
+@pytest.fixture(scope="module")
+def _server() -> Iterator[MockServer]:
+    with MockServer(MockConfig(api_key=KEY), tls=True) as srv:
+        yield srv
+
+
+@pytest.fixture
+def srv(_server: MockServer) -> Iterator[MockServer]:
+    """One server per module (cert generation is the slow part); each test starts from zero."""
+    _server.configure(**_DEFAULTS)
+    deadline = time.monotonic() + 5  # a handler whose client timed out may still be sleeping
+    while _server.stats()["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    _server.reset()
+    yield _server
+    _server.configure(**_DEFAULTS)
+
+
+@pytest.fixture(scope="module")
+def http() -> Iterator[requests.Session]:
+    with requests.Session() as session:
+        yield session
+
+
+def azure(srv: MockServer, http: requests.Session, prompt: str, system: str | None = None,
+          key: str = KEY, deployment: str = DEP, timeout: float = 10, **params: Any) -> requests.Response:
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}]
+    return http.post(srv.azure_chat_url(deployment), json={"messages": messages, **params},
+                     headers={"api-key": key}, verify=srv.ca_path, timeout=timeout)
+
+
+def openai(srv: MockServer, http: requests.Session, prompt: str, model: str = "gpt-4o-mini",
+           key: str = KEY, **params: Any) -> requests.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], **params}
+    return http.post(srv.openai_base_url + "/chat/completions", json=body,
+                     headers={"Authorization": f"Bearer {key}"}, verify=srv.ca_path, timeout=10)
+
+
+def test_answer_shape_on_both_routes(srv: MockServer, http: requests.Session) -> None:
+    r = azure(srv, http, "What is 2+2?", system="Be brief.", temperature=0, max_tokens=50)
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("application/json")
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["model"] == DEP
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "stop" and choice["message"]["role"] == "assistant"
+    answer = choice["message"]["content"]
+    assert answer == expected_answer(DEP, "Be brief.", "What is 2+2?", {"temperature": 0, "max_tokens": 50})
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == math.ceil(len("Be brief.What is 2+2?") / 4)
+    assert usage["completion_tokens"] == math.ceil(len(answer) / 4)
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+    r2 = openai(srv, http, "What is 2+2?", model="gpt-4o-mini")
+    assert r2.status_code == 200
+    answer2 = r2.json()["choices"][0]["message"]["content"]
+    assert answer2 == expected_answer("gpt-4o-mini", None, "What is 2+2?")
+    # the bare /chat/completions route is the OpenAI form too
+    r3 = http.post(srv.base_url + "/chat/completions", verify=srv.ca_path,
+                   headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": "m", "messages": [{"role": "user", "content": "q"}], "stream": False})
+    assert r3.json()["choices"][0]["message"]["content"] == expected_answer("m", None, "q", None)
+    stats = srv.stats()
+    assert stats["requests_by_status"] == {"200": 3}
+    assert stats["prompt_tokens_total"] == usage["prompt_tokens"] + math.ceil(len("What is 2+2?") / 4) + 1
+    assert stats["completion_tokens_total"] >= 3 * math.ceil(len("answer:0123456789abcdef len=1") / 4)
+
+
+def test_system_prompt_params_and_last_user_message_decide_the_answer(
+        srv: MockServer, http: requests.Session) -> None:
+    base = azure(srv, http, "p").json()["choices"][0]["message"]["content"]
+    with_system = azure(srv, http, "p", system="S").json()["choices"][0]["message"]["content"]
+    with_params = azure(srv, http, "p", temperature=0.5).json()["choices"][0]["message"]["content"]
+    other_dep = azure(srv, http, "p", deployment="other").json()["choices"][0]["message"]["content"]
+    assert len({base, with_system, with_params, other_dep}) == 4
+    assert expected_answer(DEP, None, "p", None) == expected_answer(DEP, None, "p", {}) == base
+    body = {"messages": [{"role": "user", "content": "first"}, {"role": "assistant", "content": "a"},
+                         {"role": "user", "content": "last"}]}
+    r = http.post(srv.azure_chat_url(DEP), json=body, headers={"api-key": KEY}, verify=srv.ca_path)
+    assert r.json()["choices"][0]["message"]["content"] == expected_answer(DEP, None, "last")
+
+
+def test_wrong_or_missing_key_is_401_without_echoing_it(srv: MockServer, http: requests.Session) -> None:
+    responses = [
+        azure(srv, http, "k", key="wrong-secret"),
+        openai(srv, http, "k", key="wrong-secret"),
+        http.post(srv.azure_chat_url(DEP), json={"messages": [{"role": "user", "content": "k"}]},
+                  verify=srv.ca_path),
+        # the OpenAI header on the Azure route is a client bug: rejected
+        http.post(srv.azure_chat_url(DEP), json={"messages": [{"role": "user", "content": "k"}]},
+                  headers={"Authorization": f"Bearer {KEY}"}, verify=srv.ca_path),
+        http.get(srv.openai_base_url + "/models", headers={"Authorization": "Bearer nope"},
+                 verify=srv.ca_path),
+    ]
+    for r in responses:
+        assert r.status_code == 401
+        assert r.json()["error"]["code"] == "invalid_api_key"
+        assert r.json()["error"]["type"] == "invalid_request_error"
+        assert "wrong-secret" not in r.text and KEY not in r.text
+    assert srv.stats()["auth_failures"] == len(responses)
+
+
+def test_models_routes_and_api_version(srv: MockServer, http: requests.Session) -> None:
+    r = http.get(srv.base_url + "/openai/models?api-version=2024-02-01", headers={"api-key": KEY},
+                 verify=srv.ca_path)
+    assert r.status_code == 200 and r.json()["object"] == "list"
+    for path in ("/v1/models", "/models"):
+        assert http.get(srv.base_url + path, headers={"Authorization": f"Bearer {KEY}"},
+                        verify=srv.ca_path).status_code == 200
+    no_version = http.post(srv.base_url + f"/openai/deployments/{DEP}/chat/completions",
+                           headers={"api-key": KEY}, json={"messages": [{"role": "user", "content": "v"}]},
+                           verify=srv.ca_path)
+    assert no_version.status_code == 400 and no_version.json()["error"]["code"] == "invalid_api_version"
+    bad_body = http.post(srv.azure_chat_url(DEP), data=b"not json", headers={"api-key": KEY},
+                         verify=srv.ca_path)
+    assert bad_body.status_code == 400
+    assert srv.stats()["chat_requests"] == 2
+
+
+def test_unknown_deployment_is_404(srv: MockServer, http: requests.Session) -> None:
+    srv.configure(deployments=[DEP])
+    assert azure(srv, http, "d").status_code == 200
+    r = azure(srv, http, "d", deployment="nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "DeploymentNotFound"
+
+
+def test_500x2_then_success_on_attempt_3(srv: MockServer, http: requests.Session) -> None:
+    prompt = "flaky [[500x2]]"
+    codes = [azure(srv, http, prompt).status_code for _ in range(3)]
+    assert codes == [500, 500, 200]
+    assert srv.attempts_for(prompt) == 3
+    srv.reset()  # attempt numbers start over
+    assert azure(srv, http, prompt).status_code == 500
+
+
+@pytest.mark.parametrize(("marker", "status", "failures"),
+                         [("503x1", 503, 1), ("408", 408, 1), ("409", 409, 1), ("502x3", 502, 3)])
+def test_status_markers(srv: MockServer, http: requests.Session, marker: str, status: int,
+                        failures: int) -> None:
+    prompt = f"m [[{marker}]]"
+    codes = [azure(srv, http, prompt).status_code for _ in range(failures + 1)]
+    assert codes == [status] * failures + [200]
+
+
+def test_429_markers_and_headers(srv: MockServer, http: requests.Session) -> None:
+    r = azure(srv, http, "r [[429x2]]")
+    assert r.status_code == 429 and r.headers["Retry-After"] == "1" and r.headers["retry-after-ms"] == "200"
+    assert r.json()["error"]["code"] == "rate_limit_exceeded"
+    assert azure(srv, http, "r [[429x2]]").status_code == 429
+    assert azure(srv, http, "r [[429x2]]").status_code == 200
+    r = azure(srv, http, "r [[429:ms=300]]")
+    assert r.headers["retry-after-ms"] == "300" and r.headers["Retry-After"] == "1"
+    r = azure(srv, http, "r [[429:s=86400x99]]")
+    assert r.headers["Retry-After"] == "86400" and "retry-after-ms" not in r.headers
+    assert plan("[[429:s=86400x99]]", 99, srv.config)[1] is not None
+    assert plan("[[429:s=86400x99]]", 100, srv.config)[1] is None
+
+
+def test_reset_closes_connection_without_answer(srv: MockServer, http: requests.Session) -> None:
+    with pytest.raises(requests.exceptions.ConnectionError):
+        azure(srv, http, "boom [[reset]]")
+    assert azure(srv, http, "boom [[reset]]").status_code == 200
+    assert srv.stats()["requests_by_status"] == {"reset": 1, "200": 1}
+
+
+def test_malformed_and_empty_bodies(srv: MockServer, http: requests.Session) -> None:
+    r = azure(srv, http, "x [[malformed]]")
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("application/json")
+    with pytest.raises(ValueError):
+        json.loads(r.text)
+    r = azure(srv, http, "x [[empty]]")
+    assert r.status_code == 200 and r.json()["choices"] == []
+    assert azure(srv, http, "x [[empty]]").json()["choices"][0]["message"]["content"].startswith("answer:")
+
+
+def test_slow_marker_delays_every_attempt_and_triggers_client_timeouts(
+        srv: MockServer, http: requests.Session) -> None:
+    for _ in range(2):
+        t0 = time.monotonic()
+        assert azure(srv, http, "s [[slow:150]]").status_code == 200
+        assert time.monotonic() - t0 >= 0.15
+    with pytest.raises(requests.exceptions.Timeout):
+        azure(srv, http, "s [[slow:1000]]", timeout=0.3)
+
+
+@pytest.mark.parametrize(("marker", "code"), [("content_filter", "content_filter"),
+                                              ("context_length", "context_length_exceeded")])
+def test_permanent_400_markers(srv: MockServer, http: requests.Session, marker: str, code: str) -> None:
+    for _ in range(3):  # never recovers: a client must not retry these
+        r = azure(srv, http, f"bad [[{marker}]]")
+        assert r.status_code == 400 and r.json()["error"]["code"] == code
+    if marker == "content_filter":
+        assert r.json()["error"]["innererror"]["code"] == "ResponsibleAIPolicyViolation"
+
+
+def test_rps_limit_answers_429_with_retry_after_ms(srv: MockServer, http: requests.Session) -> None:
+    srv.configure(rps=5)
+    responses = [azure(srv, http, f"rps {i}") for i in range(25)]
+    limited = [r for r in responses if r.status_code == 429]
+    ok = [r for r in responses if r.status_code == 200]
+    stats = srv.stats()
+    assert limited and len(ok) <= 5 * len(stats["per_second_counts"])
+    for r in limited:
+        assert r.headers["Retry-After"] == "1" and 1 <= int(r.headers["retry-after-ms"]) <= 1000
+    assert 1 <= stats["max_per_second"] <= 5
+
+
+def test_max_in_flight_and_concurrency_limit(srv: MockServer, http: requests.Session) -> None:
+    srv.configure(latency_ms=500)  # long enough for 8 threads to open TLS connections meanwhile
+
+    def one(i: int) -> requests.Response:
+        with requests.Session() as s:
+            return azure(srv, s, f"conc {i}")
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(r.status_code == 200 for r in pool.map(one, range(8)))
+    assert srv.stats()["max_in_flight"] == 8
+
+    srv.reset()
+    srv.configure(max_concurrency=3)
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(one, range(8)))
+    limited = [r for r in responses if r.status_code == 429]
+    assert len(limited) == 5 and all(r.headers["retry-after-ms"] == "50" for r in limited)
+    assert srv.stats()["max_in_flight"] == 3
+
+
+def test_key_in_url_is_counted(srv: MockServer, http: requests.Session) -> None:
+    assert azure(srv, http, "u").status_code == 200
+    assert srv.stats()["keys_in_url"] == 0
+    http.post(srv.azure_chat_url(DEP) + f"&api-key={KEY}",
+              json={"messages": [{"role": "user", "content": "u"}]}, headers={"api-key": KEY},
+              verify=srv.ca_path)
+    assert srv.stats()["keys_in_url"] == 1
+
+
+def test_auth_fail_after_n_then_recovers(srv: MockServer, http: requests.Session) -> None:
+    srv.configure(auth_fail={"after": 2, "count": 2})
+    codes = [azure(srv, http, f"af {i}").status_code for i in range(6)]
+    assert codes == [200, 200, 401, 401, 200, 200]
+    assert srv.stats()["auth_failures"] == 2
+
+
+def test_fault_rate_is_deterministic_and_planned_fault_agrees(srv: MockServer,
+                                                              http: requests.Session) -> None:
+    changes = {"seed": 7, "fault_rate": 0.4, "content_filter_rate": 0.1, "slow_rate": 0.1, "slow_ms": 1.0,
+               "fault_kinds": ["500", "429", "reset", "malformed", "empty"]}
+    srv.configure(**changes)
+    cfg = MockConfig(api_key=KEY, **changes)
+    prompts = [f"row {i}" for i in range(80)]
+    planned = {p: planned_fault(p, cfg) for p in prompts}
+    kinds = set(planned.values())
+    assert {"content_filter", "500", "429", "reset", "malformed", "slow", None} <= kinds
+    for p in prompts:
+        try:
+            r = azure(srv, http, p)
+        except requests.exceptions.ConnectionError:
+            assert planned[p] == "reset"
+            continue
+        kind = planned[p]
+        if kind == "content_filter":
+            assert r.status_code == 400 and r.json()["error"]["code"] == "content_filter"
+        elif kind in ("500", "429"):
+            assert r.status_code == int(kind)
+        elif kind == "malformed":
+            assert r.status_code == 200 and r.text == '{"choices": ['
+        elif kind == "empty":
+            assert r.json()["choices"] == []
+        else:
+            assert r.json()["choices"][0]["message"]["content"] == expected_answer(DEP, None, p)
+    # second attempt: only the permanent content filter still fails
+    second = [azure(srv, http, p).status_code for p in prompts]
+    assert [c == 400 for c in second] == [planned[p] == "content_filter" for p in prompts]
+    other_seed = MockConfig(api_key=KEY, **{**changes, "seed": 8})
+    assert [planned_fault(p, other_seed) for p in prompts] != list(planned.values())
+
+
+def test_config_validation(srv: MockServer, http: requests.Session) -> None:
+    with pytest.raises(ValueError):
+        srv.configure(not_a_field=1)
+    with pytest.raises(ValueError):
+        MockConfig(fault_kinds=["explode"])
+    r = http.post(srv.base_url + "/_mock/config", json={"latency_ms": 1}, verify=srv.ca_path)
+    assert r.status_code == 200 and r.json()["latency_ms"] == 1 and "api_key" not in r.json()
+    bad = http.post(srv.base_url + "/_mock/config", json={"fault_rate": 2}, verify=srv.ca_path)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_config"
+    assert srv.config.fault_rate == 0.0
+
+
+def test_server_process_starts_answers_and_stops(tmp_path: Any) -> None:
+    cfg = MockConfig(api_key="proc-key", deployments=["d1"])
+    with MockServerProcess(cfg, tls=True, cert_dir=tmp_path / "certs") as proc:
+        assert proc.base_url.startswith("https://127.0.0.1:")
+        assert proc.ca_path == str(tmp_path / "certs" / "ca.pem") and "BEGIN CERTIFICATE" in proc.ca_pem
+        url = proc.azure_chat_url("d1")
+        r = requests.post(url, json={"messages": [{"role": "user", "content": "hello"}]},
+                          headers={"api-key": "proc-key"}, verify=proc.ca_path, timeout=10)
+        assert r.json()["choices"][0]["message"]["content"] == expected_answer("d1", None, "hello")
+        assert proc.configure(latency_ms=5)["latency_ms"] == 5
+        stats = proc.stats()
+        assert stats["requests_by_status"] == {"200": 1} and proc.attempts_for("hello") == 1
+        proc.reset()
+        assert proc.stats()["requests_total"] == 0
+        child = proc.proc
+        assert child is not None
+    assert child.returncode == 0  # SIGTERM -> clean shutdown
+
+
+def test_cli_help() -> None:
+    out = subprocess.run([sys.executable, "-m", "airflow_provider_llmq.mock_server", "--help"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0
+    for option in ("--no-tls", "--cert-dir", "--rps", "--max-concurrency", "--fault-rate", "--deployments"):
+        assert option in out.stdout
