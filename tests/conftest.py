@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-# Airflow reads its home on import: isolate it before any test module imports airflow.
+# Airflow reads its home and dags folder on import: isolate both before any test imports airflow.
 _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="llmq-airflow-home-"))
-os.environ.setdefault("AIRFLOW_HOME", str(_AIRFLOW_HOME))
-os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
-os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "True")
+DAGS_FOLDER = _AIRFLOW_HOME / "dags"
+DAGS_FOLDER.mkdir()
+os.environ["AIRFLOW_HOME"] = str(_AIRFLOW_HOME)
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(DAGS_FOLDER)
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+os.environ.pop("AIRFLOW_CONN_LLMQ_DEFAULT", None)
 
 from airflow_provider_llmq.core.endpoint import EndpointConfig  # noqa: E402
 from airflow_provider_llmq.mock_server import MockConfig, MockServer  # noqa: E402
@@ -56,3 +64,57 @@ def make_endpoint(server: MockServer, api_type: str, **overrides: object) -> End
 @pytest.fixture(params=["azure", "openai"])
 def endpoint(request: pytest.FixtureRequest, server: MockServer) -> EndpointConfig:
     return make_endpoint(server, request.param)
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """A migrated SQLite metadata DB (what ``dag.test()`` needs); about 5 s, once per session."""
+    subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True, env=os.environ
+    )
+    return _AIRFLOW_HOME
+
+
+@pytest.fixture(scope="session")
+def spark() -> Any:
+    """One local Spark session per test process (starting one costs 7-20 s)."""
+    from airflow_provider_llmq.spark_io import get_spark_session
+
+    session = get_spark_session(
+        None,
+        {
+            "spark.master": "local[2]",
+            "spark.ui.enabled": "false",
+            "spark.sql.shuffle.partitions": "4",
+            "spark.default.parallelism": "4",
+            "spark.driver.host": "127.0.0.1",
+        },
+    )
+    session.sparkContext.setLogLevel("ERROR")
+    return session
+
+
+def run_dag_file(source: str, dag_id: str, filename: str | None = None) -> Any:
+    """Writes a DAG file into the dags folder and runs it with ``dag.test()`` (Airflow refuses to
+    test a DAG its dags folder cannot parse). Returns the finished DagRun."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    path = DAGS_FOLDER / (filename or f"{dag_id}.py")
+    path.write_text(source)
+    bag = DagBag(str(path))
+    assert not bag.import_errors, bag.import_errors
+    dag = bag.get_dag(dag_id)
+    assert dag is not None, f"{dag_id} not found in {path}"
+    return dag.test()
+
+
+def llmq_connection_env(
+    server: MockServer, conn_id: str = "llmq_default", api_type: str = "azure"
+) -> dict[str, str]:
+    """An ``llmq`` connection to the mock server as an AIRFLOW_CONN_* variable (key in the password)."""
+    base = server.base_url if api_type == "azure" else server.openai_base_url
+    extra = {"api_type": api_type, "deployment": DEPLOYMENT, "ca_cert": server.ca_path}
+    if api_type == "azure":
+        extra["api_version"] = "2024-06-01"
+    value = {"conn_type": "llmq", "host": base, "password": TEST_KEY, "extra": extra}
+    return {f"AIRFLOW_CONN_{conn_id.upper()}": json.dumps(value)}

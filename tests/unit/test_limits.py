@@ -10,6 +10,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Coroutine
+from functools import partial
 from typing import Any, Protocol
 
 import pytest
@@ -139,7 +140,7 @@ def simulate(
     elif kind == "thread":
         clock = FakeClock()
         limiter = ThreadLimiter(rpm, tpm, clock=clock, sleep=clock.sleep)
-        clock.events = [(at, lambda a=action: a(limiter)) for at, action in sorted(events, key=lambda e: e[0])]
+        clock.events = [(at, partial(action, limiter)) for at, action in sorted(events, key=lambda e: e[0])]
         while len(admitted) < 100_000:  # bounded even if a broken limiter never sleeps
             tokens = cost()
             limiter.acquire(tokens)
@@ -150,7 +151,7 @@ def simulate(
         vt = VirtualTime()
         alimiter = AsyncLimiter(rpm, tpm, clock=vt, sleep=vt.sleep)
         for at, action in events:
-            vt.at(at, lambda a=action: a(alimiter))
+            vt.at(at, partial(action, alimiter))
 
         async def worker() -> None:
             while True:
