@@ -76,7 +76,7 @@ def airflow_db() -> Path:
 
 
 @pytest.fixture(scope="session")
-def spark() -> Any:
+def spark() -> Iterator[Any]:
     """One local Spark session per test process (starting one costs 7-20 s)."""
     from airflow_provider_llmq.spark_io import get_spark_session
 
@@ -88,10 +88,12 @@ def spark() -> Any:
             "spark.sql.shuffle.partitions": "4",
             "spark.default.parallelism": "4",
             "spark.driver.host": "127.0.0.1",
+            "spark.sql.warehouse.dir": str(_AIRFLOW_HOME / "spark-warehouse"),
         },
     )
     session.sparkContext.setLogLevel("ERROR")
-    return session
+    yield session
+    session.stop()
 
 
 def run_dag_file(source: str, dag_id: str, filename: str | None = None) -> Any:

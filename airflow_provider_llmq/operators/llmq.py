@@ -561,10 +561,10 @@ class LLMQueryUDFOperator(LLMQueryBaseOperator):
         if self.num_partitions is not None and self.num_partitions < 1:
             raise LLMQueryConfigError(f"num_partitions must be >= 1, got {self.num_partitions}")
         ask = _query_udf(endpoint, self._query_options())
-        chunks = sorted(row[0] for row in pending.select(CHUNK_COL).distinct().collect())
+        sizes = {row[0]: int(row[1]) for row in pending.groupBy(CHUNK_COL).count().collect()}
         partitions = self.num_partitions or spark.sparkContext.defaultParallelism
         progress = _Progress(self.log, to_ask, self.progress_interval)
-        for chunk in chunks:
+        for chunk in sorted(sizes):
             rows = pending.where(F.col(CHUNK_COL) == F.lit(chunk)).repartition(partitions)
             answered = rows.select(KEY_COL, ask(F.col(KEY_COL), F.col(PROMPT_COL)).alias("r"))
             answered = answered.select(KEY_COL, "r.*").withColumn(WRITTEN_COL, F.lit(time.time_ns()))
@@ -575,7 +575,7 @@ class LLMQueryUDFOperator(LLMQueryBaseOperator):
             except Exception as exc:  # a Spark job failure wraps the executor's Python error
                 raise _unwrap_spark_error(exc) from None
             checkpoint.commit_spark_chunk(tmp, name)
-            progress.add(int(spark.read.parquet(f"{checkpoint.results_uri}/{name}").count()))
+            progress.add(sizes[chunk])
 
 
 def _query_udf(endpoint: EndpointConfig, options: dict[str, Any]) -> Any:

@@ -1,0 +1,264 @@
+"""Operators called directly (no scheduler): sources, sinks, validation, empty input, dedupe,
+error policy and resume, against local Spark and the mock server over TLS."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from airflow_provider_llmq.core.errors import LLMQueryAuthError, LLMQueryConfigError
+from airflow_provider_llmq.mock_server import expected_answer
+from airflow_provider_llmq.operators.llmq import (
+    LLMQueryAsyncBatchOperator,
+    LLMQueryFailedRowsError,
+    LLMQueryRateLimitedOperator,
+    LLMQueryThreadPoolOperator,
+    LLMQueryUDFOperator,
+)
+from airflow_provider_llmq.spark_io import join_results, output_columns
+from tests.conftest import DEPLOYMENT, llmq_connection_env
+
+SYSTEM = "You are a helpful assistant."
+
+
+@pytest.fixture
+def llm(server: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    for name, value in llmq_connection_env(server).items():
+        monkeypatch.setenv(name, value)
+    server.configure(retry_after_ms=5)
+    return server
+
+
+@pytest.fixture
+def source(spark: Any, tmp_path: Path) -> str:
+    rows = [(i, f"question {i}?", f"cat{i % 4}") for i in range(120)]
+    path = str(tmp_path / "source")
+    spark.createDataFrame(rows, "id long, prompt string, cat string").write.parquet(path)
+    return path
+
+
+def _run(cls: type = LLMQueryRateLimitedOperator, **kwargs: Any) -> dict[str, Any]:
+    kwargs.setdefault("task_id", "ask")
+    kwargs.setdefault("checkpoint_key", "test")
+    kwargs.setdefault("retry_backoff", 0.001)
+    return cls(**kwargs).execute({})
+
+
+def _stable(rows: Any, key: str = "id") -> dict[Any, Any]:
+    """Rows by id, without the one column that differs between two runs (latency)."""
+    return {r[key]: {c: v for c, v in r.asDict().items() if c != "llmq_latency_ms"} for r in rows}
+
+
+def _answers(spark: Any, path: str, key: str = "id") -> dict[Any, Any]:
+    return _stable(spark.read.parquet(path).collect(), key)
+
+
+def test_sql_table_and_path_sources_give_the_same_rows(
+    llm: Any, spark: Any, source: str, tmp_path: Path
+) -> None:
+    spark.read.parquet(source).write.mode("overwrite").saveAsTable("llmq_test_prompts")
+    outputs = {}
+    for kind, arg in (
+        ("path", {"source_path": source}),
+        ("table", {"source_table": "llmq_test_prompts"}),
+        ("sql", {"sql": "SELECT * FROM llmq_test_prompts WHERE id >= 0"}),
+    ):
+        out = str(tmp_path / f"out_{kind}")
+        summary = _run(id_col="id", output_path=out, **arg)
+        assert summary["rows"] == 120 and summary["ok"] == 120
+        outputs[kind] = _answers(spark, out)
+    assert outputs["path"] == outputs["table"] == outputs["sql"]
+    row = outputs["path"][5]
+    assert row["response"] == expected_answer(DEPLOYMENT, SYSTEM, "question 5?", None)
+    assert row["cat"] == "cat1" and row["llmq_status"] == "ok"
+
+
+def test_results_only_then_join_equals_full_output(llm: Any, spark: Any, source: str, tmp_path: Path) -> None:
+    full, results = str(tmp_path / "full"), str(tmp_path / "results")
+    _run(LLMQueryThreadPoolOperator, source_path=source, id_col="id", output_path=full)
+    _run(
+        LLMQueryThreadPoolOperator,
+        source_path=source,
+        id_col="id",
+        output_path=results,
+        include_source_columns=False,
+        checkpoint_key="second",
+    )
+    assert spark.read.parquet(results).columns == ["id", *output_columns("response")]
+    joined = join_results(spark.read.parquet(source), spark.read.parquet(results), "id")
+    drop_latency = lambda rows: {
+        k: {c: v for c, v in r.items() if c != "llmq_latency_ms"} for k, r in rows.items()
+    }  # noqa: E731
+    assert drop_latency({r["id"]: r.asDict() for r in joined.collect()}) == drop_latency(
+        _answers(spark, full)
+    )
+
+
+def test_join_keeps_source_rows_without_results(spark: Any) -> None:
+    source = spark.createDataFrame([(1, "a"), (2, "b")], "id int, prompt string")
+    results = spark.createDataFrame(
+        [(1, "A", "ok", None, None, 200, 1, 3, 1, 5.0, "stop")],
+        "id int, response string, llmq_status string, llmq_error_code string, llmq_error string, "
+        "llmq_http_status int, llmq_attempts int, llmq_prompt_tokens int, llmq_completion_tokens int, "
+        "llmq_latency_ms double, llmq_finish_reason string",
+    )
+    rows = {r["id"]: r for r in join_results(source, results, "id").collect()}
+    assert rows[1]["response"] == "A" and rows[1]["llmq_status"] == "ok"
+    assert (rows[2]["llmq_status"], rows[2]["llmq_error_code"]) == ("error", "missing_result")
+
+
+def test_assigned_ids_template_and_null_prompts(llm: Any, spark: Any, tmp_path: Path) -> None:
+    path = str(tmp_path / "src")
+    spark.createDataFrame(
+        [("kettle", "leaks", None), ("lamp", "bright", ""), ("fan", None, "  ")],
+        "product string, review string, prompt string",
+    ).write.parquet(path)
+    out = str(tmp_path / "out")
+    _run(source_path=path, output_path=str(tmp_path / "nulls"), checkpoint_key="nulls")
+    empties = spark.read.parquet(str(tmp_path / "nulls")).collect()
+    assert [(r["llmq_error_code"], r["llmq_attempts"]) for r in empties] == [("empty_prompt", 0)] * 3
+    assert llm.stats()["chat_requests"] == 0
+    _run(source_path=path, output_path=out, prompt_template="Is this {product} review positive? {review}")
+    rows = spark.read.parquet(out).collect()
+    assert sorted(r["llmq_row_id"] for r in rows) == sorted({r["llmq_row_id"] for r in rows})
+    by_product = {r["product"]: r for r in rows}
+    assert by_product["fan"]["response"] == expected_answer(
+        DEPLOYMENT, SYSTEM, "Is this fan review positive? ", None
+    )
+    assert by_product["kettle"]["response"] == expected_answer(
+        DEPLOYMENT, SYSTEM, "Is this kettle review positive? leaks", None
+    )
+
+
+def test_empty_source_writes_an_empty_output_with_the_full_schema(
+    llm: Any, spark: Any, tmp_path: Path
+) -> None:
+    path = str(tmp_path / "empty")
+    spark.createDataFrame([], "id long, prompt string").write.parquet(path)
+    out = str(tmp_path / "out")
+    for cls in (LLMQueryUDFOperator, LLMQueryAsyncBatchOperator):
+        summary = _run(cls, source_path=path, id_col="id", output_path=out)
+        assert summary["rows"] == 0 and summary["requests_sent"] == 0
+        frame = spark.read.parquet(out)
+        assert frame.count() == 0 and frame.columns == ["id", "prompt", *output_columns("response")]
+    assert llm.stats()["chat_requests"] == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"prompt_col": "question"}, "missing column"),
+        ({"id_col": "nope"}, "id_col 'nope' is not a column"),
+        ({"prompt_template": "{missing} {prompt}"}, "missing column"),
+        ({"prompt_template": "{prompt!r}"}, "plain column name"),
+        ({"source_table": "t"}, "exactly one source"),
+        ({"source_path": None}, "exactly one source"),
+        ({"mode": "upsert"}, "mode must be one of"),
+        ({"on_error": "ignore"}, "on_error must be one of"),
+        ({"output_table": "t"}, "exactly one sink"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"response_col": "cat"}, None),
+    ],
+)
+def test_bad_arguments_fail_before_any_request(
+    llm: Any, source: str, tmp_path: Path, kwargs: dict[str, Any], message: str | None
+) -> None:
+    arguments = {"source_path": source, "id_col": "id", "output_path": str(tmp_path / "out"), **kwargs}
+    if message is None:  # a response_col that clashes with a source column
+        with pytest.raises(LLMQueryConfigError, match="already has result column"):
+            _run(**arguments)
+    else:
+        with pytest.raises(LLMQueryConfigError, match=message):
+            _run(**arguments)
+    assert llm.stats()["chat_requests"] == 0
+
+
+def test_duplicate_ids_are_refused(llm: Any, spark: Any, tmp_path: Path) -> None:
+    path = str(tmp_path / "dups")
+    spark.createDataFrame([(1, "a"), (1, "b"), (2, "c")], "id int, prompt string").write.parquet(path)
+    with pytest.raises(LLMQueryConfigError, match="unique"):
+        _run(source_path=path, id_col="id", output_path=str(tmp_path / "out"))
+    assert llm.stats()["chat_requests"] == 0
+
+
+def test_unknown_connection_is_a_clear_error(llm: Any, source: str, tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="no_such_conn"):
+        _run(source_path=source, id_col="id", output_path=str(tmp_path / "o"), llm_conn_id="no_such_conn")
+    assert llm.stats()["chat_requests"] == 0
+
+
+def test_dedupe_asks_each_distinct_prompt_once(llm: Any, spark: Any, tmp_path: Path) -> None:
+    path = str(tmp_path / "dupes")
+    spark.createDataFrame(
+        [(i, f"prompt {i % 10}") for i in range(200)], "id int, prompt string"
+    ).write.parquet(path)
+    out = str(tmp_path / "out")
+    summary = _run(LLMQueryAsyncBatchOperator, source_path=path, id_col="id", output_path=out)
+    assert llm.stats()["chat_requests"] == 10 and summary["requests_sent"] == 10
+    rows = spark.read.parquet(out).collect()
+    assert len(rows) == 200
+    assert all(r["response"] == expected_answer(DEPLOYMENT, SYSTEM, r["prompt"], None) for r in rows)
+    single = _run(source_path=path, id_col="id", output_path=out, dedupe=False, checkpoint_key="nodedupe")
+    assert single["requests_sent"] == 200
+
+
+def test_on_error_fail_and_max_error_ratio_fail_after_writing(llm: Any, spark: Any, tmp_path: Path) -> None:
+    path = str(tmp_path / "src")
+    rows = [(i, f"q{i}" + (" [[content_filter]]" if i < 3 else "")) for i in range(20)]
+    spark.createDataFrame(rows, "id int, prompt string").write.parquet(path)
+    out = str(tmp_path / "out")
+    with pytest.raises(LLMQueryFailedRowsError, match="3 of 20 rows"):
+        _run(source_path=path, id_col="id", output_path=out, on_error="fail")
+    assert spark.read.parquet(out).count() == 20  # written before failing
+    with pytest.raises(LLMQueryFailedRowsError, match="max_error_ratio"):
+        _run(source_path=path, id_col="id", output_path=out, max_error_ratio=0.1, checkpoint_key="ratio")
+    assert (
+        _run(source_path=path, id_col="id", output_path=out, max_error_ratio=0.2, checkpoint_key="ok")[
+            "errors"
+        ]
+        == 3
+    )
+
+
+@pytest.mark.parametrize("cls", [LLMQueryRateLimitedOperator, LLMQueryUDFOperator])
+def test_auth_failure_keeps_the_checkpoint_and_a_rerun_resumes(
+    cls: type, llm: Any, spark: Any, source: str, tmp_path: Path
+) -> None:
+    llm.configure(auth_fail={"after": 50, "count": 1000})
+    chunk_size = 10 if cls is LLMQueryRateLimitedOperator else 30  # the UDF runs one Spark job per chunk
+    args = {
+        "source_path": source,
+        "id_col": "id",
+        "output_path": str(tmp_path / "out"),
+        "chunk_size": chunk_size,
+        "checkpoint_dir": str(tmp_path / "ckpt"),
+        "checkpoint_key": "run/1",
+    }
+    if cls is LLMQueryRateLimitedOperator:
+        args["max_concurrency"] = 4
+    with pytest.raises(LLMQueryAuthError, match="401"):
+        _run(cls, **args)
+    answered_before = llm.stats()["requests_by_status"].get("200", 0)
+    assert 0 < answered_before <= 60
+    llm.configure(auth_fail=None)
+    llm.reset()
+    summary = _run(cls, **args)
+    assert summary["rows"] == 120 and summary["ok"] == 120
+    # answered rows are not asked again, but for those of a chunk not yet checkpointed
+    assert summary["resumed_requests"] >= answered_before - chunk_size
+    assert llm.stats()["chat_requests"] <= 120 - answered_before + chunk_size
+    assert not (tmp_path / "ckpt" / "run" / "1").exists()  # removed after a successful write
+
+
+def test_a_checkpoint_of_another_prompt_is_refused(llm: Any, source: str, tmp_path: Path) -> None:
+    args = {
+        "source_path": source,
+        "id_col": "id",
+        "output_path": str(tmp_path / "o"),
+        "keep_checkpoint": True,
+    }
+    _run(**args)
+    with pytest.raises(LLMQueryConfigError, match="system_prompt"):
+        _run(system_prompt="Answer in French.", **args)
