@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -18,6 +19,8 @@ import pytest
 _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="llmq-airflow-home-"))
 DAGS_FOLDER = _AIRFLOW_HOME / "dags"
 DAGS_FOLDER.mkdir()
+SPARK_EVENTS = _AIRFLOW_HOME / "spark-events"
+SPARK_EVENTS.mkdir()
 os.environ["AIRFLOW_HOME"] = str(_AIRFLOW_HOME)
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(DAGS_FOLDER)
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
@@ -89,10 +92,14 @@ def spark() -> Iterator[Any]:
             "spark.default.parallelism": "4",
             "spark.driver.host": "127.0.0.1",
             "spark.sql.warehouse.dir": str(_AIRFLOW_HOME / "spark-warehouse"),
+            # the leak test scans the event log for the key
+            "spark.eventLog.enabled": "true",
+            "spark.eventLog.dir": str(SPARK_EVENTS),
         },
     )
     session.sparkContext.setLogLevel("ERROR")
     yield session
+    logging.getLogger("py4j").setLevel(logging.WARNING)  # its shutdown lines land on closed streams
     session.stop()
 
 
