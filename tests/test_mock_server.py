@@ -57,19 +57,44 @@ def http() -> Iterator[requests.Session]:
         yield session
 
 
-def azure(srv: MockServer, http: requests.Session, prompt: str, system: str | None = None,
-          key: str = KEY, deployment: str = DEP, timeout: float = 10, **params: Any) -> requests.Response:
+def azure(
+    srv: MockServer,
+    http: requests.Session,
+    prompt: str,
+    system: str | None = None,
+    key: str = KEY,
+    deployment: str = DEP,
+    timeout: float = 10,
+    **params: Any,
+) -> requests.Response:
     messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": prompt}]
-    return http.post(srv.azure_chat_url(deployment), json={"messages": messages, **params},
-                     headers={"api-key": key}, verify=srv.ca_path, timeout=timeout)
+        {"role": "user", "content": prompt}
+    ]
+    return http.post(
+        srv.azure_chat_url(deployment),
+        json={"messages": messages, **params},
+        headers={"api-key": key},
+        verify=srv.ca_path,
+        timeout=timeout,
+    )
 
 
-def openai(srv: MockServer, http: requests.Session, prompt: str, model: str = "gpt-4o-mini",
-           key: str = KEY, **params: Any) -> requests.Response:
+def openai(
+    srv: MockServer,
+    http: requests.Session,
+    prompt: str,
+    model: str = "gpt-4o-mini",
+    key: str = KEY,
+    **params: Any,
+) -> requests.Response:
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], **params}
-    return http.post(srv.openai_base_url + "/chat/completions", json=body,
-                     headers={"Authorization": f"Bearer {key}"}, verify=srv.ca_path, timeout=10)
+    return http.post(
+        srv.openai_base_url + "/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {key}"},
+        verify=srv.ca_path,
+        timeout=10,
+    )
 
 
 def test_answer_shape_on_both_routes(srv: MockServer, http: requests.Session) -> None:
@@ -91,9 +116,12 @@ def test_answer_shape_on_both_routes(srv: MockServer, http: requests.Session) ->
     answer2 = r2.json()["choices"][0]["message"]["content"]
     assert answer2 == expected_answer("gpt-4o-mini", None, "What is 2+2?")
     # the bare /chat/completions route is the OpenAI form too
-    r3 = http.post(srv.base_url + "/chat/completions", verify=srv.ca_path,
-                   headers={"Authorization": f"Bearer {KEY}"},
-                   json={"model": "m", "messages": [{"role": "user", "content": "q"}], "stream": False})
+    r3 = http.post(
+        srv.base_url + "/chat/completions",
+        verify=srv.ca_path,
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={"model": "m", "messages": [{"role": "user", "content": "q"}], "stream": False},
+    )
     assert r3.json()["choices"][0]["message"]["content"] == expected_answer("m", None, "q", None)
     stats = srv.stats()
     assert stats["requests_by_status"] == {"200": 3}
@@ -102,15 +130,21 @@ def test_answer_shape_on_both_routes(srv: MockServer, http: requests.Session) ->
 
 
 def test_system_prompt_params_and_last_user_message_decide_the_answer(
-        srv: MockServer, http: requests.Session) -> None:
+    srv: MockServer, http: requests.Session
+) -> None:
     base = azure(srv, http, "p").json()["choices"][0]["message"]["content"]
     with_system = azure(srv, http, "p", system="S").json()["choices"][0]["message"]["content"]
     with_params = azure(srv, http, "p", temperature=0.5).json()["choices"][0]["message"]["content"]
     other_dep = azure(srv, http, "p", deployment="other").json()["choices"][0]["message"]["content"]
     assert len({base, with_system, with_params, other_dep}) == 4
     assert expected_answer(DEP, None, "p", None) == expected_answer(DEP, None, "p", {}) == base
-    body = {"messages": [{"role": "user", "content": "first"}, {"role": "assistant", "content": "a"},
-                         {"role": "user", "content": "last"}]}
+    body = {
+        "messages": [
+            {"role": "user", "content": "first"},
+            {"role": "assistant", "content": "a"},
+            {"role": "user", "content": "last"},
+        ]
+    }
     r = http.post(srv.azure_chat_url(DEP), json=body, headers={"api-key": KEY}, verify=srv.ca_path)
     assert r.json()["choices"][0]["message"]["content"] == expected_answer(DEP, None, "last")
 
@@ -119,13 +153,19 @@ def test_wrong_or_missing_key_is_401_without_echoing_it(srv: MockServer, http: r
     responses = [
         azure(srv, http, "k", key="wrong-secret"),
         openai(srv, http, "k", key="wrong-secret"),
-        http.post(srv.azure_chat_url(DEP), json={"messages": [{"role": "user", "content": "k"}]},
-                  verify=srv.ca_path),
+        http.post(
+            srv.azure_chat_url(DEP), json={"messages": [{"role": "user", "content": "k"}]}, verify=srv.ca_path
+        ),
         # the OpenAI header on the Azure route is a client bug: rejected
-        http.post(srv.azure_chat_url(DEP), json={"messages": [{"role": "user", "content": "k"}]},
-                  headers={"Authorization": f"Bearer {KEY}"}, verify=srv.ca_path),
-        http.get(srv.openai_base_url + "/models", headers={"Authorization": "Bearer nope"},
-                 verify=srv.ca_path),
+        http.post(
+            srv.azure_chat_url(DEP),
+            json={"messages": [{"role": "user", "content": "k"}]},
+            headers={"Authorization": f"Bearer {KEY}"},
+            verify=srv.ca_path,
+        ),
+        http.get(
+            srv.openai_base_url + "/models", headers={"Authorization": "Bearer nope"}, verify=srv.ca_path
+        ),
     ]
     for r in responses:
         assert r.status_code == 401
@@ -136,18 +176,27 @@ def test_wrong_or_missing_key_is_401_without_echoing_it(srv: MockServer, http: r
 
 
 def test_models_routes_and_api_version(srv: MockServer, http: requests.Session) -> None:
-    r = http.get(srv.base_url + "/openai/models?api-version=2024-02-01", headers={"api-key": KEY},
-                 verify=srv.ca_path)
+    r = http.get(
+        srv.base_url + "/openai/models?api-version=2024-02-01", headers={"api-key": KEY}, verify=srv.ca_path
+    )
     assert r.status_code == 200 and r.json()["object"] == "list"
     for path in ("/v1/models", "/models"):
-        assert http.get(srv.base_url + path, headers={"Authorization": f"Bearer {KEY}"},
-                        verify=srv.ca_path).status_code == 200
-    no_version = http.post(srv.base_url + f"/openai/deployments/{DEP}/chat/completions",
-                           headers={"api-key": KEY}, json={"messages": [{"role": "user", "content": "v"}]},
-                           verify=srv.ca_path)
+        assert (
+            http.get(
+                srv.base_url + path, headers={"Authorization": f"Bearer {KEY}"}, verify=srv.ca_path
+            ).status_code
+            == 200
+        )
+    no_version = http.post(
+        srv.base_url + f"/openai/deployments/{DEP}/chat/completions",
+        headers={"api-key": KEY},
+        json={"messages": [{"role": "user", "content": "v"}]},
+        verify=srv.ca_path,
+    )
     assert no_version.status_code == 400 and no_version.json()["error"]["code"] == "invalid_api_version"
-    bad_body = http.post(srv.azure_chat_url(DEP), data=b"not json", headers={"api-key": KEY},
-                         verify=srv.ca_path)
+    bad_body = http.post(
+        srv.azure_chat_url(DEP), data=b"not json", headers={"api-key": KEY}, verify=srv.ca_path
+    )
     assert bad_body.status_code == 400
     assert srv.stats()["chat_requests"] == 2
 
@@ -168,10 +217,12 @@ def test_500x2_then_success_on_attempt_3(srv: MockServer, http: requests.Session
     assert azure(srv, http, prompt).status_code == 500
 
 
-@pytest.mark.parametrize(("marker", "status", "failures"),
-                         [("503x1", 503, 1), ("408", 408, 1), ("409", 409, 1), ("502x3", 502, 3)])
-def test_status_markers(srv: MockServer, http: requests.Session, marker: str, status: int,
-                        failures: int) -> None:
+@pytest.mark.parametrize(
+    ("marker", "status", "failures"), [("503x1", 503, 1), ("408", 408, 1), ("409", 409, 1), ("502x3", 502, 3)]
+)
+def test_status_markers(
+    srv: MockServer, http: requests.Session, marker: str, status: int, failures: int
+) -> None:
     prompt = f"m [[{marker}]]"
     codes = [azure(srv, http, prompt).status_code for _ in range(failures + 1)]
     assert codes == [status] * failures + [200]
@@ -209,7 +260,8 @@ def test_malformed_and_empty_bodies(srv: MockServer, http: requests.Session) -> 
 
 
 def test_slow_marker_delays_every_attempt_and_triggers_client_timeouts(
-        srv: MockServer, http: requests.Session) -> None:
+    srv: MockServer, http: requests.Session
+) -> None:
     for _ in range(2):
         t0 = time.monotonic()
         assert azure(srv, http, "s [[slow:150]]").status_code == 200
@@ -218,8 +270,9 @@ def test_slow_marker_delays_every_attempt_and_triggers_client_timeouts(
         azure(srv, http, "s [[slow:1000]]", timeout=0.3)
 
 
-@pytest.mark.parametrize(("marker", "code"), [("content_filter", "content_filter"),
-                                              ("context_length", "context_length_exceeded")])
+@pytest.mark.parametrize(
+    ("marker", "code"), [("content_filter", "content_filter"), ("context_length", "context_length_exceeded")]
+)
 def test_permanent_400_markers(srv: MockServer, http: requests.Session, marker: str, code: str) -> None:
     for _ in range(3):  # never recovers: a client must not retry these
         r = azure(srv, http, f"bad [[{marker}]]")
@@ -263,9 +316,12 @@ def test_max_in_flight_and_concurrency_limit(srv: MockServer, http: requests.Ses
 def test_key_in_url_is_counted(srv: MockServer, http: requests.Session) -> None:
     assert azure(srv, http, "u").status_code == 200
     assert srv.stats()["keys_in_url"] == 0
-    http.post(srv.azure_chat_url(DEP) + f"&api-key={KEY}",
-              json={"messages": [{"role": "user", "content": "u"}]}, headers={"api-key": KEY},
-              verify=srv.ca_path)
+    http.post(
+        srv.azure_chat_url(DEP) + f"&api-key={KEY}",
+        json={"messages": [{"role": "user", "content": "u"}]},
+        headers={"api-key": KEY},
+        verify=srv.ca_path,
+    )
     assert srv.stats()["keys_in_url"] == 1
 
 
@@ -276,10 +332,17 @@ def test_auth_fail_after_n_then_recovers(srv: MockServer, http: requests.Session
     assert srv.stats()["auth_failures"] == 2
 
 
-def test_fault_rate_is_deterministic_and_planned_fault_agrees(srv: MockServer,
-                                                              http: requests.Session) -> None:
-    changes = {"seed": 7, "fault_rate": 0.4, "content_filter_rate": 0.1, "slow_rate": 0.1, "slow_ms": 1.0,
-               "fault_kinds": ["500", "429", "reset", "malformed", "empty"]}
+def test_fault_rate_is_deterministic_and_planned_fault_agrees(
+    srv: MockServer, http: requests.Session
+) -> None:
+    changes = {
+        "seed": 7,
+        "fault_rate": 0.4,
+        "content_filter_rate": 0.1,
+        "slow_rate": 0.1,
+        "slow_ms": 1.0,
+        "fault_kinds": ["500", "429", "reset", "malformed", "empty"],
+    }
     srv.configure(**changes)
     cfg = MockConfig(api_key=KEY, **changes)
     prompts = [f"row {i}" for i in range(80)]
@@ -328,8 +391,13 @@ def test_server_process_starts_answers_and_stops(tmp_path: Any) -> None:
         assert proc.base_url.startswith("https://127.0.0.1:")
         assert proc.ca_path == str(tmp_path / "certs" / "ca.pem") and "BEGIN CERTIFICATE" in proc.ca_pem
         url = proc.azure_chat_url("d1")
-        r = requests.post(url, json={"messages": [{"role": "user", "content": "hello"}]},
-                          headers={"api-key": "proc-key"}, verify=proc.ca_path, timeout=10)
+        r = requests.post(
+            url,
+            json={"messages": [{"role": "user", "content": "hello"}]},
+            headers={"api-key": "proc-key"},
+            verify=proc.ca_path,
+            timeout=10,
+        )
         assert r.json()["choices"][0]["message"]["content"] == expected_answer("d1", None, "hello")
         assert proc.configure(latency_ms=5)["latency_ms"] == 5
         stats = proc.stats()
@@ -342,8 +410,12 @@ def test_server_process_starts_answers_and_stops(tmp_path: Any) -> None:
 
 
 def test_cli_help() -> None:
-    out = subprocess.run([sys.executable, "-m", "airflow_provider_llmq.mock_server", "--help"],
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "airflow_provider_llmq.mock_server", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 0
     for option in ("--no-tls", "--cert-dir", "--rps", "--max-concurrency", "--fault-rate", "--deployments"):
         assert option in out.stdout

@@ -21,7 +21,7 @@ OPERATORS = {
 SYSTEM_PROMPT = "Classify the review as positive, negative or mixed."
 N_ROWS = 2000
 
-DAG_TEMPLATE = '''
+DAG_TEMPLATE = """
 import json
 from datetime import datetime, timedelta
 
@@ -43,9 +43,9 @@ with DAG(
 ) as dag:
     previous = None
 {tasks}
-'''
+"""
 
-TASK_TEMPLATE = '''
+TASK_TEMPLATE = """
     {name} = {cls}(
         task_id="{name}",
         source_path="{source}",
@@ -70,7 +70,7 @@ TASK_TEMPLATE = '''
     if previous is not None:
         previous >> {name}
     previous = {name}
-'''
+"""
 
 
 def _reviews(n: int) -> list[tuple[int, str, int, str | None]]:
@@ -99,9 +99,9 @@ def test_each_operator_writes_every_row_once_with_its_own_answer(
     for name, value in llmq_connection_env(faulty_server).items():
         monkeypatch.setenv(name, value)
     source = tmp_path / "reviews"
-    spark.createDataFrame(_reviews(N_ROWS), "review_id long, product string, rating int, review string").repartition(
-        3
-    ).write.parquet(str(source))
+    spark.createDataFrame(
+        _reviews(N_ROWS), "review_id long, product string, rating int, review string"
+    ).repartition(3).write.parquet(str(source))
     out = tmp_path / "out"
     tasks = "".join(
         TASK_TEMPLATE.format(
