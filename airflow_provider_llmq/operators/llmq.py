@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 WRITE_MODES = ("overwrite", "append", "ignore", "error", "errorifexists")
 ON_ERROR = ("record", "fail")
 DEFAULT_CHECKPOINT_KEY = "{{ dag.dag_id }}/{{ task.task_id }}/{{ run_id }}"
+MAX_CHUNK_SECONDS = 60.0
 
 
 class LLMQueryFailedRowsError(LLMQueryError):
@@ -96,8 +97,8 @@ class LLMQueryBaseOperator(BaseOperator):
     :param source_format: format of ``source_path`` (parquet, json, csv, ...).
     :param prompt_col: column holding the prompt (unused with ``prompt_template``).
     :param id_col: unique id column; None assigns ``llmq_row_id`` once, when the input is materialized.
-    :param prompt_template: builds the prompt from ``{column}`` names of the row (templated).
-    :param system_prompt: system message for every request (templated); None sends none.
+    :param prompt_template: builds the prompt from ``{column}`` names of the row.
+    :param system_prompt: system message for every request; None sends none.
     :param model: overrides the connection's deployment (Azure) / model (OpenAI).
     :param request_params: body fields: temperature, max_tokens, response_format, ...
     :param output_table: sink table (templated); one of ``output_table``, ``output_path``.
@@ -130,9 +131,7 @@ class LLMQueryBaseOperator(BaseOperator):
         "output_path",
         "checkpoint_dir",
         "checkpoint_key",
-        "prompt_template",
-        "system_prompt",
-    )
+    )  # not prompt_template: Jinja would eat its {{ }} literal braces
     template_ext: Sequence[str] = (".sql",)
     template_fields_renderers = {"sql": "sql"}
     ui_color = "#e8f4fd"
@@ -402,17 +401,18 @@ class LLMQueryBaseOperator(BaseOperator):
         progress = _Progress(self.log, to_ask, self.progress_interval)
         stream = self._query_stream(endpoint, stream_requests(pending, n_chunks), self._query_options())
         batch: list[QueryResult] = []
+        flushed_at = time.monotonic()
         try:
             for result in stream:
                 batch.append(result)
-                if len(batch) >= self.chunk_size:
+                progress.add(1)
+                # a slow endpoint still checkpoints at least once a minute
+                if len(batch) >= self.chunk_size or time.monotonic() - flushed_at >= MAX_CHUNK_SECONDS:
                     checkpoint.write_results(batch)
-                    progress.add(len(batch))
-                    batch = []
+                    batch, flushed_at = [], time.monotonic()
         finally:
             if batch:  # what was answered before an error is kept for the retry
                 checkpoint.write_results(batch)
-                progress.add(len(batch))
             close = getattr(stream, "close", None)
             if close is not None:
                 close()
@@ -562,7 +562,7 @@ class LLMQueryUDFOperator(LLMQueryBaseOperator):
             raise LLMQueryConfigError(f"num_partitions must be >= 1, got {self.num_partitions}")
         ask = _query_udf(endpoint, self._query_options())
         sizes = {row[0]: int(row[1]) for row in pending.groupBy(CHUNK_COL).count().collect()}
-        partitions = self.num_partitions or spark.sparkContext.defaultParallelism
+        partitions = self.num_partitions or _default_parallelism(spark)
         progress = _Progress(self.log, to_ask, self.progress_interval)
         for chunk in sorted(sizes):
             rows = pending.where(F.col(CHUNK_COL) == F.lit(chunk)).repartition(partitions)
@@ -576,6 +576,13 @@ class LLMQueryUDFOperator(LLMQueryBaseOperator):
                 raise _unwrap_spark_error(exc) from None
             checkpoint.commit_spark_chunk(tmp, name)
             progress.add(sizes[chunk])
+
+
+def _default_parallelism(spark: SparkSession) -> int:
+    try:
+        return int(spark.sparkContext.defaultParallelism)
+    except Exception:  # Spark Connect has no SparkContext
+        return int(spark.conf.get("spark.default.parallelism", None) or 8)
 
 
 def _query_udf(endpoint: EndpointConfig, options: dict[str, Any]) -> Any:

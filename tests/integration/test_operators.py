@@ -57,7 +57,7 @@ TASK_TEMPLATE = """
         chunk_size=500,
         retry_backoff=0.001,
         max_retry_wait=0.05,
-        progress_interval=0,
+        progress_interval=1,
         **{kwargs!r},
     )
 

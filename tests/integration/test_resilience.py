@@ -34,7 +34,7 @@ with DAG(
         chunk_size={chunk_size},
         max_concurrency={concurrency},
         retry_backoff=0.001,
-        progress_interval=0,
+        progress_interval=1,
     )
 """
 
