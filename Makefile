@@ -25,7 +25,7 @@ test-slow: install
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 demo: install
-	$(PY) -m airflow_provider_llmq.demo
+	$(PY) scripts/demo.py
 
 bench: install
 	$(PY) benchmarks/run.py
