@@ -41,10 +41,10 @@ def get_provider_info() -> dict[str, Any]:
                         "label": "API type",
                         "schema": {
                             "type": ["string", "null"],
-                            "enum": ["azure", "openai"],
-                            "default": "azure",
+                            "enum": ["azure", "openai", None],
                         },
-                        "description": "azure: api-key header, deployment in the URL; openai: Bearer token.",
+                        "description": "azure: api-key header, deployment in the URL; openai: Bearer token. "
+                        "Empty: azure for an *.openai.azure.com host or with a deployment, else openai.",
                     },
                     "api_version": {
                         "label": "API version (Azure)",

@@ -25,6 +25,13 @@ def _as_bool(value: Any, default: bool = True) -> bool:
     return bool(value)
 
 
+def _guess_api_type(host: str, extra: dict[str, Any]) -> str:
+    """Without an explicit api_type: Azure for an Azure host or a deployment name, else OpenAI."""
+    if ".openai.azure.com" in host or ".cognitiveservices.azure.com" in host or extra.get("deployment"):
+        return "azure"
+    return "openai"
+
+
 class LLMQueryHook(BaseHook):
     """Talks to an OpenAI or Azure OpenAI chat-completions endpoint.
 
@@ -52,7 +59,7 @@ class LLMQueryHook(BaseHook):
         """The connection as an :class:`EndpointConfig` (what the core methods take)."""
         conn = self.get_connection(self.llm_conn_id)
         extra = conn.extra_dejson
-        api_type = str(extra.get("api_type") or "openai").lower()
+        api_type = str(extra.get("api_type") or _guess_api_type(conn.host or "", extra)).lower()
         if api_type not in API_TYPES:
             raise LLMQueryConfigError(
                 f"connection {self.llm_conn_id!r}: extra api_type must be one of {API_TYPES}, "

@@ -309,8 +309,9 @@ class LLMQueryBaseOperator(BaseOperator):
             fingerprint=fingerprint,
         )
         requests = requests_frame(materialized, manifest.n_chunks)
+        chunks_before = set(checkpoint.chunk_names())
         pending = pending_requests(requests, checkpoint.read_results(spark))
-        to_ask = pending.count()
+        to_ask = pending.count() if chunks_before else manifest.total_requests  # a new run asks all
         already = manifest.total_requests - to_ask
         self.log.info(
             "llmq: %d rows, %d distinct requests, %d to ask (%s), checkpoint %s",
@@ -322,13 +323,14 @@ class LLMQueryBaseOperator(BaseOperator):
         )
         if resumed:
             self.log.info("resumed %d rows from checkpoint", already)
-        chunks_before = set(checkpoint.chunk_names())
+        query_started = time.monotonic()
         try:
             if to_ask:
                 self._run_queries(spark, endpoint, checkpoint, pending, to_ask, manifest.n_chunks)
         except LLMQueryError:
             self._log_interrupted(spark, checkpoint, manifest.total_requests)
             raise
+        query_seconds = time.monotonic() - query_started
 
         results = checkpoint.read_results(spark)
         output = attach_results(
@@ -355,6 +357,11 @@ class LLMQueryBaseOperator(BaseOperator):
                 "resumed_requests": already if resumed else 0,
                 "seconds": round(seconds, 3),
                 "rows_per_second": round(summary["rows"] / seconds, 3) if seconds else None,
+                # the querying phase alone, without Spark's reading and writing
+                "query_seconds": round(query_seconds, 3),
+                "query_requests_per_second": round(to_ask / query_seconds, 3)
+                if to_ask and query_seconds
+                else None,
                 "output": location,
                 "checkpoint": checkpoint.uri,
             }

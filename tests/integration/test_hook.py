@@ -137,3 +137,24 @@ def test_connection_unreachable_host(conn_env: Any) -> None:
     conn_id = conn_env("unreachable", f"https://127.0.0.1:{port}", api_type="openai", model="m")
     ok, message = LLMQueryHook(conn_id).test_connection()
     assert not ok and "Could not reach" in message and str(port) in message
+
+
+def test_api_type_is_inferred_when_absent(conn_env: Any, server: Any) -> None:
+    azure = LLMQueryHook(conn_env("inferred_azure", "myres.openai.azure.com", deployment="gpt4o"))
+    assert azure.endpoint.api_type == "azure" and azure.endpoint.url().startswith("https://myres.openai.azure.com/")
+    openai = LLMQueryHook(conn_env("inferred_openai", "https://api.openai.com/v1", model="gpt-4o-mini"))
+    assert openai.endpoint.api_type == "openai"
+
+
+def test_provider_info_declares_the_connection_form() -> None:
+    from airflow_provider_llmq import get_provider_info
+
+    [conn_type] = get_provider_info()["connection-types"]
+    assert conn_type["connection-type"] == "llmq"
+    assert conn_type["hook-class-name"] == "airflow_provider_llmq.hooks.llmq.LLMQueryHook"
+    fields = conn_type["conn-fields"]
+    assert {"api_type", "api_version", "deployment", "ca_cert", "verify", "timeout"} <= set(fields)
+    assert all("label" in f and "type" in f["schema"] for f in fields.values())
+    assert conn_type["ui-field-behaviour"]["relabeling"]["password"] == "API key"
+    hook_class = conn_type["hook-class-name"].rsplit(".", 1)[1]
+    assert hook_class == LLMQueryHook.__name__ and LLMQueryHook.conn_type == conn_type["connection-type"]
