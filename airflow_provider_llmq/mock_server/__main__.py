@@ -22,8 +22,10 @@ from .runner import start_site
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m airflow_provider_llmq.mock_server",
-                                description="Mock OpenAI / Azure OpenAI chat-completions server.")
+    p = argparse.ArgumentParser(
+        prog="python -m airflow_provider_llmq.mock_server",
+        description="Mock OpenAI / Azure OpenAI chat-completions server.",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8443, help="0 picks a free port")
     p.add_argument("--no-tls", action="store_true", help="plain HTTP instead of TLS (trustme CA)")
@@ -46,8 +48,16 @@ def build_config(args: argparse.Namespace) -> MockConfig:
     preset = json.loads(os.environ.get("LLMQ_MOCK_CONFIG") or "{}")
     cfg = MockConfig(**preset)
     cfg.api_key = args.api_key or os.environ.get("LLMQ_MOCK_API_KEY") or preset.get("api_key") or "mock-key"
-    for name in ("latency_ms", "rps", "max_concurrency", "seed", "fault_rate", "slow_rate", "slow_ms",
-                 "content_filter_rate"):
+    for name in (
+        "latency_ms",
+        "rps",
+        "max_concurrency",
+        "seed",
+        "fault_rate",
+        "slow_rate",
+        "slow_ms",
+        "content_filter_rate",
+    ):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
@@ -62,8 +72,10 @@ async def serve(args: argparse.Namespace, cfg: MockConfig) -> None:
     with tempfile.TemporaryDirectory(prefix="llmq-mock-") as tmp:
         cert_dir = args.cert_dir or tmp
         started = await start_site(cfg, tls=tls, host=args.host, port=args.port, cert_dir=cert_dir)
-        print(json.dumps({"base_url": started.base_url, "ca_path": started.ca_path, "port": started.port}),
-              flush=True)
+        print(
+            json.dumps({"base_url": started.base_url, "ca_path": started.ca_path, "port": started.port}),
+            flush=True,
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

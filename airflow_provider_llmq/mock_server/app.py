@@ -38,15 +38,17 @@ _CONTEXT_LENGTH = {
 }
 
 
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None,
-           **extra: Any) -> web.Response:
+def _error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any
+) -> web.Response:
     """An OpenAI-shaped error answer, so clients exercise their real error parsing."""
     body = {"error": {"code": code, "message": message, **extra}}
     return web.Response(status=status, body=json.dumps(body), content_type=_JSON, headers=headers)
 
 
-def _rate_limited(retry_after_ms: int | None, retry_after_s: int | None = None,
-                  why: str = "Rate limit reached") -> web.Response:
+def _rate_limited(
+    retry_after_ms: int | None, retry_after_s: int | None = None, why: str = "Rate limit reached"
+) -> web.Response:
     headers = {}
     if retry_after_s is None and retry_after_ms is not None:
         retry_after_s = max(1, math.ceil(retry_after_ms / 1000))
@@ -54,8 +56,13 @@ def _rate_limited(retry_after_ms: int | None, retry_after_s: int | None = None,
         headers["Retry-After"] = str(retry_after_s)
     if retry_after_ms is not None:
         headers["retry-after-ms"] = str(retry_after_ms)
-    return _error(429, "rate_limit_exceeded", f"{why}. Please retry after the delay given in Retry-After.",
-                  headers, type="requests")
+    return _error(
+        429,
+        "rate_limit_exceeded",
+        f"{why}. Please retry after the delay given in Retry-After.",
+        headers,
+        type="requests",
+    )
 
 
 def _tokens(text_len: int) -> int:
@@ -146,9 +153,13 @@ class MockState:
 
 
 def _unauthorised() -> web.Response:
-    return _error(401, "invalid_api_key", "Incorrect API key provided or missing credentials. "
-                  "You can find your API key in the resource's Keys and Endpoint page.",
-                  type="invalid_request_error")
+    return _error(
+        401,
+        "invalid_api_key",
+        "Incorrect API key provided or missing credentials. "
+        "You can find your API key in the resource's Keys and Endpoint page.",
+        type="invalid_request_error",
+    )
 
 
 def _check_access(request: web.Request, st: MockState, azure: bool) -> web.Response | None:
@@ -156,13 +167,21 @@ def _check_access(request: web.Request, st: MockState, azure: bool) -> web.Respo
     if not st.authorised(request, azure):
         return _unauthorised()
     if azure and not request.query.get("api-version"):
-        return _error(400, "invalid_api_version", "Missing the api-version query parameter.",
-                      type="invalid_request_error")
+        return _error(
+            400,
+            "invalid_api_version",
+            "Missing the api-version query parameter.",
+            type="invalid_request_error",
+        )
     deployment = request.match_info.get("deployment")
     deployments = st.config.deployments
     if deployment is not None and deployments and deployment not in deployments:
-        return _error(404, "DeploymentNotFound", "The API deployment for this resource does not exist. "
-                      "If you created the deployment within the last 5 minutes, please wait a moment.")
+        return _error(
+            404,
+            "DeploymentNotFound",
+            "The API deployment for this resource does not exist. "
+            "If you created the deployment within the last 5 minutes, please wait a moment.",
+        )
     return None
 
 
@@ -195,15 +214,24 @@ async def _chat(request: web.Request, st: MockState) -> web.StreamResponse:
         user = [m for m in messages if m.get("role") == "user"]
         system = next((m for m in messages if m.get("role") == "system"), None)
     except (ValueError, KeyError, TypeError, AttributeError):
-        return _error(400, "invalid_request_error", "The request body must be JSON with a 'messages' list.",
-                      type="invalid_request_error")
+        return _error(
+            400,
+            "invalid_request_error",
+            "The request body must be JSON with a 'messages' list.",
+            type="invalid_request_error",
+        )
     if not user:
-        return _error(400, "invalid_request_error", "'messages' must contain a user message.",
-                      type="invalid_request_error")
+        return _error(
+            400,
+            "invalid_request_error",
+            "'messages' must contain a user message.",
+            type="invalid_request_error",
+        )
     model = request.match_info["deployment"] if azure else body.get("model")
     if not model:
-        return _error(400, "invalid_request_error", "you must provide a model parameter",
-                      type="invalid_request_error")
+        return _error(
+            400, "invalid_request_error", "you must provide a model parameter", type="invalid_request_error"
+        )
     prompt = _content_text(user[-1].get("content"))
     key = prompt_hash(prompt)
     st.per_prompt[key] += 1
@@ -243,15 +271,29 @@ async def _chat(request: web.Request, st: MockState) -> web.StreamResponse:
         st.completion_tokens_total += c_tok
         st.ok_per_window[int(time.monotonic())] += 1
         st.auth_fail_ok += 1
-        return web.Response(body=json.dumps({
-            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
-                         "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": p_tok, "completion_tokens": c_tok, "total_tokens": p_tok + c_tok},
-        }), content_type=_JSON)
+        return web.Response(
+            body=json.dumps(
+                {
+                    "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": answer},
+                            "finish_reason": "stop",
+                        }
+                    ],
+                    "usage": {
+                        "prompt_tokens": p_tok,
+                        "completion_tokens": c_tok,
+                        "total_tokens": p_tok + c_tok,
+                    },
+                }
+            ),
+            content_type=_JSON,
+        )
     finally:
         st.in_flight -= 1
 
@@ -267,8 +309,10 @@ def _fault_response(fault: Fault) -> web.Response:
     if kind == "malformed":
         return web.Response(body='{"choices": [', content_type=_JSON)
     if kind == "empty":
-        return web.Response(body=json.dumps({"id": "chatcmpl-empty", "object": "chat.completion",
-                                             "choices": []}), content_type=_JSON)
+        return web.Response(
+            body=json.dumps({"id": "chatcmpl-empty", "object": "chat.completion", "choices": []}),
+            content_type=_JSON,
+        )
     if kind == "content_filter":
         return web.Response(status=400, body=json.dumps({"error": _CONTENT_FILTER}), content_type=_JSON)
     if kind == "context_length":
@@ -277,8 +321,12 @@ def _fault_response(fault: Fault) -> web.Response:
     if status == 429:
         return _rate_limited(fault.retry_after_ms, fault.retry_after_s)
     code = _STATUS_CODES.get(status, "server_error")
-    return _error(status, code, f"The server had an error while processing your request ({status}).",
-                  type="server_error")
+    return _error(
+        status,
+        code,
+        f"The server had an error while processing your request ({status}).",
+        type="server_error",
+    )
 
 
 async def models(request: web.Request) -> web.Response:
@@ -289,8 +337,12 @@ async def models(request: web.Request) -> web.Response:
     response = _check_access(request, st, azure)
     if response is None:
         names = st.config.deployments or ["mock-model"]
-        response = web.json_response({"object": "list", "data": [
-            {"id": n, "object": "model", "created": 0, "owned_by": "llmq-mock"} for n in names]})
+        response = web.json_response(
+            {
+                "object": "list",
+                "data": [{"id": n, "object": "model", "created": 0, "owned_by": "llmq-mock"} for n in names],
+            }
+        )
     st.finish(response)
     return response
 

@@ -183,13 +183,17 @@ def plan(prompt: str, attempt: int, config: MockConfig) -> tuple[float, Fault | 
         active = kind in PERMANENT_KINDS or attempt <= int(times or 1)
         if fault is None and active:
             fault = _make_fault(kind, unit, int(value) if value else None, config)
-    rate_kind = planned_fault(prompt, config) if (
-        config.fault_rate or config.slow_rate or config.content_filter_rate
-    ) else None
+    rate_kind = (
+        planned_fault(prompt, config)
+        if (config.fault_rate or config.slow_rate or config.content_filter_rate)
+        else None
+    )
     if rate_kind == "slow":
         delay += config.slow_ms
-    elif rate_kind is not None and fault is None and (
-        rate_kind in PERMANENT_KINDS or attempt <= config.fault_attempts
+    elif (
+        rate_kind is not None
+        and fault is None
+        and (rate_kind in PERMANENT_KINDS or attempt <= config.fault_attempts)
     ):
         fault = _make_fault(rate_kind, None, None, config)
     return delay, fault

@@ -61,8 +61,9 @@ def make_tls(cert_dir: str | os.PathLike[str]) -> tuple[ssl.SSLContext, str, str
     return ctx, ca_path, ca.cert_pem.bytes().decode("ascii")
 
 
-async def start_site(config: MockConfig, *, tls: bool, host: str, port: int,
-                     cert_dir: str | os.PathLike[str] | None) -> Started:
+async def start_site(
+    config: MockConfig, *, tls: bool, host: str, port: int, cert_dir: str | os.PathLike[str] | None
+) -> Started:
     """Start the app on a real socket; ``port=0`` picks a free one (reported back)."""
     ssl_ctx = ca_path = ca_pem = None
     if tls:
@@ -105,8 +106,15 @@ class _ServerApi:
 class MockServer(_ServerApi):
     """The mock server in a background thread with its own event loop (for tests in one process)."""
 
-    def __init__(self, config: MockConfig | None = None, *, tls: bool = True, host: str = "127.0.0.1",
-                 port: int = 0, cert_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        config: MockConfig | None = None,
+        *,
+        tls: bool = True,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        cert_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
         self.config = config or MockConfig()
         self.tls, self.host, self.port = tls, host, port
         self._cert_dir = cert_dir
@@ -131,8 +139,9 @@ class MockServer(_ServerApi):
         def run() -> None:
             asyncio.set_event_loop(loop)
             try:
-                self._started = loop.run_until_complete(start_site(
-                    self.config, tls=self.tls, host=self.host, port=self.port, cert_dir=cert_dir))
+                self._started = loop.run_until_complete(
+                    start_site(self.config, tls=self.tls, host=self.host, port=self.port, cert_dir=cert_dir)
+                )
             except BaseException as exc:
                 error.append(exc)
                 ready.set()
@@ -191,8 +200,9 @@ class MockServer(_ServerApi):
     def __enter__(self) -> MockServer:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
 
@@ -203,9 +213,16 @@ class MockServerProcess(_ServerApi):
     so the key does not show in ``ps``. Stats and config go through the admin HTTP routes.
     """
 
-    def __init__(self, config: MockConfig | None = None, *, tls: bool = True, host: str = "127.0.0.1",
-                 port: int = 0, cert_dir: str | os.PathLike[str] | None = None,
-                 startup_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        config: MockConfig | None = None,
+        *,
+        tls: bool = True,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        cert_dir: str | os.PathLike[str] | None = None,
+        startup_timeout: float = 30.0,
+    ) -> None:
         self.config = config or MockConfig()
         self.tls, self.host, self.port = tls, host, port
         self._cert_dir = cert_dir
@@ -223,10 +240,22 @@ class MockServerProcess(_ServerApi):
         cert_dir = self._cert_dir
         if cert_dir is None:
             cert_dir = self._tmpdir = tempfile.mkdtemp(prefix="llmq-mock-")
-        env = dict(os.environ, LLMQ_MOCK_CONFIG=json.dumps(asdict(self.config)),
-                   LLMQ_MOCK_API_KEY=self.config.api_key)
-        cmd = [sys.executable, "-m", "airflow_provider_llmq.mock_server", "--host", self.host,
-               "--port", str(self.port), "--cert-dir", str(cert_dir)]
+        env = dict(
+            os.environ,
+            LLMQ_MOCK_CONFIG=json.dumps(asdict(self.config)),
+            LLMQ_MOCK_API_KEY=self.config.api_key,
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "airflow_provider_llmq.mock_server",
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--cert-dir",
+            str(cert_dir),
+        ]
         if not self.tls:
             cmd.append("--no-tls")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
@@ -272,8 +301,9 @@ class MockServerProcess(_ServerApi):
 
     def _admin(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.base_url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.base_url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, context=self._ssl, timeout=10) as resp:
             return json.loads(resp.read())
 
@@ -291,6 +321,7 @@ class MockServerProcess(_ServerApi):
     def __enter__(self) -> MockServerProcess:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
