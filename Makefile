@@ -15,7 +15,8 @@ $(STAMP): setup.cfg pyproject.toml
 install: $(STAMP)
 
 lint: install
-	$(PY) -m ruff check airflow_provider_llmq tests dags benchmarks
+	$(PY) -m ruff check airflow_provider_llmq tests dags benchmarks scripts
+	$(PY) -m ruff format --check airflow_provider_llmq tests dags benchmarks scripts
 	$(PY) -m mypy
 
 test: lint

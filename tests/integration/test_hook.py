@@ -141,7 +141,9 @@ def test_connection_unreachable_host(conn_env: Any) -> None:
 
 def test_api_type_is_inferred_when_absent(conn_env: Any, server: Any) -> None:
     azure = LLMQueryHook(conn_env("inferred_azure", "myres.openai.azure.com", deployment="gpt4o"))
-    assert azure.endpoint.api_type == "azure" and azure.endpoint.url().startswith("https://myres.openai.azure.com/")
+    assert azure.endpoint.api_type == "azure" and azure.endpoint.url().startswith(
+        "https://myres.openai.azure.com/"
+    )
     openai = LLMQueryHook(conn_env("inferred_openai", "https://api.openai.com/v1", model="gpt-4o-mini"))
     assert openai.endpoint.api_type == "openai"
 
