@@ -3,6 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+LINT_PATHS := $(wildcard airflow_provider_llmq tests dags benchmarks scripts)
 
 .PHONY: install test test-slow lint demo bench clean
 
@@ -15,8 +16,8 @@ $(STAMP): setup.cfg pyproject.toml
 install: $(STAMP)
 
 lint: install
-	$(PY) -m ruff check airflow_provider_llmq tests dags benchmarks scripts
-	$(PY) -m ruff format --check airflow_provider_llmq tests dags benchmarks scripts
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
 	$(PY) -m mypy
 
 test: lint
