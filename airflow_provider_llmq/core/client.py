@@ -8,6 +8,7 @@ every rule about payloads, errors, retries, pauses and limits, and differ only i
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Generator, Mapping
@@ -20,7 +21,7 @@ from requests.adapters import HTTPAdapter
 
 from airflow_provider_llmq.core.endpoint import EndpointConfig
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
-from airflow_provider_llmq.core.limits import AsyncLimiter, ThreadLimiter, estimate_prompt_tokens
+from airflow_provider_llmq.core.limits import AsyncLimiter, ThreadLimiter, estimate_request_tokens
 from airflow_provider_llmq.core.payload import (
     DEFAULT_SYSTEM_PROMPT,
     EMPTY_PROMPT,
@@ -33,8 +34,6 @@ from airflow_provider_llmq.core.payload import (
 )
 from airflow_provider_llmq.core.result import STATUS_ERROR, STATUS_OK, QueryResult
 from airflow_provider_llmq.core.retry import RetryPolicy
-
-DEFAULT_COMPLETION_ESTIMATE = 256  # tokens a request is assumed to cost when max_tokens is unset
 
 
 @dataclass(frozen=True)
@@ -73,12 +72,9 @@ class QueryOptions:
     tokens_per_minute: float | None = None
 
     def estimated_tokens(self, prompt: str) -> int:
-        completion = self.request.max_completion_tokens()
-        return (
-            estimate_prompt_tokens(self.request.system_prompt or "")
-            + estimate_prompt_tokens(prompt)
-            + (DEFAULT_COMPLETION_ESTIMATE if completion is None else completion)
-        )
+        """What a request reserves against tokens/min before it is sent: prompt + max_tokens."""
+        text = (self.request.system_prompt or "") + prompt
+        return estimate_request_tokens(text, self.request.max_completion_tokens())
 
 
 def _is_empty(prompt: object) -> bool:
@@ -148,6 +144,14 @@ class _SSLContextAdapter(HTTPAdapter):
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         kwargs["ssl_context"] = self._ssl_context
         super().init_poolmanager(*args, **kwargs)
+
+    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+        super().cert_verify(conn, url, verify, cert)
+        # requests points every connection at certifi's bundle, and urllib3 would load it into our
+        # shared context on each new connection: ~23 ms each, and the configured CA would no
+        # longer be the only one trusted. The context already holds the right trust roots.
+        conn.ca_certs = None
+        conn.ca_cert_dir = None
 
 
 class SyncClient:
@@ -250,8 +254,12 @@ class AsyncClient:
         )
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, exc_type: object, *rest: object) -> None:
         await self.close()
+        if exc_type is not None:
+            # requests cut mid-flight leave TLS transports closing: let them finish before the
+            # loop goes away, or they leak (ResourceWarning)
+            await asyncio.sleep(0.05)
 
     async def close(self) -> None:
         if self._session is not None:
@@ -259,8 +267,6 @@ class AsyncClient:
             self._session = None
 
     async def query(self, row_id: Any, prompt: Any) -> QueryResult:
-        import asyncio
-
         plan = _attempts(row_id, prompt, self.options, self.limiter)
         received: _Received | None = None
         try:

@@ -201,3 +201,12 @@ def test_key_never_leaks(kind: str, server: Any, caplog: pytest.LogCaptureFixtur
     assert errors and all(TEST_KEY not in text for text in errors)
     assert all(TEST_KEY not in record.getMessage() for record in caplog.records)
     assert server.stats()["keys_in_url"] == 0
+
+
+def test_sync_client_trusts_only_the_configured_ca(server: Any) -> None:
+    """requests would load certifi's bundle into the shared SSL context on every new connection."""
+    endpoint = make_endpoint(server, "azure")
+    context = endpoint.ssl_context()
+    [result] = ask("sync", endpoint, ["trust"])
+    assert result.ok
+    assert len(context.get_ca_certs()) == 1

@@ -2,13 +2,17 @@
 
 The event loop runs in a helper thread, so the methods work whether or not the caller's thread
 already runs a loop (notebooks, triggers) without ``nest_asyncio``. The caller's thread pulls rows
-and hands them over only while fewer than ``window`` rows are unanswered, so memory is bounded.
+and hands them over only while fewer than ``window`` rows are unanswered, so memory is bounded
+whatever the row count; rows cross to the loop in lists and results come back through one queue
+that the caller drains, so the two threads meet once per burst of results, not once per row.
 The two methods differ only in their ``schedule`` coroutine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import queue
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -19,16 +23,44 @@ from airflow_provider_llmq.core.endpoint import EndpointConfig
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
 from airflow_provider_llmq.core.result import QueryResult
 
-_END = object()
-
 Item = tuple[Any, Any]
 Emit = Callable[[QueryResult], None]
 Schedule = Callable[[AsyncClient, "asyncio.Queue[Any]", Emit], Awaitable[None]]
 
 
+class _End:
+    """Marks the end of the rows in the loop's inbox."""
+
+
+_END = _End()
+
+
+class _Done:
+    """The loop has stopped (last message of the outbox)."""
+
+
+_DONE = _Done()
+
+
 class _Failed:
+    """The loop stopped on an error that ends the run (auth, config, a bug): the caller re-raises it."""
+
     def __init__(self, error: BaseException) -> None:
         self.error = error
+
+
+def _first_error(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):  # TaskGroup wraps the worker's error
+        exc = exc.exceptions[0]
+    return exc
+
+
+async def _let_connections_close() -> None:
+    """Requests cut short leave TLS connections mid-shutdown: let them finish before the loop closes."""
+    await asyncio.sleep(_CLOSE_GRACE)
+
+
+_CLOSE_GRACE = 0.05  # seconds; a TLS close_notify round trip, not a wait for any answer
 
 
 def _run_in_loop_thread(
@@ -39,70 +71,95 @@ def _run_in_loop_thread(
     window: int,
     schedule: Schedule,
 ) -> Iterator[QueryResult]:
+    """Checks the settings now (a bad option raises at the call), then streams lazily."""
     endpoint, query_options = configure(endpoint, **options)
+    client = AsyncClient(endpoint, query_options, concurrency=concurrency)  # no loop needed yet
+    return _stream(client, rows, window, schedule)
+
+
+def _stream(
+    client: AsyncClient, rows: Iterable[Item], window: int, schedule: Schedule
+) -> Iterator[QueryResult]:
     loop = asyncio.new_event_loop()
-    inbox_ready = threading.Event()
+    outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()  # bounded by `window` through the caller's count
+    started = threading.Event()
     inbox: asyncio.Queue[Any] | None = None
-    outbox: queue.Queue[Any] = queue.Queue()  # bounded by `window` through the caller's count
-    done = object()
     main_task: asyncio.Task[None] | None = None
 
     async def main() -> None:
         nonlocal inbox, main_task
         inbox = asyncio.Queue()
         main_task = asyncio.current_task()
-        inbox_ready.set()
+        started.set()
         try:
-            async with AsyncClient(endpoint, query_options, concurrency=concurrency) as client:
+            async with client:
                 await schedule(client, inbox, outbox.put)
         except asyncio.CancelledError:
-            pass
+            await _let_connections_close()  # the caller stopped early: it no longer reads the outbox
         except BaseException as exc:  # handed to the caller's thread, which re-raises it
-            while isinstance(exc, BaseExceptionGroup):  # TaskGroup wraps the worker's error
-                exc = exc.exceptions[0]
-            outbox.put(_Failed(exc))
+            outbox.put(_Failed(_first_error(exc)))
+            await _let_connections_close()
         finally:
-            outbox.put(done)
+            outbox.put(_DONE)
 
-    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), name="llmq-loop", daemon=True)
+    def run() -> None:
+        try:
+            loop.run_until_complete(main())
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        except BaseException as exc:  # the loop itself failed: never leave the caller waiting
+            outbox.put(_Failed(exc))
+            outbox.put(_DONE)
+        finally:
+            started.set()  # in case main() never ran
+            loop.close()
+
+    def feed(items: list[Any]) -> None:
+        assert inbox is not None
+        for item in items:
+            inbox.put_nowait(item)
+
+    thread = threading.Thread(target=run, name="llmq-loop", daemon=True)
     thread.start()
-    inbox_ready.wait()
-    assert inbox is not None
-
-    def hand_over(item: object) -> None:
-        loop.call_soon_threadsafe(inbox.put_nowait, item)
-
-    unanswered = 0
-    finished = False
+    started.wait()
+    stopped = False
     try:
         source = iter(rows)
+        unanswered = 0
         exhausted = False
         while True:
-            while not exhausted and unanswered < window:
-                item = next(source, _END)
-                if item is _END:
+            if not exhausted and unanswered < window:
+                wanted = window - unanswered
+                items: list[Any] = list(itertools.islice(source, wanted))
+                unanswered += len(items)
+                if len(items) < wanted:
                     exhausted = True
-                    hand_over(_END)
-                    break
-                hand_over(item)
-                unanswered += 1
-            if exhausted and unanswered == 0:
-                return
+                    items.append(_END)
+                if items:
+                    with contextlib.suppress(RuntimeError):  # the loop already ended: its outbox says why
+                        loop.call_soon_threadsafe(feed, items)
             message = outbox.get()
-            if message is done:
-                finished = True
-                if unanswered:
-                    raise RuntimeError(f"query loop stopped with {unanswered} rows unanswered")
-                return
-            if isinstance(message, _Failed):
-                raise message.error
-            unanswered -= 1
-            yield message
+            burst = [message]
+            while True:  # take every result that is already there in one wake-up
+                try:
+                    burst.append(outbox.get_nowait())
+                except queue.Empty:
+                    break
+            for message in burst:
+                if message is _DONE:
+                    stopped = True
+                    if unanswered:
+                        raise RuntimeError(f"query loop stopped with {unanswered} rows unanswered")
+                    return
+                if isinstance(message, _Failed):
+                    stopped = True  # the loop is ending by itself
+                    raise message.error
+                unanswered -= 1
+                yield message
     finally:
-        if not finished and main_task is not None:
-            loop.call_soon_threadsafe(main_task.cancel)
+        if not stopped and main_task is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing left to cancel
+                loop.call_soon_threadsafe(main_task.cancel)
         thread.join()
-        loop.close()
 
 
 def query_async_batches(
@@ -112,10 +169,11 @@ def query_async_batches(
     batch_size: int = 128,
     **options: Any,
 ) -> Iterator[QueryResult]:
-    """Method 2: ``batch_size`` requests at a time with ``asyncio.gather``-like batches.
+    """Method 2: ``batch_size`` requests at a time, like the article's ``asyncio.gather`` batches.
 
-    A failed request no longer kills its batch: it is retried and, at worst, recorded on its row.
-    The next batch starts when the whole batch has finished (the article's trade-off).
+    A failed request no longer kills its batch: it is retried and, at worst, recorded on its row;
+    results are yielded as they complete, each with its own row id. The next batch starts when the
+    whole batch has finished (the article's trade-off: one slow row holds up its batch).
     """
     if batch_size < 1:
         raise LLMQueryConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -130,28 +188,23 @@ def query_async_batches(
                     ended = True
                     break
                 batch.append(item)
-            await _run_all(client, batch, emit)
+            await _run_batch(client, batch, emit)
 
     return _run_in_loop_thread(endpoint, rows, options, batch_size, 2 * batch_size, schedule)
 
 
-async def _run_all(client: AsyncClient, batch: list[Item], emit: Emit) -> None:
-    """Runs the batch, emitting each result as it completes; an auth error ends it after the rest."""
+async def _run_batch(client: AsyncClient, batch: list[Item], emit: Emit) -> None:
+    """Runs the batch, emitting each result as it completes; an auth error cancels the rest at once."""
     if not batch:
         return
     tasks = [asyncio.ensure_future(client.query(row_id, prompt)) for row_id, prompt in batch]
-    first_error: BaseException | None = None
     try:
         for next_done in asyncio.as_completed(tasks):
-            try:
-                emit(await next_done)
-            except Exception as exc:
-                first_error = first_error or exc
+            emit(await next_done)
     finally:
         for task in tasks:
             task.cancel()
-    if first_error is not None:
-        raise first_error
+        await asyncio.gather(*tasks, return_exceptions=True)  # none left pending when the loop closes
 
 
 def query_async_limited(
@@ -164,7 +217,8 @@ def query_async_limited(
     """Method 3: ``max_concurrency`` workers pulling from a bounded queue, never more in flight.
 
     Unlike the article's ``Semaphore`` version, no task is created per row up front, and each
-    result carries its own row id instead of being zipped with the ids by position.
+    result carries its own row id instead of being zipped with the ids by position. Combine with
+    ``requests_per_minute`` / ``tokens_per_minute`` for the quota.
     """
     if max_concurrency < 1:
         raise LLMQueryConfigError(f"max_concurrency must be >= 1, got {max_concurrency}")
