@@ -16,7 +16,7 @@ import string
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +60,11 @@ _ARROW_SCHEMA = pa.schema(
     + [(name, arrow) for name, _, arrow, _ in _RESULT_FIELDS]
     + [(WRITTEN_COL, pa.int64())]
 )
+
+
+def result_values(result: QueryResult) -> tuple[Any, ...]:
+    """A result's values in the order of ``RESULT_COLUMNS`` / ``RESULT_DDL``."""
+    return tuple(getattr(result, attribute) for *_, attribute in _RESULT_FIELDS)
 
 
 def output_columns(response_col: str) -> list[str]:
@@ -108,6 +113,13 @@ def get_spark_session(
     return builder.getOrCreate()
 
 
+def check_one_source(**sources: str | None) -> None:
+    """Exactly one of the given sources (``sql``, ``source_table``, ``source_path``) is set."""
+    given = [name for name, value in sources.items() if value]
+    if len(given) != 1:
+        raise LLMQueryConfigError(f"give exactly one source of {', '.join(sources)} (got {given or 'none'})")
+
+
 def read_source(
     spark: SparkSession,
     *,
@@ -117,15 +129,7 @@ def read_source(
     source_format: str = "parquet",
 ) -> DataFrame:
     """The prompts' source: exactly one of a query, a table or a path."""
-    given = [
-        name
-        for name, value in (("sql", sql), ("source_table", source_table), ("source_path", source_path))
-        if value
-    ]
-    if len(given) != 1:
-        raise LLMQueryConfigError(
-            f"give exactly one source of sql, source_table, source_path (got {given or 'none'})"
-        )
+    check_one_source(sql=sql, source_table=source_table, source_path=source_path)
     if sql:
         return spark.sql(sql)
     if source_table:
@@ -284,8 +288,8 @@ class Checkpoint:
         """Writes a chunk of results from the driver (methods 2-4) as one parquet file, atomically."""
         name = name or f"chunk-d{uuid.uuid4().hex}"
         columns: dict[str, list[Any]] = {KEY_COL: [str(result.row_id) for result in results]}
-        for column, _, _, attribute in _RESULT_FIELDS:
-            columns[column] = [getattr(result, attribute) for result in results]
+        for index, (column, *_) in enumerate(_RESULT_FIELDS):
+            columns[column] = [values[index] for values in map(result_values, results)]
         columns[WRITTEN_COL] = [time.time_ns()] * len(results)
         table = pa.table(columns, schema=_ARROW_SCHEMA)
         tmp_dir = self._path("results", f"_tmp-{name}")
@@ -338,10 +342,6 @@ def settled(results: DataFrame) -> DataFrame:
 
     transient = F.col("llmq_error_code").isin(*sorted(TRANSIENT_ERROR_CODES))
     return results.where((F.col("llmq_status") == F.lit(STATUS_OK)) | ~F.coalesce(transient, F.lit(False)))
-
-
-def fingerprint_of(**parts: Any) -> dict[str, Any]:
-    return {key: value for key, value in sorted(parts.items())}
 
 
 def materialize_input(
@@ -437,17 +437,6 @@ def stream_requests(pending: DataFrame, n_chunks: int) -> Iterator[tuple[str, st
         yield row[0], row[1]
 
 
-def results_in_chunks(results: Iterable[QueryResult], chunk_size: int) -> Iterator[list[QueryResult]]:
-    batch: list[QueryResult] = []
-    for result in results:
-        batch.append(result)
-        if len(batch) >= chunk_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 # ---------------------------------------------------------------------------------------------
 # join and sink
 
@@ -519,13 +508,11 @@ def write_output(
     output_path: str | None,
     output_format: str = "parquet",
     mode: str = "overwrite",
-) -> DataFrame:
-    """Writes the sink and returns it read back, so counts come from what was written."""
+) -> None:
+    """Writes the sink: a table, or a path in ``output_format``."""
     writer = frame.write.mode(mode).format(output_format)
-    spark = frame.sparkSession
     if output_table:
         writer.saveAsTable(output_table)
-        return spark.table(output_table)
-    assert output_path is not None
-    writer.save(output_path)
-    return spark.read.format(output_format).load(output_path)
+    else:
+        assert output_path is not None
+        writer.save(output_path)

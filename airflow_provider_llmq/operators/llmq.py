@@ -34,11 +34,13 @@ from airflow_provider_llmq.spark_io import (
     WRITTEN_COL,
     Checkpoint,
     attach_results,
+    check_one_source,
     get_spark_session,
     materialize_input,
     pending_requests,
     read_source,
     requests_frame,
+    result_values,
     sanitize_key,
     stream_requests,
     validate_source,
@@ -234,11 +236,7 @@ class LLMQueryBaseOperator(BaseOperator):
         }
 
     def _check_arguments(self) -> None:
-        sources = [n for n in ("sql", "source_table", "source_path") if getattr(self, n)]
-        if len(sources) != 1:
-            raise LLMQueryConfigError(
-                f"give exactly one source of sql, source_table, source_path (got {sources or 'none'})"
-            )
+        check_one_source(sql=self.sql, source_table=self.source_table, source_path=self.source_path)
         sinks = [n for n in ("output_table", "output_path") if getattr(self, n)]
         if len(sinks) != 1:
             raise LLMQueryConfigError(
@@ -598,19 +596,7 @@ def _query_udf(endpoint: EndpointConfig, options: dict[str, Any]) -> Any:
     from pyspark.sql import functions as F
 
     def ask(key: str, prompt: str | None) -> tuple[Any, ...]:
-        result = sync_client_for(endpoint, **options).query(key, prompt)
-        return (
-            result.response,
-            result.status,
-            result.error_code,
-            result.error_message,
-            result.http_status,
-            result.attempts,
-            result.prompt_tokens,
-            result.completion_tokens,
-            result.latency_ms,
-            result.finish_reason,
-        )
+        return result_values(sync_client_for(endpoint, **options).query(key, prompt))
 
     return F.udf(ask, RESULT_DDL).asNondeterministic()
 

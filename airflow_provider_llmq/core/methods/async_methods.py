@@ -21,6 +21,7 @@ from typing import Any
 from airflow_provider_llmq.core.client import AsyncClient, configure
 from airflow_provider_llmq.core.endpoint import EndpointConfig
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
+from airflow_provider_llmq.core.methods._failed import Failed
 from airflow_provider_llmq.core.result import QueryResult
 
 Item = tuple[Any, Any]
@@ -42,25 +43,10 @@ class _Done:
 _DONE = _Done()
 
 
-class _Failed:
-    """The loop stopped on an error that ends the run (auth, config, a bug): the caller re-raises it."""
-
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-
 def _first_error(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup):  # TaskGroup wraps the worker's error
         exc = exc.exceptions[0]
     return exc
-
-
-async def _let_connections_close() -> None:
-    """Requests cut short leave TLS connections mid-shutdown: let them finish before the loop closes."""
-    await asyncio.sleep(_CLOSE_GRACE)
-
-
-_CLOSE_GRACE = 0.05  # seconds; a TLS close_notify round trip, not a wait for any answer
 
 
 def _run_in_loop_thread(
@@ -95,10 +81,9 @@ def _stream(
             async with client:
                 await schedule(client, inbox, outbox.put)
         except asyncio.CancelledError:
-            await _let_connections_close()  # the caller stopped early: it no longer reads the outbox
+            pass  # the caller stopped early: it no longer reads the outbox
         except BaseException as exc:  # handed to the caller's thread, which re-raises it
-            outbox.put(_Failed(_first_error(exc)))
-            await _let_connections_close()
+            outbox.put(Failed(_first_error(exc)))
         finally:
             outbox.put(_DONE)
 
@@ -107,7 +92,7 @@ def _stream(
             loop.run_until_complete(main())
             loop.run_until_complete(loop.shutdown_asyncgens())
         except BaseException as exc:  # the loop itself failed: never leave the caller waiting
-            outbox.put(_Failed(exc))
+            outbox.put(Failed(exc))
             outbox.put(_DONE)
         finally:
             started.set()  # in case main() never ran
@@ -150,7 +135,7 @@ def _stream(
                     if unanswered:
                         raise RuntimeError(f"query loop stopped with {unanswered} rows unanswered")
                     return
-                if isinstance(message, _Failed):
+                if isinstance(message, Failed):
                     stopped = True  # the loop is ending by itself
                     raise message.error
                 unanswered -= 1

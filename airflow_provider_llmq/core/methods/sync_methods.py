@@ -12,6 +12,7 @@ from typing import Any
 from airflow_provider_llmq.core.client import SyncClient, configure
 from airflow_provider_llmq.core.endpoint import EndpointConfig
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
+from airflow_provider_llmq.core.methods._failed import Failed
 from airflow_provider_llmq.core.result import QueryResult
 
 _clients: dict[tuple[object, ...], SyncClient] = {}
@@ -44,13 +45,6 @@ def query_sync(
     return (client.query(row_id, prompt) for row_id, prompt in rows)
 
 
-class _Failed:
-    """A worker hit an error that ends the run (auth, config, a bug): the caller re-raises it."""
-
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-
 def query_thread_pool(
     endpoint: EndpointConfig,
     rows: Iterable[tuple[Any, Any]],
@@ -73,7 +67,7 @@ def query_thread_pool(
 
 def _pooled(client: SyncClient, rows: Iterable[tuple[Any, Any]], max_workers: int) -> Iterator[QueryResult]:
     window = 2 * max_workers
-    finished: queue.SimpleQueue[QueryResult | _Failed] = queue.SimpleQueue()
+    finished: queue.SimpleQueue[QueryResult | Failed] = queue.SimpleQueue()
     failed = threading.Event()
 
     def work(row_id: Any, prompt: Any) -> None:
@@ -83,7 +77,7 @@ def _pooled(client: SyncClient, rows: Iterable[tuple[Any, Any]], max_workers: in
             finished.put(client.query(row_id, prompt))
         except BaseException as exc:  # an auth / config error ends the run in the caller's thread
             failed.set()
-            finished.put(_Failed(exc))
+            finished.put(Failed(exc))
 
     with client, ThreadPoolExecutor(max_workers, thread_name_prefix="llmq-query") as pool:
         try:
@@ -107,7 +101,7 @@ def _pooled(client: SyncClient, rows: Iterable[tuple[Any, Any]], max_workers: in
                     except queue.Empty:
                         break
                 for outcome in burst:
-                    if isinstance(outcome, _Failed):
+                    if isinstance(outcome, Failed):
                         raise outcome.error
                     unanswered -= 1
                     yield outcome
