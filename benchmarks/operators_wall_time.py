@@ -12,7 +12,7 @@ import os
 import tempfile
 import time
 
-from airflow_provider_llmq.mock_server import MockConfig, MockServerProcess
+from airflow_provider_llmq.testing.mock_server import MockConfig, MockServerProcess
 
 
 def main() -> None:

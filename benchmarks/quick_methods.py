@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # tests.article lives beside the package
     sys.path.insert(0, ROOT)
 
-from airflow_provider_llmq.core.client import AsyncClient, SyncClient, configure  # noqa: E402
+from airflow_provider_llmq.core.client import AsyncClient, SyncClient  # noqa: E402
 from airflow_provider_llmq.core.endpoint import EndpointConfig  # noqa: E402
 from airflow_provider_llmq.core.methods import (  # noqa: E402
     query_async_batches,
@@ -43,8 +43,9 @@ from airflow_provider_llmq.core.methods import (  # noqa: E402
     query_sync,
     query_thread_pool,
 )
+from airflow_provider_llmq.core.options import QueryOptions  # noqa: E402
 from airflow_provider_llmq.core.result import QueryResult  # noqa: E402
-from airflow_provider_llmq.mock_server import MockConfig, MockServerProcess  # noqa: E402
+from airflow_provider_llmq.testing.mock_server import MockConfig, MockServerProcess  # noqa: E402
 
 KEY = "sk-bench-quick-methods"
 DEPLOYMENT = "gpt-bench"
@@ -172,7 +173,7 @@ def bench_article(server: MockServerProcess, n: int, latency_ms: float, c: int) 
 
 def bench_clients(endpoint: EndpointConfig, n: int, c: int) -> list[Row]:
     """Requests/s of one client at concurrency ``c``, 0 ms latency (the server's latency set to 0)."""
-    endpoint, options = configure(endpoint, retry_backoff=0.001)
+    options = QueryOptions(retry_backoff=0.001)
     out: list[Row] = []
 
     rows = prompts(n, "client-sync")

@@ -163,7 +163,7 @@ def prompts_for(scenario: str, method: str, n: int) -> list[tuple[int, str]]:
 
 def score(m: Measurement, rows: list[tuple[int, str]], out: Iterable[tuple[Any, str | None, bool]]) -> None:
     """Correctness columns from ``(row_id, response, is_error)`` as the method delivered them."""
-    from airflow_provider_llmq.mock_server import expected_answer
+    from airflow_provider_llmq.testing.mock_server import expected_answer
 
     expected = {row_id: expected_answer(DEPLOYMENT, SYSTEM_PROMPT, prompt, {}) for row_id, prompt in rows}
     owner = {answer: row_id for row_id, answer in expected.items()}
@@ -728,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.concurrency < 1 or args.rows < 1 or args.latency_ms < 0:
         p.error("--rows and --concurrency must be >= 1, --latency-ms >= 0")
 
-    from airflow_provider_llmq.mock_server import MockConfig, MockServerProcess
+    from airflow_provider_llmq.testing.mock_server import MockConfig, MockServerProcess
 
     info = machine_info()
     scenarios = build_scenarios(args)

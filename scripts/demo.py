@@ -175,7 +175,7 @@ def main() -> int:
     started = time.monotonic()
     wall_start = time.time()
     os.chdir(ROOT)
-    from airflow_provider_llmq.mock_server import MockConfig, MockServerProcess
+    from airflow_provider_llmq.testing.mock_server import MockConfig, MockServerProcess
 
     migrate()
     sample_data()

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import requests
 
-from airflow_provider_llmq.mock_server import (
+from airflow_provider_llmq.testing.mock_server import (
     MockConfig,
     MockServer,
     MockServerProcess,
@@ -411,7 +411,7 @@ def test_server_process_starts_answers_and_stops(tmp_path: Any) -> None:
 
 def test_cli_help() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "airflow_provider_llmq.mock_server", "--help"],
+        [sys.executable, "-m", "airflow_provider_llmq.testing.mock_server", "--help"],
         capture_output=True,
         text=True,
         timeout=30,

@@ -12,7 +12,7 @@ import asyncio
 import json
 import time
 from collections.abc import Generator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -20,10 +20,9 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from airflow_provider_llmq.core.endpoint import EndpointConfig
-from airflow_provider_llmq.core.errors import LLMQueryConfigError
 from airflow_provider_llmq.core.limits import AsyncLimiter, ThreadLimiter, estimate_request_tokens
+from airflow_provider_llmq.core.options import QueryOptions
 from airflow_provider_llmq.core.payload import (
-    DEFAULT_SYSTEM_PROMPT,
     EMPTY_PROMPT,
     RATE_LIMITED,
     Answer,
@@ -57,19 +56,12 @@ _Received = tuple[int, Mapping[str, str], bytes] | BaseException
 
 
 @dataclass(frozen=True)
-class QueryOptions:
-    """What is the same for every row of a run.
+class _RowPolicy:
+    """What one row's attempts follow, derived once per client from :class:`QueryOptions`."""
 
-    :param request: system prompt, model and body params.
-    :param retry: retry policy.
-    :param requests_per_minute: client-side cap on requests, None for none.
-    :param tokens_per_minute: client-side cap on estimated tokens, None for none.
-    """
-
-    request: ChatRequest = field(default_factory=ChatRequest)
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-    requests_per_minute: float | None = None
-    tokens_per_minute: float | None = None
+    request: ChatRequest
+    retry: RetryPolicy
+    count_tokens: bool
 
     def estimated_tokens(self, prompt: str) -> int:
         """What a request reserves against tokens/min before it is sent: prompt + max_tokens."""
@@ -82,14 +74,14 @@ def _is_empty(prompt: object) -> bool:
 
 
 def _attempts(
-    row_id: Any, prompt: Any, options: QueryOptions, limiter: ThreadLimiter | AsyncLimiter
+    row_id: Any, prompt: Any, policy: _RowPolicy, limiter: ThreadLimiter | AsyncLimiter
 ) -> Generator[_Step, _Received | None, QueryResult]:
     if _is_empty(prompt):
         return QueryResult(
             row_id, None, STATUS_ERROR, EMPTY_PROMPT, "prompt is null or empty: no request sent"
         )
-    body = json.dumps(options.request.body(prompt), ensure_ascii=False).encode("utf-8")
-    estimate = options.estimated_tokens(prompt) if options.tokens_per_minute else 0
+    body = json.dumps(policy.request.body(prompt), ensure_ascii=False).encode("utf-8")
+    estimate = policy.estimated_tokens(prompt) if policy.count_tokens else 0
     started = time.monotonic()
     attempts = 0
     while True:
@@ -115,7 +107,7 @@ def _attempts(
                 latency_ms=round((time.monotonic() - started) * 1000, 3),
                 finish_reason=outcome.finish_reason,
             )
-        if not options.retry.should_retry(outcome, attempts):
+        if not policy.retry.should_retry(outcome, attempts):
             return QueryResult(
                 row_id,
                 None,
@@ -126,7 +118,7 @@ def _attempts(
                 attempts=attempts,
                 latency_ms=round((time.monotonic() - started) * 1000, 3),
             )
-        delay = options.retry.delay(outcome, attempts)
+        delay = policy.retry.delay(outcome, attempts)
         if outcome.code == RATE_LIMITED and outcome.retry_after is not None:
             # the server throttles the whole deployment: hold every request of this client
             limiter.pause_for(delay)
@@ -154,7 +146,25 @@ class _SSLContextAdapter(HTTPAdapter):
         conn.ca_cert_dir = None
 
 
-class SyncClient:
+class _Client:
+    """What both clients derive from the endpoint and the options: URL, headers, row policy, limits."""
+
+    def __init__(self, endpoint: EndpointConfig, options: QueryOptions | None) -> None:
+        self.options = options or QueryOptions()
+        self.endpoint = self.options.bind(endpoint)
+        self._policy = _RowPolicy(
+            request=self.options.chat_request(self.endpoint),
+            retry=self.options.retry_policy(),
+            count_tokens=self.options.tokens_per_minute is not None,
+        )
+        self._url = self.endpoint.url()
+        self._headers = self.endpoint.request_headers()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.endpoint!r})"
+
+
+class SyncClient(_Client):
     """A pooled ``requests.Session``, safe to share between threads.
 
     :param endpoint: where to send.
@@ -163,13 +173,10 @@ class SyncClient:
     """
 
     def __init__(self, endpoint: EndpointConfig, options: QueryOptions | None = None, pool_size: int = 32):
-        self.endpoint = endpoint
-        self.options = options or QueryOptions()
+        super().__init__(endpoint, options)
         self.limiter = ThreadLimiter(self.options.requests_per_minute, self.options.tokens_per_minute)
-        self._url = endpoint.url(self.options.request.model)
-        self._headers = endpoint.request_headers()
         self._session = requests.Session()
-        self._session.verify = endpoint.verify
+        self._session.verify = self.endpoint.verify
         self._session.trust_env = False
         adapter_kwargs: dict[str, Any] = {
             "pool_connections": 1,
@@ -177,18 +184,15 @@ class SyncClient:
             "max_retries": 0,
         }
         adapter: HTTPAdapter = (
-            _SSLContextAdapter(endpoint.ssl_context(), **adapter_kwargs)
-            if endpoint.is_tls
+            _SSLContextAdapter(self.endpoint.ssl_context(), **adapter_kwargs)
+            if self.endpoint.is_tls
             else HTTPAdapter(**adapter_kwargs)
         )
         self._session.mount("https://", adapter)
         self._session.mount("http://", adapter)
 
-    def __repr__(self) -> str:
-        return f"SyncClient({self.endpoint!r})"
-
     def query(self, row_id: Any, prompt: Any) -> QueryResult:
-        plan = _attempts(row_id, prompt, self.options, self.limiter)
+        plan = _attempts(row_id, prompt, self._policy, self.limiter)
         received: _Received | None = None
         try:
             while True:
@@ -223,23 +227,17 @@ class SyncClient:
         self.close()
 
 
-class AsyncClient:
+class AsyncClient(_Client):
     """One ``aiohttp.ClientSession`` per event loop, its connector sized to the concurrency.
 
     Use as ``async with AsyncClient(endpoint, options, concurrency) as client``.
     """
 
     def __init__(self, endpoint: EndpointConfig, options: QueryOptions | None = None, concurrency: int = 32):
-        self.endpoint = endpoint
-        self.options = options or QueryOptions()
+        super().__init__(endpoint, options)
         self.limiter = AsyncLimiter(self.options.requests_per_minute, self.options.tokens_per_minute)
-        self._url = endpoint.url(self.options.request.model)
-        self._headers = endpoint.request_headers()
         self._concurrency = max(1, concurrency)
         self._session: aiohttp.ClientSession | None = None
-
-    def __repr__(self) -> str:
-        return f"AsyncClient({self.endpoint!r})"
 
     async def __aenter__(self) -> AsyncClient:
         ssl_arg: Any = None
@@ -267,7 +265,7 @@ class AsyncClient:
             self._session = None
 
     async def query(self, row_id: Any, prompt: Any) -> QueryResult:
-        plan = _attempts(row_id, prompt, self.options, self.limiter)
+        plan = _attempts(row_id, prompt, self._policy, self.limiter)
         received: _Received | None = None
         try:
             while True:
@@ -293,54 +291,4 @@ class AsyncClient:
             return exc
 
 
-def configure(
-    endpoint: EndpointConfig,
-    *,
-    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
-    model: str | None = None,
-    request_params: Mapping[str, Any] | None = None,
-    max_retries: int = 6,
-    request_timeout: float | None = None,
-    max_retry_wait: float = 60.0,
-    retry_backoff: float = 0.5,
-    requests_per_minute: float | None = None,
-    tokens_per_minute: float | None = None,
-) -> tuple[EndpointConfig, QueryOptions]:
-    """The options every query method shares, as an endpoint and :class:`QueryOptions`.
-
-    :param system_prompt: system message sent before each prompt (None: none).
-    :param model: overrides the connection's deployment (Azure, in the URL) or model (OpenAI, body).
-    :param request_params: extra body fields: temperature, max_tokens, response_format, ...
-    :param max_retries: retries per row after the first attempt.
-    :param request_timeout: per-request timeout in seconds; overrides the connection's.
-    :param max_retry_wait: cap in seconds on one server-requested wait (Retry-After).
-    :param retry_backoff: first computed backoff in seconds, doubled per retry up to 16 times it.
-    :param requests_per_minute: client-side requests/min cap, spread evenly; None for none.
-    :param tokens_per_minute: client-side tokens/min cap (estimated prompt + max_tokens); None for none.
-    """
-    for name, value in (
-        ("requests_per_minute", requests_per_minute),
-        ("tokens_per_minute", tokens_per_minute),
-    ):
-        if value is not None and value <= 0:
-            raise LLMQueryConfigError(f"{name} must be positive, got {value!r}")
-    endpoint = endpoint.with_options(model=model, timeout=request_timeout)
-    options = QueryOptions(
-        request=ChatRequest(
-            system_prompt=system_prompt,
-            model=endpoint.body_model() if endpoint.api_type == "openai" else None,
-            params=dict(request_params or {}),
-        ),
-        retry=RetryPolicy(
-            max_retries=max_retries,
-            initial_backoff=retry_backoff,
-            max_backoff=retry_backoff * 16,  # 0.5 s doubling to 8 s, as the openai SDK
-            max_retry_wait=max_retry_wait,
-        ),
-        requests_per_minute=requests_per_minute,
-        tokens_per_minute=tokens_per_minute,
-    )
-    return endpoint, options
-
-
-__all__ = ["AsyncClient", "QueryOptions", "SyncClient", "configure"]
+__all__ = ["AsyncClient", "QueryOptions", "SyncClient"]

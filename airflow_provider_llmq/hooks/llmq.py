@@ -8,9 +8,10 @@ from typing import Any
 
 from airflow.sdk import BaseHook
 
-from airflow_provider_llmq.core.client import AsyncClient, SyncClient, configure
+from airflow_provider_llmq.core.client import AsyncClient, SyncClient
 from airflow_provider_llmq.core.endpoint import API_TYPES, EndpointConfig
 from airflow_provider_llmq.core.errors import LLMQueryAuthError, LLMQueryConfigError, LLMQueryError
+from airflow_provider_llmq.core.options import QueryOptions
 from airflow_provider_llmq.core.payload import DEFAULT_SYSTEM_PROMPT
 from airflow_provider_llmq.core.result import QueryResult
 
@@ -108,14 +109,8 @@ class LLMQueryHook(BaseHook):
         :param max_retries: retries after the first attempt.
         :param request_params: body fields such as ``temperature=0, max_tokens=50``.
         """
-        endpoint, options = configure(
-            self.endpoint,
-            system_prompt=system_prompt,
-            model=model,
-            request_params=request_params,
-            max_retries=max_retries,
-        )
-        with SyncClient(endpoint, options, pool_size=1) as client:
+        options = QueryOptions(system_prompt, model, request_params, max_retries)
+        with SyncClient(self.endpoint, options, pool_size=1) as client:
             return client.query(None, prompt)
 
     async def aquery(
@@ -128,14 +123,8 @@ class LLMQueryHook(BaseHook):
         **request_params: Any,
     ) -> QueryResult:
         """:meth:`query` for async code (deferrable triggers, notebooks); same arguments."""
-        base = await asyncio.to_thread(lambda: self.endpoint)  # the connection lookup may block
-        endpoint, options = configure(
-            base,
-            system_prompt=system_prompt,
-            model=model,
-            request_params=request_params,
-            max_retries=max_retries,
-        )
+        endpoint = await asyncio.to_thread(lambda: self.endpoint)  # the connection lookup may block
+        options = QueryOptions(system_prompt, model, request_params, max_retries)
         async with AsyncClient(endpoint, options, concurrency=1) as client:
             return await client.query(None, prompt)
 

@@ -10,18 +10,19 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_llmq.core.client import AsyncClient, QueryOptions, SyncClient, configure
+from airflow_provider_llmq.core.client import AsyncClient, SyncClient
 from airflow_provider_llmq.core.endpoint import EndpointConfig
 from airflow_provider_llmq.core.errors import LLMQueryAuthError, LLMQueryConfigError
+from airflow_provider_llmq.core.options import QueryOptions
 from airflow_provider_llmq.core.result import QueryResult
-from airflow_provider_llmq.mock_server import expected_answer
+from airflow_provider_llmq.testing.mock_server import expected_answer
 from tests.conftest import DEPLOYMENT, TEST_KEY, make_endpoint
 
 FAST = {"max_retries": 3, "retry_backoff": 0.001, "max_retry_wait": 1.0}
 
 
 def _options(endpoint: EndpointConfig, **kwargs: Any) -> tuple[EndpointConfig, QueryOptions]:
-    return configure(endpoint, **{**FAST, **kwargs})
+    return endpoint, QueryOptions(**{**FAST, **kwargs})
 
 
 def ask(kind: str, endpoint: EndpointConfig, prompts: list[str], **kwargs: Any) -> list[QueryResult]:

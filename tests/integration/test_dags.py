@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_llmq.mock_server import MockConfig, expected_answer, planned_fault
+from airflow_provider_llmq.testing.mock_server import MockConfig, expected_answer, planned_fault
 from tests.conftest import DAGS_FOLDER, DEPLOYMENT, TEST_KEY, llmq_connection_env
 
 REPO_DAGS = Path(__file__).resolve().parents[2] / "dags"

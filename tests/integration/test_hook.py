@@ -12,7 +12,7 @@ import pytest
 
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
 from airflow_provider_llmq.hooks.llmq import LLMQueryHook
-from airflow_provider_llmq.mock_server import expected_answer
+from airflow_provider_llmq.testing.mock_server import expected_answer
 from tests.conftest import DEPLOYMENT, TEST_KEY
 
 

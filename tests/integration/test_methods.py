@@ -26,7 +26,7 @@ from airflow_provider_llmq.core.methods import (
 )
 from airflow_provider_llmq.core.payload import DEFAULT_SYSTEM_PROMPT
 from airflow_provider_llmq.core.result import QueryResult
-from airflow_provider_llmq.mock_server import MockConfig, MockServer, expected_answer, planned_fault
+from airflow_provider_llmq.testing.mock_server import MockConfig, MockServer, expected_answer, planned_fault
 from tests.conftest import DEPLOYMENT, TEST_KEY, make_endpoint
 
 Method = Callable[..., Iterator[QueryResult]]

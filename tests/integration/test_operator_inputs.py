@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 
 from airflow_provider_llmq.core.errors import LLMQueryAuthError, LLMQueryConfigError
-from airflow_provider_llmq.mock_server import expected_answer
 from airflow_provider_llmq.operators.llmq import (
     LLMQueryAsyncBatchOperator,
     LLMQueryFailedRowsError,
@@ -18,6 +17,7 @@ from airflow_provider_llmq.operators.llmq import (
     LLMQueryUDFOperator,
 )
 from airflow_provider_llmq.spark_io import join_results, output_columns
+from airflow_provider_llmq.testing.mock_server import expected_answer
 from tests.conftest import DEPLOYMENT, llmq_connection_env
 
 SYSTEM = "You are a helpful assistant."

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_llmq.mock_server import expected_answer, planned_fault
+from airflow_provider_llmq.testing.mock_server import expected_answer, planned_fault
 from tests.conftest import DEPLOYMENT, TEST_KEY, llmq_connection_env, run_dag_file
 
 OPERATORS = {

@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_llmq.mock_server import expected_answer, planned_fault
 from airflow_provider_llmq.operators.llmq import (
     LLMQueryAsyncBatchOperator,
     LLMQueryRateLimitedOperator,
     LLMQueryThreadPoolOperator,
     LLMQueryUDFOperator,
 )
+from airflow_provider_llmq.testing.mock_server import expected_answer, planned_fault
 from tests.conftest import DEPLOYMENT, llmq_connection_env
 
 pytestmark = pytest.mark.slow

@@ -24,7 +24,7 @@ from airflow_provider_llmq.core.methods import (
     query_thread_pool,
 )
 from airflow_provider_llmq.core.result import QueryResult
-from airflow_provider_llmq.mock_server import MockConfig, MockServer, MockServerProcess
+from airflow_provider_llmq.testing.mock_server import MockConfig, MockServer, MockServerProcess
 from tests.conftest import DEPLOYMENT, TEST_KEY, make_endpoint
 
 pytestmark = pytest.mark.timeout(120)  # a method that hangs fails instead of stalling CI

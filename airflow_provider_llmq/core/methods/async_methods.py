@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import queue
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
-from airflow_provider_llmq.core.client import AsyncClient, configure
+from airflow_provider_llmq.core.client import AsyncClient
 from airflow_provider_llmq.core.endpoint import EndpointConfig
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
-from airflow_provider_llmq.core.methods._failed import Failed
+from airflow_provider_llmq.core.methods._read_ahead import Failed, Item, ReadAhead, drain
+from airflow_provider_llmq.core.options import QueryOptions
 from airflow_provider_llmq.core.result import QueryResult
 
-Item = tuple[Any, Any]
 Emit = Callable[[QueryResult], None]
 Schedule = Callable[[AsyncClient, "asyncio.Queue[Any]", Emit], Awaitable[None]]
 
@@ -52,20 +51,16 @@ def _first_error(exc: BaseException) -> BaseException:
 def _run_in_loop_thread(
     endpoint: EndpointConfig,
     rows: Iterable[Item],
-    options: dict[str, Any],
+    options: QueryOptions,
     concurrency: int,
-    window: int,
     schedule: Schedule,
 ) -> Iterator[QueryResult]:
     """Checks the settings now (a bad option raises at the call), then streams lazily."""
-    endpoint, query_options = configure(endpoint, **options)
-    client = AsyncClient(endpoint, query_options, concurrency=concurrency)  # no loop needed yet
-    return _stream(client, rows, window, schedule)
+    client = AsyncClient(endpoint, options, concurrency=concurrency)  # no loop needed yet
+    return _stream(client, ReadAhead(rows, window=2 * concurrency), schedule)
 
 
-def _stream(
-    client: AsyncClient, rows: Iterable[Item], window: int, schedule: Schedule
-) -> Iterator[QueryResult]:
+def _stream(client: AsyncClient, ahead: ReadAhead, schedule: Schedule) -> Iterator[QueryResult]:
     loop = asyncio.new_event_loop()
     outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()  # bounded by `window` through the caller's count
     started = threading.Event()
@@ -108,37 +103,24 @@ def _stream(
     started.wait()
     stopped = False
     try:
-        source = iter(rows)
-        unanswered = 0
-        exhausted = False
         while True:
-            if not exhausted and unanswered < window:
-                wanted = window - unanswered
-                items: list[Any] = list(itertools.islice(source, wanted))
-                unanswered += len(items)
-                if len(items) < wanted:
-                    exhausted = True
+            if not ahead.exhausted:
+                items: list[Any] = list(ahead.take())
+                if ahead.exhausted:
                     items.append(_END)
                 if items:
                     with contextlib.suppress(RuntimeError):  # the loop already ended: its outbox says why
                         loop.call_soon_threadsafe(feed, items)
-            message = outbox.get()
-            burst = [message]
-            while True:  # take every result that is already there in one wake-up
-                try:
-                    burst.append(outbox.get_nowait())
-                except queue.Empty:
-                    break
-            for message in burst:
+            for message in drain(outbox):
                 if message is _DONE:
                     stopped = True
-                    if unanswered:
-                        raise RuntimeError(f"query loop stopped with {unanswered} rows unanswered")
+                    if ahead.unanswered:
+                        raise RuntimeError(f"query loop stopped with {ahead.unanswered} rows unanswered")
                     return
                 if isinstance(message, Failed):
                     stopped = True  # the loop is ending by itself
                     raise message.error
-                unanswered -= 1
+                ahead.answered()
                 yield message
     finally:
         if not stopped and main_task is not None:
@@ -152,7 +134,8 @@ def query_async_batches(
     rows: Iterable[Item],
     *,
     batch_size: int = 128,
-    **options: Any,
+    options: QueryOptions | None = None,
+    **settings: Any,
 ) -> Iterator[QueryResult]:
     """Method 2: ``batch_size`` requests at a time, like the article's ``asyncio.gather`` batches.
 
@@ -175,7 +158,7 @@ def query_async_batches(
                 batch.append(item)
             await _run_batch(client, batch, emit)
 
-    return _run_in_loop_thread(endpoint, rows, options, batch_size, 2 * batch_size, schedule)
+    return _run_in_loop_thread(endpoint, rows, QueryOptions.of(options, **settings), batch_size, schedule)
 
 
 async def _run_batch(client: AsyncClient, batch: list[Item], emit: Emit) -> None:
@@ -197,7 +180,8 @@ def query_async_limited(
     rows: Iterable[Item],
     *,
     max_concurrency: int = 32,
-    **options: Any,
+    options: QueryOptions | None = None,
+    **settings: Any,
 ) -> Iterator[QueryResult]:
     """Method 3: ``max_concurrency`` workers pulling from a bounded queue, never more in flight.
 
@@ -221,4 +205,6 @@ def query_async_limited(
             for _ in range(max_concurrency):
                 group.create_task(worker())
 
-    return _run_in_loop_thread(endpoint, rows, options, max_concurrency, 2 * max_concurrency, schedule)
+    return _run_in_loop_thread(
+        endpoint, rows, QueryOptions.of(options, **settings), max_concurrency, schedule
+    )

@@ -6,7 +6,7 @@ inside the prompt such as ``[[500x2]]`` or from rates in :class:`MockConfig` (:f
 and it counts what clients do (attempts per prompt, concurrency, rate, keys leaked into URLs).
 
 Run it in-process with :class:`MockServer`, in a child process with :class:`MockServerProcess`, or
-from a shell with ``python -m airflow_provider_llmq.mock_server``.
+from a shell with ``python -m airflow_provider_llmq.testing.mock_server``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``python -m airflow_provider_llmq.mock_server``: serve until SIGTERM / SIGINT.
+"""``python -m airflow_provider_llmq.testing.mock_server``: serve until SIGTERM / SIGINT.
 
 Prints one JSON line ``{"base_url", "ca_path", "port"}`` once listening, so a parent process knows
 where to connect. The key comes from ``--api-key``, else ``LLMQ_MOCK_API_KEY``, else ``"mock-key"``,
@@ -23,7 +23,7 @@ from .runner import start_site
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m airflow_provider_llmq.mock_server",
+        prog="python -m airflow_provider_llmq.testing.mock_server",
         description="Mock OpenAI / Azure OpenAI chat-completions server.",
     )
     p.add_argument("--host", default="127.0.0.1")

@@ -207,7 +207,7 @@ class MockServer(_ServerApi):
 
 
 class MockServerProcess(_ServerApi):
-    """The mock server in a child process (``python -m airflow_provider_llmq.mock_server``).
+    """The mock server in a child process (``python -m airflow_provider_llmq.testing.mock_server``).
 
     The full config travels in the environment (``LLMQ_MOCK_CONFIG``), never on the command line,
     so the key does not show in ``ps``. Stats and config go through the admin HTTP routes.
@@ -248,7 +248,7 @@ class MockServerProcess(_ServerApi):
         cmd = [
             sys.executable,
             "-m",
-            "airflow_provider_llmq.mock_server",
+            "airflow_provider_llmq.testing.mock_server",
             "--host",
             self.host,
             "--port",

@@ -1,0 +1,87 @@
+"""Every request and retry setting of a run, declared once.
+
+An operator, the hook and plain Python all build one frozen :class:`QueryOptions` and hand it to a
+query method or a client; the clients derive the request body and the retry policy from it. A
+new setting is one field here (SynapseML's ``ServiceParam`` idea), not a keyword listed in five
+signatures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from airflow_provider_llmq.core.endpoint import EndpointConfig
+from airflow_provider_llmq.core.errors import LLMQueryConfigError
+from airflow_provider_llmq.core.payload import DEFAULT_SYSTEM_PROMPT, ChatRequest
+from airflow_provider_llmq.core.retry import RetryPolicy
+
+__all__ = ["QueryOptions"]
+
+
+@dataclass(frozen=True)
+class QueryOptions:
+    """What is the same for every row of a run.
+
+    :param system_prompt: system message sent before each prompt (None: none).
+    :param model: overrides the connection's deployment (Azure, in the URL) or model (OpenAI, body).
+    :param request_params: extra body fields: temperature, max_tokens, response_format, ...
+    :param max_retries: retries per row after the first attempt.
+    :param request_timeout: per-request timeout in seconds; None keeps the connection's.
+    :param max_retry_wait: cap in seconds on one server-requested wait (Retry-After).
+    :param retry_backoff: first computed backoff in seconds, doubled per retry up to 16 times it.
+    :param requests_per_minute: client-side requests/min cap, spread evenly; None for none.
+    :param tokens_per_minute: client-side tokens/min cap (estimated prompt + max_tokens); None for none.
+    """
+
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    model: str | None = None
+    request_params: Mapping[str, Any] = field(default_factory=dict)
+    max_retries: int = 6
+    request_timeout: float | None = None
+    max_retry_wait: float = 60.0
+    retry_backoff: float = 0.5
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+
+    def __post_init__(self) -> None:
+        # a private copy: the caller's dict may change after the run started
+        object.__setattr__(self, "request_params", dict(self.request_params or {}))
+        for name in ("requests_per_minute", "tokens_per_minute", "request_timeout"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise LLMQueryConfigError(f"{name} must be positive, got {value!r}")
+        self.retry_policy()  # validates the retry settings now, not at the first failure
+        ChatRequest(params=self.request_params)  # validates the body params now
+
+    @classmethod
+    def of(cls, options: QueryOptions | None = None, **settings: Any) -> QueryOptions:
+        """``options`` with ``settings`` (a query method's keyword arguments) applied on top."""
+        unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise LLMQueryConfigError(f"unknown query option(s) {unknown}")
+        base = options or cls()
+        return dataclasses.replace(base, **settings) if settings else base
+
+    def bind(self, endpoint: EndpointConfig) -> EndpointConfig:
+        """The endpoint with this run's model and timeout applied."""
+        return endpoint.with_options(model=self.model, timeout=self.request_timeout)
+
+    def chat_request(self, endpoint: EndpointConfig) -> ChatRequest:
+        """The body template for ``endpoint`` (OpenAI takes the model in the body, Azure in the URL)."""
+        bound = self.bind(endpoint)
+        return ChatRequest(
+            system_prompt=self.system_prompt,
+            model=bound.body_model() if bound.api_type == "openai" else None,
+            params=self.request_params,
+        )
+
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            max_retries=self.max_retries,
+            initial_backoff=self.retry_backoff,
+            max_backoff=self.retry_backoff * 16,  # 0.5 s doubling to 8 s, as the openai SDK
+            max_retry_wait=self.max_retry_wait,
+        )
