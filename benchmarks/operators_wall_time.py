@@ -25,8 +25,8 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="llmq-bench-ops-")
     os.environ.setdefault("AIRFLOW_HOME", os.path.join(work, "airflow"))
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    from airflow_provider_llmq.hooks.spark_session import get_spark_session
     from airflow_provider_llmq.operators import llmq
-    from airflow_provider_llmq.spark_io import get_spark_session
 
     spark = get_spark_session(None, {"spark.ui.enabled": "false", "spark.sql.shuffle.partitions": "8"})
     spark.sparkContext.setLogLevel("ERROR")

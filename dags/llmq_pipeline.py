@@ -65,8 +65,8 @@ def extract_prompts(source_path: str, prompts_path: str) -> dict[str, Any]:
     """Reviews -> one prompt per review, keyed by ``review_id``, written by path."""
     from pyspark.sql import functions as F
 
+    from airflow_provider_llmq.hooks.spark_session import get_spark_session
     from airflow_provider_llmq.sample_data import ensure_reviews
-    from airflow_provider_llmq.spark_io import get_spark_session
 
     if "://" not in source_path:
         ensure_reviews(source_path)  # the demo data: generated once, deterministically
@@ -90,7 +90,8 @@ def extract_prompts(source_path: str, prompts_path: str) -> dict[str, Any]:
 @task
 def join_answers(prompts_path: str, results_path: str, final_path: str) -> dict[str, Any]:
     """Every prompt row once, with its answer and result columns, written by path."""
-    from airflow_provider_llmq.spark_io import get_spark_session, join_results
+    from airflow_provider_llmq.hooks.spark_session import get_spark_session
+    from airflow_provider_llmq.spark.sink import join_results
 
     spark = get_spark_session(SPARK_CONN_ID, app_name="llmq-join-answers")
     source = spark.read.parquet(prompts_path)

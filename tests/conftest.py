@@ -81,7 +81,7 @@ def airflow_db() -> Path:
 @pytest.fixture(scope="session")
 def spark() -> Iterator[Any]:
     """One local Spark session per test process (starting one costs 7-20 s)."""
-    from airflow_provider_llmq.spark_io import get_spark_session
+    from airflow_provider_llmq.hooks.spark_session import get_spark_session
 
     session = get_spark_session(
         None,

@@ -16,7 +16,8 @@ from airflow_provider_llmq.operators.llmq import (
     LLMQueryThreadPoolOperator,
     LLMQueryUDFOperator,
 )
-from airflow_provider_llmq.spark_io import join_results, output_columns
+from airflow_provider_llmq.spark.schema import output_columns
+from airflow_provider_llmq.spark.sink import join_results
 from airflow_provider_llmq.testing.mock_server import expected_answer
 from tests.conftest import DEPLOYMENT, llmq_connection_env
 

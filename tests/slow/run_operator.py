@@ -12,8 +12,8 @@ import tracemalloc
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
+    from airflow_provider_llmq.hooks.spark_session import get_spark_session
     from airflow_provider_llmq.operators import llmq
-    from airflow_provider_llmq.spark_io import get_spark_session
 
     spark = get_spark_session(
         None,

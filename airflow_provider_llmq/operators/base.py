@@ -1,0 +1,367 @@
+"""The base of the four operators: read prompts with Spark, query every row, write every row back once.
+
+It is Airflow only: arguments, templating and ``execute`` reading as the plan (read -> checkpoint
+-> placement -> write -> summary). The Spark work lives in :mod:`airflow_provider_llmq.spark`;
+each operator differs only in its placement (``_placement``): which core method asks, with which
+scheduling argument, and where it runs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import Asset, BaseOperator
+
+from airflow_provider_llmq.core.errors import LLMQueryConfigError, LLMQueryError
+from airflow_provider_llmq.core.options import QueryOptions
+from airflow_provider_llmq.core.payload import DEFAULT_SYSTEM_PROMPT
+from airflow_provider_llmq.core.progress import Progress
+from airflow_provider_llmq.hooks.llmq import LLMQueryHook
+from airflow_provider_llmq.hooks.spark_session import get_spark_session
+from airflow_provider_llmq.spark.checkpoint import Checkpoint, checkpoint_location
+from airflow_provider_llmq.spark.placements import Placement, Work
+from airflow_provider_llmq.spark.plan import materialize_input, pending_requests, requests_frame
+from airflow_provider_llmq.spark.schema import LLMQ_ROW_ID
+from airflow_provider_llmq.spark.sink import attach_results, write_output
+from airflow_provider_llmq.spark.source import check_one_source, read_source, validate_source
+from airflow_provider_llmq.spark.summary import summarize, timings
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+    from pyspark.sql import DataFrame, SparkSession
+
+    from airflow_provider_llmq.core.endpoint import EndpointConfig
+
+WRITE_MODES = ("overwrite", "append", "ignore", "error", "errorifexists")
+ON_ERROR = ("record", "fail")
+DEFAULT_CHECKPOINT_KEY = "{{ dag.dag_id }}/{{ task.task_id }}/{{ run_id }}"
+
+
+class LLMQueryFailedRowsError(LLMQueryError):
+    """Raised after the output is written when ``on_error="fail"`` or ``max_error_ratio`` is exceeded."""
+
+
+class LLMQueryBaseOperator(BaseOperator):
+    """Reads prompts with Spark, asks the LLM for each row, writes every row back exactly once.
+
+    :param llm_conn_id: the ``llmq`` connection (API base, key, api type, deployment, CA).
+    :param spark_conn_id: a ``spark`` or ``spark_connect`` connection; None runs ``local[*]``.
+    :param spark_conf: extra Spark settings for the session.
+    :param sql: source query (templated); exactly one of ``sql``, ``source_table``, ``source_path``.
+    :param source_table: source table (templated).
+    :param source_path: source path (templated), read with ``source_format``.
+    :param source_format: format of ``source_path`` (parquet, json, csv, ...).
+    :param prompt_col: column holding the prompt (unused with ``prompt_template``).
+    :param id_col: unique id column; None assigns ``llmq_row_id`` once, when the input is materialized.
+    :param prompt_template: builds the prompt from ``{column}`` names of the row.
+    :param system_prompt: system message for every request; None sends none.
+    :param model: overrides the connection's deployment (Azure) / model (OpenAI).
+    :param request_params: body fields: temperature, max_tokens, response_format, ...
+    :param output_table: sink table (templated); one of ``output_table``, ``output_path``.
+    :param output_path: sink path (templated), written with ``output_format``.
+    :param output_format: format of ``output_path``.
+    :param mode: Spark save mode: overwrite, append, ignore, error.
+    :param response_col: name of the answer column.
+    :param include_source_columns: True: every source column plus results; False: id plus results.
+    :param max_retries: retries per request after the first attempt.
+    :param request_timeout: per-request timeout in seconds (overrides the connection's).
+    :param max_retry_wait: cap in seconds on one server-requested wait (Retry-After).
+    :param retry_backoff: first computed backoff in seconds (doubles per retry).
+    :param on_error: "record" keeps going and records errors on rows; "fail" fails the task
+        after the output is written when any row ended in error.
+    :param max_error_ratio: fail the task (after writing) when more than this fraction of rows failed.
+    :param dedupe: send identical prompts once and fan the answer out to every row asking it.
+    :param chunk_size: requests per checkpointed chunk.
+    :param checkpoint_dir: where checkpoints live; default: ``.llmq_checkpoints`` beside the output.
+    :param checkpoint_key: sub-folder of one run's checkpoint (templated); a run given the same
+        key resumes instead of asking again.
+    :param keep_checkpoint: keep the checkpoint after a successful write.
+    :param progress_interval: seconds between progress lines in the log.
+    """
+
+    template_fields: Sequence[str] = (
+        "sql",
+        "source_table",
+        "source_path",
+        "output_table",
+        "output_path",
+        "checkpoint_dir",
+        "checkpoint_key",
+    )  # not prompt_template: Jinja would eat its {{ }} literal braces
+    template_ext: Sequence[str] = (".sql",)
+    template_fields_renderers = {"sql": "sql"}
+    ui_color = "#e8f4fd"
+
+    def __init__(
+        self,
+        *,
+        llm_conn_id: str = LLMQueryHook.default_conn_name,
+        spark_conn_id: str | None = None,
+        spark_conf: dict[str, Any] | None = None,
+        sql: str | None = None,
+        source_table: str | None = None,
+        source_path: str | None = None,
+        source_format: str = "parquet",
+        prompt_col: str = "prompt",
+        id_col: str | None = None,
+        prompt_template: str | None = None,
+        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+        model: str | None = None,
+        request_params: dict[str, Any] | None = None,
+        output_table: str | None = None,
+        output_path: str | None = None,
+        output_format: str = "parquet",
+        mode: str = "overwrite",
+        response_col: str = "response",
+        include_source_columns: bool = True,
+        max_retries: int = 6,
+        request_timeout: float = 60,
+        max_retry_wait: float = 60,
+        retry_backoff: float = 0.5,
+        on_error: str = "record",
+        max_error_ratio: float | None = None,
+        dedupe: bool = True,
+        chunk_size: int = 1000,
+        checkpoint_dir: str | None = None,
+        checkpoint_key: str = DEFAULT_CHECKPOINT_KEY,
+        keep_checkpoint: bool = False,
+        progress_interval: float = 30.0,
+        **kwargs: Any,
+    ) -> None:
+        if not kwargs.get("outlets"):
+            static_output = _static_asset(output_table, output_path)
+            if static_output is not None:
+                kwargs["outlets"] = [static_output]
+        super().__init__(**kwargs)
+        self.llm_conn_id = llm_conn_id
+        self.spark_conn_id = spark_conn_id
+        self.spark_conf = spark_conf
+        self.sql = sql
+        self.source_table = source_table
+        self.source_path = source_path
+        self.source_format = source_format
+        self.prompt_col = prompt_col
+        self.id_col = id_col
+        self.prompt_template = prompt_template
+        self.system_prompt = system_prompt
+        self.model = model
+        self.request_params = request_params
+        self.output_table = output_table
+        self.output_path = output_path
+        self.output_format = output_format
+        self.mode = mode
+        self.response_col = response_col
+        self.include_source_columns = include_source_columns
+        self.max_retries = max_retries
+        self.request_timeout = request_timeout
+        self.max_retry_wait = max_retry_wait
+        self.retry_backoff = retry_backoff
+        self.on_error = on_error
+        self.max_error_ratio = max_error_ratio
+        self.dedupe = dedupe
+        self.chunk_size = chunk_size
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_key = checkpoint_key
+        self.keep_checkpoint = keep_checkpoint
+        self.progress_interval = progress_interval
+
+    @cached_property
+    def hook(self) -> LLMQueryHook:
+        return LLMQueryHook(llm_conn_id=self.llm_conn_id)
+
+    def _placement(self) -> Placement:
+        """Where and how this operator asks: the one thing each operator defines."""
+        raise NotImplementedError
+
+    def _query_options(self) -> QueryOptions:
+        return QueryOptions(
+            system_prompt=self.system_prompt,
+            model=self.model,
+            request_params=self.request_params or {},
+            max_retries=self.max_retries,
+            request_timeout=self.request_timeout,
+            max_retry_wait=self.max_retry_wait,
+            retry_backoff=self.retry_backoff,
+        )
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        started = time.monotonic()
+        self._check_arguments()
+        options, placement = self._query_options(), self._placement()
+        endpoint = options.bind(self.hook.endpoint)
+        spark = get_spark_session(self.spark_conn_id, self.spark_conf, app_name=f"llmq-{self.task_id}")
+        source = self._read_source(spark)
+        checkpoint = Checkpoint(
+            checkpoint_location(spark, self.checkpoint_dir, self.output_path, self.checkpoint_key)
+        )
+        checkpoint.clean_temporaries()
+        materialized, manifest, resumed = materialize_input(
+            spark,
+            source,
+            checkpoint,
+            prompt_col=self.prompt_col,
+            id_col=self.id_col,
+            prompt_template=self.prompt_template,
+            dedupe=self.dedupe,
+            bucket_size=self.chunk_size,
+            fingerprint=self._fingerprint(source, endpoint),
+        )
+        results_before = set(checkpoint.result_names())
+        pending = pending_requests(
+            requests_frame(materialized, manifest.n_buckets), checkpoint.read_results(spark)
+        )
+        to_ask = pending.count() if results_before else manifest.total_requests  # a new run asks all
+        already = manifest.total_requests - to_ask
+        self.log.info(
+            "llmq: %d rows, %d distinct requests, %d to ask (%s), checkpoint %s",
+            manifest.total_rows,
+            manifest.total_requests,
+            to_ask,
+            f"resumed {already} requests from checkpoint" if resumed else "new run",
+            checkpoint.uri,
+        )
+        if resumed:
+            self.log.info("resumed %d rows from checkpoint", already)
+
+        query_started = time.monotonic()
+        if to_ask:
+            work = Work(
+                spark=spark,
+                endpoint=endpoint,
+                options=options,
+                checkpoint=checkpoint,
+                pending=pending,
+                n_buckets=manifest.n_buckets,
+                flush_rows=self.chunk_size,
+                progress=Progress(self.log, to_ask, self.progress_interval),
+            )
+            try:
+                placement.run(work)
+            except LLMQueryError:
+                self._log_interrupted(spark, checkpoint, manifest.total_requests)
+                raise
+        query_seconds = time.monotonic() - query_started
+
+        output = attach_results(
+            materialized,
+            checkpoint.read_results(spark),
+            id_col=self.id_col or LLMQ_ROW_ID,
+            response_col=self.response_col,
+            include_source_columns=self.include_source_columns,
+        )
+        location = self.output_table or self.output_path
+        self.log.info("llmq: writing %d rows to %s (mode %s)", manifest.total_rows, location, self.mode)
+        write_output(
+            output,
+            output_table=self.output_table,
+            output_path=self.output_path,
+            output_format=self.output_format,
+            mode=self.mode,
+        )
+        new_results = [name for name in checkpoint.result_names() if name not in results_before]
+        summary = summarize(output, checkpoint.read_results(spark, new_results) if new_results else None)
+        summary.update(
+            timings(
+                rows=summary["rows"],
+                requests=to_ask,
+                seconds=time.monotonic() - started,
+                query_seconds=query_seconds,
+            ),
+            resumed_requests=already if resumed else 0,
+            output=location,
+            checkpoint=checkpoint.uri,
+        )
+        self.log.info("llmq summary: %s", summary)
+        self._enforce_error_policy(summary)
+        if not self.keep_checkpoint:
+            checkpoint.delete()
+            summary["checkpoint"] = None
+        return summary
+
+    def _read_source(self, spark: SparkSession) -> DataFrame:
+        source = read_source(
+            spark,
+            sql=self.sql,
+            source_table=self.source_table,
+            source_path=self.source_path,
+            source_format=self.source_format,
+        )
+        validate_source(
+            source,
+            prompt_col=self.prompt_col,
+            id_col=self.id_col,
+            prompt_template=self.prompt_template,
+            response_col=self.response_col,
+        )
+        return source
+
+    def _check_arguments(self) -> None:
+        check_one_source(sql=self.sql, source_table=self.source_table, source_path=self.source_path)
+        sinks = [n for n in ("output_table", "output_path") if getattr(self, n)]
+        if len(sinks) != 1:
+            raise LLMQueryConfigError(
+                f"give exactly one sink of output_table, output_path (got {sinks or 'none'})"
+            )
+        if self.mode not in WRITE_MODES:
+            raise LLMQueryConfigError(f"mode must be one of {WRITE_MODES}, got {self.mode!r}")
+        if self.on_error not in ON_ERROR:
+            raise LLMQueryConfigError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
+        if self.max_error_ratio is not None and not 0 <= self.max_error_ratio <= 1:
+            raise LLMQueryConfigError(f"max_error_ratio must be within [0, 1], got {self.max_error_ratio}")
+        if self.chunk_size < 1:
+            raise LLMQueryConfigError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if not self.response_col:
+            raise LLMQueryConfigError("response_col must be a non-empty column name")
+
+    def _fingerprint(self, source: DataFrame, endpoint: EndpointConfig) -> dict[str, Any]:
+        """What the checkpoint's results answer: a resume with anything else is refused."""
+        return {
+            "source": {"sql": self.sql, "table": self.source_table, "path": self.source_path},
+            "source_schema": source.schema.simpleString(),
+            "prompt": self.prompt_template if self.prompt_template is not None else {"col": self.prompt_col},
+            "id_col": self.id_col,
+            "system_prompt": self.system_prompt,
+            "model": endpoint.model,
+            "api_base": endpoint.api_base,
+            "request_params": dict(self.request_params or {}),
+            "dedupe": self.dedupe,
+        }
+
+    def _log_interrupted(self, spark: SparkSession, checkpoint: Checkpoint, total: int) -> None:
+        done = checkpoint.read_results(spark).count()
+        self.log.error(
+            "llmq stopped: %d/%d requests are checkpointed in %s; a retry of this task resumes from there",
+            done,
+            total,
+            checkpoint.uri,
+        )
+
+    def _enforce_error_policy(self, summary: dict[str, Any]) -> None:
+        rows, errors = summary["rows"], summary["errors"]
+        if self.on_error == "fail" and errors:
+            raise LLMQueryFailedRowsError(
+                f"{errors} of {rows} rows ended in error {summary['errors_by_code']} and on_error='fail'; "
+                "the output and the checkpoint are written"
+            )
+        if self.max_error_ratio is not None and rows and errors / rows > self.max_error_ratio:
+            raise LLMQueryFailedRowsError(
+                f"{errors} of {rows} rows ended in error ({errors / rows:.1%} > max_error_ratio "
+                f"{self.max_error_ratio:.1%}): {summary['errors_by_code']}"
+            )
+
+
+def _static_asset(output_table: str | None, output_path: str | None) -> Asset | None:
+    target = output_table or output_path
+    if not target or "{{" in target or "{%" in target:
+        return None
+    if output_table:
+        return Asset(name=output_table, uri=f"table://{output_table}")
+    uri = target if "://" in target else "file://" + os.path.abspath(target)
+    return Asset(uri=uri)
+
+
+__all__ = ["LLMQueryBaseOperator", "LLMQueryFailedRowsError"]

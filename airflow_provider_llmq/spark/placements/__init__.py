@@ -1,0 +1,9 @@
+"""Where requests are sent from. A placement takes a :class:`Work` and returns when every pending
+request of it is settled in the checkpoint; a new placement (executors, a Batch API) is one new
+module here."""
+
+from airflow_provider_llmq.spark.placements.base import Placement, Work
+from airflow_provider_llmq.spark.placements.driver import DriverPlacement
+from airflow_provider_llmq.spark.placements.udf import UDFPlacement
+
+__all__ = ["DriverPlacement", "Placement", "UDFPlacement", "Work"]

@@ -1,0 +1,45 @@
+"""What every placement is given, and what it promises."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+    from airflow_provider_llmq.core.endpoint import EndpointConfig
+    from airflow_provider_llmq.core.options import QueryOptions
+    from airflow_provider_llmq.core.progress import Progress
+    from airflow_provider_llmq.spark.checkpoint import Checkpoint
+
+
+@dataclass(frozen=True)
+class Work:
+    """One try's pending requests and where their results go.
+
+    :param spark: the session.
+    :param endpoint: where to send (the connection's endpoint).
+    :param options: the run's request and retry settings.
+    :param checkpoint: where results are settled.
+    :param pending: requests with no settled result (``plan.pending_requests``).
+    :param n_buckets: the hash buckets the requests are spread over.
+    :param flush_rows: results per checkpoint write, at most.
+    :param progress: counts settled requests.
+    """
+
+    spark: SparkSession
+    endpoint: EndpointConfig
+    options: QueryOptions
+    checkpoint: Checkpoint
+    pending: DataFrame
+    n_buckets: int
+    flush_rows: int
+    progress: Progress
+
+
+class Placement(Protocol):
+    def run(self, work: Work) -> None:
+        """Settles every pending request in the checkpoint; an ``LLMQueryError`` ends the run after
+        what was answered is checkpointed."""
+        ...

@@ -1,0 +1,74 @@
+"""Method 1: a Spark UDF asks each row's prompt on the executors, one Spark job per bucket, each
+job's results committed to the checkpoint when it succeeds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from airflow_provider_llmq.core.errors import LLMQueryConfigError, LLMQueryError
+from airflow_provider_llmq.core.methods import sync_client_for
+from airflow_provider_llmq.spark.placements.base import Work
+from airflow_provider_llmq.spark.plan import bucket_of, bucket_sizes
+from airflow_provider_llmq.spark.schema import KEY_COL, PROMPT_COL, RESULT_DDL, result_values
+from airflow_provider_llmq.spark.session import default_parallelism
+
+if TYPE_CHECKING:
+    from airflow_provider_llmq.core.endpoint import EndpointConfig
+    from airflow_provider_llmq.core.options import QueryOptions
+
+
+@dataclass(frozen=True)
+class UDFPlacement:
+    """:param num_partitions: partitions per bucket job (the article's ``repartition(30)``); None
+    keeps Spark's default parallelism."""
+
+    num_partitions: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_partitions is not None and self.num_partitions < 1:
+            raise LLMQueryConfigError(f"num_partitions must be >= 1, got {self.num_partitions}")
+
+    def run(self, work: Work) -> None:
+        from pyspark.sql import functions as F
+
+        ask = _query_udf(work.endpoint, work.options)
+        partitions = self.num_partitions or default_parallelism(work.spark)
+        for bucket, size in sorted(bucket_sizes(work.pending).items()):
+            rows = bucket_of(work.pending, bucket).repartition(partitions)
+            answered = rows.select(KEY_COL, ask(F.col(KEY_COL), F.col(PROMPT_COL)).alias("r"))
+            try:
+                work.checkpoint.write_frame(answered.select(KEY_COL, "r.*"))
+            except Exception as exc:  # a Spark job failure wraps the executor's Python error
+                raise _unwrap_spark_error(exc) from None
+            work.progress.add(size)
+
+
+def _query_udf(endpoint: EndpointConfig, options: QueryOptions) -> Any:
+    """A nondeterministic UDF (so Spark never re-evaluates it for one row) returning every result
+    column as a struct. Each Python worker reuses one pooled client across rows and tasks."""
+    from pyspark.sql import functions as F
+
+    def ask(key: str, prompt: str | None) -> tuple[Any, ...]:
+        return result_values(sync_client_for(endpoint, options).query(key, prompt))
+
+    return F.udf(ask, RESULT_DDL).asNondeterministic()
+
+
+def _unwrap_spark_error(exc: Exception) -> Exception:
+    """An LLMQueryError raised in an executor reaches the driver as a Spark exception: re-raise
+    it as the original class with its message, so auth and config errors read the same."""
+    text = str(exc)
+    for cls in _subclasses(LLMQueryError):
+        marker = f"{cls.__name__}: "
+        if marker in text:
+            message = text.split(marker, 1)[1].splitlines()[0]
+            return cls(message)
+    return exc
+
+
+def _subclasses(cls: type[LLMQueryError]) -> list[type[LLMQueryError]]:
+    found = []
+    for sub in cls.__subclasses__():
+        found += [sub, *_subclasses(sub)]
+    return found

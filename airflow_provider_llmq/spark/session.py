@@ -1,0 +1,40 @@
+"""A Spark session from a master URL or a Spark Connect URL. Which connection names them is the
+hooks' business (``hooks.spark_session``); nothing here knows Airflow."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+
+def build_session(
+    *,
+    master: str | None = None,
+    remote: str | None = None,
+    conf: dict[str, Any] | None = None,
+    app_name: str = "llmq",
+) -> SparkSession:
+    """``remote`` (``sc://host:port``) for Spark Connect, else ``master`` (default ``local[*]``).
+    Only ``conf`` reaches the Spark conf: an LLM key or CA never does."""
+    # Spark's Python workers otherwise run `python3` from PATH, which lacks this venv's packages
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    from pyspark.sql import SparkSession
+
+    builder = SparkSession.builder.appName(app_name)
+    builder = builder.remote(remote) if remote else builder.master(master or "local[*]")
+    for key, value in (conf or {}).items():
+        builder = builder.config(key, str(value))
+    return builder.getOrCreate()
+
+
+def default_parallelism(spark: SparkSession) -> int:
+    """Task slots Spark would use; Spark Connect has no SparkContext, so its conf or 8."""
+    try:
+        return int(spark.sparkContext.defaultParallelism)
+    except Exception:
+        return int(spark.conf.get("spark.default.parallelism", None) or 8)

@@ -1,0 +1,60 @@
+"""The run's counts, taken from what was written, never by evaluating the query plan again."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from airflow_provider_llmq.core.result import STATUS_OK
+from airflow_provider_llmq.spark.schema import (
+    ATTEMPTS_COL,
+    COMPLETION_TOKENS_COL,
+    ERROR_CODE_COL,
+    PROMPT_TOKENS_COL,
+    STATUS_COL,
+)
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame
+
+_SENT = ("requests_sent", "retries", "prompt_tokens", "completion_tokens", "requests_answered")
+
+
+def summarize(output: DataFrame, new_results: DataFrame | None) -> dict[str, Any]:
+    """Rows and errors from the output; requests and tokens from the results this try
+    checkpointed (each request once, however many rows it fanned out to)."""
+    from pyspark.sql import functions as F
+
+    by_status = {
+        (row[STATUS_COL], row[ERROR_CODE_COL]): int(row["n"])
+        for row in output.groupBy(STATUS_COL, ERROR_CODE_COL).agg(F.count(F.lit(1)).alias("n")).collect()
+    }
+    rows = sum(by_status.values())
+    ok = sum(n for (status, _), n in by_status.items() if status == STATUS_OK)
+    errors_by_code = {
+        str(code): n for (status, code), n in sorted(by_status.items(), key=str) if status != STATUS_OK
+    }
+    sent = dict.fromkeys(_SENT, 0)
+    if new_results is not None:
+        totals = new_results.agg(
+            F.sum(ATTEMPTS_COL).alias("requests_sent"),
+            F.sum(F.greatest(F.col(ATTEMPTS_COL) - 1, F.lit(0))).alias("retries"),
+            F.sum(PROMPT_TOKENS_COL).alias("prompt_tokens"),
+            F.sum(COMPLETION_TOKENS_COL).alias("completion_tokens"),
+            F.count(F.lit(1)).alias("requests_answered"),
+        ).first()
+        assert totals is not None
+        sent = {name: int(totals[name] or 0) for name in _SENT}
+    return {"rows": rows, "ok": ok, "errors": rows - ok, "errors_by_code": errors_by_code, **sent}
+
+
+def timings(*, rows: int, requests: int, seconds: float, query_seconds: float) -> dict[str, Any]:
+    """The whole task's time and rate, and the querying phase's alone (without Spark's reading and
+    writing)."""
+    return {
+        "seconds": round(seconds, 3),
+        "rows_per_second": round(rows / seconds, 3) if seconds else None,
+        "query_seconds": round(query_seconds, 3),
+        "query_requests_per_second": round(requests / query_seconds, 3)
+        if requests and query_seconds
+        else None,
+    }
