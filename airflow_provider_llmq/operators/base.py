@@ -8,13 +8,14 @@ scheduling argument, and where it runs.
 
 from __future__ import annotations
 
-import os
+import threading
 import time
-from collections.abc import Sequence
-from functools import cached_property
+import uuid
+from collections.abc import Callable, Sequence
+from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk import Asset, BaseOperator
+from airflow.sdk import BaseOperator
 
 from airflow_provider_llmq.core.errors import LLMQueryConfigError, LLMQueryError
 from airflow_provider_llmq.core.options import QueryOptions
@@ -22,10 +23,17 @@ from airflow_provider_llmq.core.payload import DEFAULT_SYSTEM_PROMPT
 from airflow_provider_llmq.core.progress import Progress
 from airflow_provider_llmq.hooks.llmq import LLMQueryHook
 from airflow_provider_llmq.hooks.spark_session import get_spark_session
+from airflow_provider_llmq.operators.outcome import (
+    LLMQueryConfigFailure,
+    enforce_error_policy,
+    static_asset,
+)
 from airflow_provider_llmq.spark.checkpoint import Checkpoint, checkpoint_location
-from airflow_provider_llmq.spark.placements import Placement, Work
+from airflow_provider_llmq.spark.lease import Lease, Owner
+from airflow_provider_llmq.spark.placements import Placement, PlacementStopped, Work
 from airflow_provider_llmq.spark.plan import materialize_input, pending_requests, requests_frame
 from airflow_provider_llmq.spark.schema import LLMQ_ROW_ID
+from airflow_provider_llmq.spark.session import cancel_tagged_jobs
 from airflow_provider_llmq.spark.sink import attach_results, write_output
 from airflow_provider_llmq.spark.source import check_one_source, read_source, validate_source
 from airflow_provider_llmq.spark.summary import summarize, timings
@@ -38,11 +46,19 @@ if TYPE_CHECKING:
 
 WRITE_MODES = ("overwrite", "append", "ignore", "error", "errorifexists")
 ON_ERROR = ("record", "fail")
-DEFAULT_CHECKPOINT_KEY = "{{ dag.dag_id }}/{{ task.task_id }}/{{ run_id }}"
+# mapped instances (.expand) each get their own checkpoint
+DEFAULT_CHECKPOINT_KEY = (
+    "{{ dag.dag_id }}/{{ task.task_id }}/{{ run_id }}"
+    "{% if ti.map_index is not none and ti.map_index >= 0 %}/map-{{ ti.map_index }}{% endif %}"
+)
 
 
-class LLMQueryFailedRowsError(LLMQueryError):
-    """Raised after the output is written when ``on_error="fail"`` or ``max_error_ratio`` is exceeded."""
+def _owner(context: Context, task_id: str) -> Owner:
+    """This try, as a checkpoint lease owner: the task instance and its try number."""
+    ti = context.get("ti")
+    if ti is None:  # execute() called outside Airflow
+        return Owner(task=task_id)
+    return Owner(task=f"{ti.dag_id}/{ti.task_id}/{ti.run_id}/{ti.map_index}", attempt=int(ti.try_number or 1))
 
 
 class LLMQueryBaseOperator(BaseOperator):
@@ -133,7 +149,7 @@ class LLMQueryBaseOperator(BaseOperator):
         **kwargs: Any,
     ) -> None:
         if not kwargs.get("outlets"):
-            static_output = _static_asset(output_table, output_path)
+            static_output = static_asset(output_table, output_path)
             if static_output is not None:
                 kwargs["outlets"] = [static_output]
         super().__init__(**kwargs)
@@ -189,6 +205,26 @@ class LLMQueryBaseOperator(BaseOperator):
         )
 
     def execute(self, context: Context) -> dict[str, Any]:
+        self._stopping = threading.Event()
+        self._cancel_jobs: Callable[[], None] | None = None
+        try:
+            return self._execute(context)
+        except LLMQueryConfigError as exc:
+            raise LLMQueryConfigFailure(str(exc)) from exc  # no Airflow retry can fix it
+
+    def on_kill(self) -> None:
+        """Stop sending, flush what was answered and cancel this task's Spark jobs; the try fails and
+        its retry asks only what was not answered."""
+        stopping = getattr(self, "_stopping", None)
+        if stopping is not None:
+            stopping.set()
+        cancel = getattr(self, "_cancel_jobs", None)
+        if cancel is not None:
+            # on_kill runs in a signal handler, possibly in the middle of a py4j call on this thread:
+            # a second call from the same thread could deadlock on its pinned connection
+            threading.Thread(target=cancel, name="llmq-cancel", daemon=True).start()
+
+    def _execute(self, context: Context) -> dict[str, Any]:
         started = time.monotonic()
         self._check_arguments()
         options, placement = self._query_options(), self._placement()
@@ -198,6 +234,39 @@ class LLMQueryBaseOperator(BaseOperator):
         checkpoint = Checkpoint(
             checkpoint_location(spark, self.checkpoint_dir, self.output_path, self.checkpoint_key)
         )
+        lease = Lease(checkpoint, _owner(context, self.task_id))
+        taken_over = lease.acquire()
+        if taken_over:
+            self.log.info("llmq: took the checkpoint over: %s", taken_over)
+        tag = f"llmq-{uuid.uuid4().hex}"
+        spark.addTag(tag)
+        self._cancel_jobs = partial(cancel_tagged_jobs, spark, tag)
+        try:
+            summary, asked, query_seconds = self._run(spark, source, checkpoint, endpoint, options, placement)
+        finally:
+            self._cancel_jobs = None
+            spark.removeTag(tag)
+            lease.release()
+        seconds = time.monotonic() - started
+        summary.update(timings(summary["rows"], asked, seconds, query_seconds))
+        self.log.info("llmq summary: %s", summary)
+        enforce_error_policy(summary, self.on_error, self.max_error_ratio)
+        if not self.keep_checkpoint:
+            checkpoint.delete()
+            summary["checkpoint"] = None
+        return summary
+
+    def _run(
+        self,
+        spark: SparkSession,
+        source: DataFrame,
+        checkpoint: Checkpoint,
+        endpoint: EndpointConfig,
+        options: QueryOptions,
+        placement: Placement,
+    ) -> tuple[dict[str, Any], int, float]:
+        """read -> checkpoint -> placement -> write -> summary; returns the summary, the requests
+        this try asked and the seconds it spent asking."""
         checkpoint.clean_temporaries()
         materialized, manifest, resumed = materialize_input(
             spark,
@@ -238,11 +307,12 @@ class LLMQueryBaseOperator(BaseOperator):
                 n_buckets=manifest.n_buckets,
                 flush_rows=self.chunk_size,
                 progress=Progress(self.log, to_ask, self.progress_interval),
+                stop=self._stopping,
             )
             try:
                 placement.run(work)
-            except LLMQueryError:
-                self._log_interrupted(spark, checkpoint, manifest.total_requests)
+            except LLMQueryError as exc:
+                self._log_interrupted(spark, checkpoint, manifest.total_requests, exc)
                 raise
         query_seconds = time.monotonic() - query_started
 
@@ -261,26 +331,14 @@ class LLMQueryBaseOperator(BaseOperator):
             output_path=self.output_path,
             output_format=self.output_format,
             mode=self.mode,
+            checkpoint=checkpoint,
         )
         new_results = [name for name in checkpoint.result_names() if name not in results_before]
         summary = summarize(output, checkpoint.read_results(spark, new_results) if new_results else None)
-        summary.update(
-            timings(
-                rows=summary["rows"],
-                requests=to_ask,
-                seconds=time.monotonic() - started,
-                query_seconds=query_seconds,
-            ),
-            resumed_requests=already if resumed else 0,
-            output=location,
-            checkpoint=checkpoint.uri,
-        )
-        self.log.info("llmq summary: %s", summary)
-        self._enforce_error_policy(summary)
-        if not self.keep_checkpoint:
-            checkpoint.delete()
-            summary["checkpoint"] = None
-        return summary
+        if self.keep_checkpoint:
+            checkpoint.compact(spark)
+        summary.update(resumed_requests=already if resumed else 0, output=location, checkpoint=checkpoint.uri)
+        return summary, to_ask, query_seconds
 
     def _read_source(self, spark: SparkSession) -> DataFrame:
         source = read_source(
@@ -327,11 +385,18 @@ class LLMQueryBaseOperator(BaseOperator):
             "system_prompt": self.system_prompt,
             "model": endpoint.model,
             "api_base": endpoint.api_base,
+            "api_type": endpoint.api_type,
+            "api_version": endpoint.api_version,
             "request_params": dict(self.request_params or {}),
             "dedupe": self.dedupe,
         }
 
-    def _log_interrupted(self, spark: SparkSession, checkpoint: Checkpoint, total: int) -> None:
+    def _log_interrupted(
+        self, spark: SparkSession, checkpoint: Checkpoint, total: int, error: LLMQueryError
+    ) -> None:
+        if isinstance(error, PlacementStopped):  # being killed: no time for a Spark job to count
+            self.log.error("llmq stopped (%s); a retry of this task resumes from %s", error, checkpoint.uri)
+            return
         done = checkpoint.read_results(spark).count()
         self.log.error(
             "llmq stopped: %d/%d requests are checkpointed in %s; a retry of this task resumes from there",
@@ -340,28 +405,5 @@ class LLMQueryBaseOperator(BaseOperator):
             checkpoint.uri,
         )
 
-    def _enforce_error_policy(self, summary: dict[str, Any]) -> None:
-        rows, errors = summary["rows"], summary["errors"]
-        if self.on_error == "fail" and errors:
-            raise LLMQueryFailedRowsError(
-                f"{errors} of {rows} rows ended in error {summary['errors_by_code']} and on_error='fail'; "
-                "the output and the checkpoint are written"
-            )
-        if self.max_error_ratio is not None and rows and errors / rows > self.max_error_ratio:
-            raise LLMQueryFailedRowsError(
-                f"{errors} of {rows} rows ended in error ({errors / rows:.1%} > max_error_ratio "
-                f"{self.max_error_ratio:.1%}): {summary['errors_by_code']}"
-            )
 
-
-def _static_asset(output_table: str | None, output_path: str | None) -> Asset | None:
-    target = output_table or output_path
-    if not target or "{{" in target or "{%" in target:
-        return None
-    if output_table:
-        return Asset(name=output_table, uri=f"table://{output_table}")
-    uri = target if "://" in target else "file://" + os.path.abspath(target)
-    return Asset(uri=uri)
-
-
-__all__ = ["LLMQueryBaseOperator", "LLMQueryFailedRowsError"]
+__all__ = ["LLMQueryBaseOperator"]

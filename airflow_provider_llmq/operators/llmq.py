@@ -6,7 +6,8 @@ from functools import partial
 from typing import Any
 
 from airflow_provider_llmq.core.methods import query_async_batches, query_async_limited, query_thread_pool
-from airflow_provider_llmq.operators.base import LLMQueryBaseOperator, LLMQueryFailedRowsError
+from airflow_provider_llmq.operators.base import LLMQueryBaseOperator
+from airflow_provider_llmq.operators.outcome import LLMQueryConfigFailure, LLMQueryFailedRowsError
 from airflow_provider_llmq.spark.placements import DriverPlacement, Placement, UDFPlacement
 
 
@@ -94,6 +95,7 @@ class LLMQueryUDFOperator(LLMQueryBaseOperator):
 __all__ = [
     "LLMQueryAsyncBatchOperator",
     "LLMQueryBaseOperator",
+    "LLMQueryConfigFailure",
     "LLMQueryFailedRowsError",
     "LLMQueryRateLimitedOperator",
     "LLMQueryThreadPoolOperator",

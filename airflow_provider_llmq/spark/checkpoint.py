@@ -49,6 +49,8 @@ WRITTEN_COL = "__llmq_written_ns"  # when a result was checkpointed: the newest 
 CHECKPOINT_DDL = f"`{KEY_COL}` string, {RESULT_DDL}, `{WRITTEN_COL}` bigint"
 _ARROW_SCHEMA = pa.schema([(KEY_COL, pa.string()), *RESULT_ARROW_FIELDS, (WRITTEN_COL, pa.int64())])
 _TMP = "_tmp-"
+MANIFEST = "manifest.json"
+OUTPUT_RECORD = "output.json"  # what this run wrote to the sink, so that a retry can replace it
 _DONE = ".done"
 
 
@@ -128,18 +130,32 @@ class Checkpoint:
             stream.write(payload)
         self.fs.move(tmp, self._path(*parts))
 
+    def read_json(self, name: str) -> Any:
+        """A small JSON record beside the results (manifest, lease, output record); None if absent."""
+        try:
+            with self.fs.open_input_stream(self._path(name)) as stream:
+                return json.loads(stream.read())
+        except FileNotFoundError:
+            return None
+
+    def write_json(self, name: str, data: Any) -> None:
+        self._write_file([name], json.dumps(data, indent=2, sort_keys=True, default=str).encode())
+
+    def delete_file(self, name: str) -> None:
+        if self._exists(name):
+            self.fs.delete_file(self._path(name))
+
     # --- input and manifest ---------------------------------------------------------------
 
     @property
     def has_input(self) -> bool:
         """The manifest is written after the input is whole: together they are a committed input."""
-        return self._exists("manifest.json") and self._exists("input")
+        return self._exists(MANIFEST) and self._exists("input")
 
     def read_manifest(self) -> Manifest | None:
-        if not self._exists("manifest.json"):
+        data = self.read_json(MANIFEST)
+        if data is None:
             return None
-        with self.fs.open_input_stream(self._path("manifest.json")) as stream:
-            data = json.loads(stream.read())
         n_buckets = data.get("n_buckets", data.get("n_chunks"))  # n_chunks: checkpoints of 0.1.0
         return Manifest(data["fingerprint"], n_buckets, data["total_rows"], data["total_requests"])
 
@@ -151,7 +167,7 @@ class Checkpoint:
             "total_rows": manifest.total_rows,
             "total_requests": manifest.total_requests,
         }
-        self._write_file(["manifest.json"], json.dumps(data, indent=2, sort_keys=True, default=str).encode())
+        self.write_json(MANIFEST, data)
 
     # --- results ---------------------------------------------------------------------------
 
@@ -185,6 +201,27 @@ class Checkpoint:
         self._write_file(["results", name + _DONE], b"")
         return name
 
+    def compact(self, spark: SparkSession) -> None:
+        """Rewrites the settled results as one result file, once a run is complete, so that a kept
+        checkpoint is not thousands of small files. The new file is committed before the old ones go,
+        and a key read twice meanwhile is still one result."""
+        names = self.result_names()
+        if len(names) <= 1:
+            return
+        name = _unique_name("spark")
+        self.read_results(spark, names).coalesce(1).write.parquet(f"{self.results_uri}/{name}")
+        self._write_file(["results", name + _DONE], b"")
+        for old in names:
+            self._delete_result(old)
+
+    def _delete_result(self, name: str) -> None:
+        path = self._path("results", name)
+        if self.fs.get_file_info(path).type == pafs.FileType.Directory:
+            self.delete_file(f"results/{name}{_DONE}")  # uncommit first, then remove
+            self.fs.delete_dir(path)
+        else:
+            self.fs.delete_file(path)
+
     def clean_temporaries(self) -> None:
         """What a killed try left half-written: never read, removed before a resume."""
         if not self._exists("results"):
@@ -205,6 +242,14 @@ class Checkpoint:
     def delete(self) -> None:
         if self._exists():
             self.fs.delete_dir(self.root)
+
+    def reset(self) -> None:
+        """Everything a run derived from its input, before it is materialized again; the lease stays."""
+        for folder in ("input", "results"):
+            if self._exists(folder):
+                self.fs.delete_dir(self._path(folder))
+        for name in (MANIFEST, OUTPUT_RECORD):
+            self.delete_file(name)
 
     def read_results(self, spark: SparkSession, names: Sequence[str] | None = None) -> DataFrame:
         """Every checkpointed result, one row per request key: an ``ok`` answer if the key has one,

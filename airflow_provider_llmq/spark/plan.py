@@ -74,7 +74,7 @@ def materialize_input(
     else:
         key = F.col(f"`{id_name}`").cast("string")
     frame = frame.withColumn(KEY_COL, key)
-    checkpoint.delete()
+    checkpoint.reset()
     frame.write.mode("overwrite").parquet(checkpoint.input_uri)
     materialized = spark.read.parquet(checkpoint.input_uri)
 
@@ -86,7 +86,7 @@ def materialize_input(
     ).first()
     assert counts is not None
     if id_col is not None and (counts["ids"] != counts["rows"] or counts["non_null_ids"] != counts["rows"]):
-        checkpoint.delete()
+        checkpoint.reset()
         raise LLMQueryConfigError(
             f"id_col {id_col!r} must be unique and non-null: {counts['rows']} rows have "
             f"{counts['ids']} distinct non-null ids"

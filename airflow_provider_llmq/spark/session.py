@@ -38,3 +38,8 @@ def default_parallelism(spark: SparkSession) -> int:
         return int(spark.sparkContext.defaultParallelism)
     except Exception:
         return int(spark.conf.get("spark.default.parallelism", None) or 8)
+
+
+def cancel_tagged_jobs(spark: SparkSession, tag: str) -> None:
+    """Cancels the running jobs that carry ``tag`` (``spark.addTag``), classic or Spark Connect."""
+    spark.interruptTag(tag)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import pyarrow.fs as pafs
+
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
 from airflow_provider_llmq.core.result import STATUS_ERROR
-from airflow_provider_llmq.spark.checkpoint import WRITTEN_COL
+from airflow_provider_llmq.spark.checkpoint import OUTPUT_RECORD, WRITTEN_COL, Checkpoint, to_uri
 from airflow_provider_llmq.spark.schema import (
     ERROR_CODE_COL,
     ERROR_COL,
@@ -19,7 +21,7 @@ from airflow_provider_llmq.spark.schema import (
 )
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame
+    from pyspark.sql import DataFrame, SparkSession
 
 
 def attach_results(
@@ -88,11 +90,83 @@ def write_output(
     output_path: str | None,
     output_format: str = "parquet",
     mode: str = "overwrite",
+    checkpoint: Checkpoint | None = None,
 ) -> None:
-    """Writes the sink: a table, or a path in ``output_format``."""
-    writer = frame.write.mode(mode).format(output_format)
+    """Writes the sink: a table, or a path in ``output_format``.
+
+    With a ``checkpoint``, the write is safe when the task is retried: what an earlier try of the
+    run wrote is replaced, never added to. In append mode the files that try appended are removed
+    first, and rows the sink held before the run are untouched; in the other modes a sink the
+    earlier try created is overwritten, so a retry neither fails on nor ignores its own output.
+    """
+    spark = frame.sparkSession
+    previous = checkpoint.read_json(OUTPUT_RECORD) if checkpoint is not None else None
+    folder = _sink_folder(spark, output_table, output_path)
+    existed = spark.catalog.tableExists(output_table) if output_table else _exists(folder)
+    effective = mode
+    if previous and mode == "append":
+        _delete_files(previous.get("files", []))
+        if output_table:
+            spark.catalog.refreshTable(output_table)
+    elif previous and previous.get("created"):
+        effective = "overwrite"
+    before = set(_data_files(folder)) if mode == "append" else set()
+    writer = frame.write.mode(effective).format(output_format)
     if output_table:
         writer.saveAsTable(output_table)
     else:
         assert output_path is not None
         writer.save(output_path)
+    if checkpoint is not None:
+        if mode == "append" and folder is None:
+            folder = _sink_folder(spark, output_table, output_path)  # a table created just now
+        checkpoint.write_json(
+            OUTPUT_RECORD,
+            {
+                "sink": output_table or output_path,
+                "mode": mode,
+                "created": bool(previous["created"]) if previous else not existed,
+                "files": sorted(set(_data_files(folder)) - before) if mode == "append" else [],
+            },
+        )
+
+
+def _sink_folder(spark: SparkSession, output_table: str | None, output_path: str | None) -> str | None:
+    """The sink's folder as a URI; None for a table whose location Spark does not report."""
+    if output_path:
+        return to_uri(output_path)
+    assert output_table is not None
+    if not spark.catalog.tableExists(output_table):
+        return None
+    for row in spark.sql(f"DESCRIBE TABLE EXTENDED {output_table}").collect():
+        if row[0] == "Location" and row[1]:
+            return to_uri(str(row[1]))
+    return None
+
+
+def _exists(uri: str | None) -> bool:
+    if uri is None:
+        return False
+    fs, path = pafs.FileSystem.from_uri(uri)
+    return bool(fs.get_file_info(path).type != pafs.FileType.NotFound)
+
+
+def _data_files(uri: str | None) -> list[str]:
+    """Every data file under the sink (Spark's ``_SUCCESS`` and hidden files aside), as URIs."""
+    if not _exists(uri):
+        return []
+    assert uri is not None
+    fs, root = pafs.FileSystem.from_uri(uri)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    return [
+        uri + info.path[len(root) :]
+        for info in infos
+        if info.type == pafs.FileType.File and not info.base_name.startswith(("_", "."))
+    ]
+
+
+def _delete_files(uris: list[str]) -> None:
+    for uri in uris:
+        fs, path = pafs.FileSystem.from_uri(uri)
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            fs.delete_file(path)

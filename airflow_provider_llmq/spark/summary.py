@@ -47,7 +47,7 @@ def summarize(output: DataFrame, new_results: DataFrame | None) -> dict[str, Any
     return {"rows": rows, "ok": ok, "errors": rows - ok, "errors_by_code": errors_by_code, **sent}
 
 
-def timings(*, rows: int, requests: int, seconds: float, query_seconds: float) -> dict[str, Any]:
+def timings(rows: int, requests: int, seconds: float, query_seconds: float) -> dict[str, Any]:
     """The whole task's time and rate, and the querying phase's alone (without Spark's reading and
     writing)."""
     return {

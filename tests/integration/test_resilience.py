@@ -67,9 +67,10 @@ def test_airflow_retry_resumes_from_the_checkpoint_and_the_key_leaks_nowhere(
     assert "LLMQueryAuthError" in text and "a retry of this task resumes" in text
     resumed = [int(k) for k in re.findall(r"resumed (\d+) rows from checkpoint", text)]
     assert resumed and resumed[0] >= first_try_answers - chunk_size - concurrency
-    # the first try's result files are still there, beside the retry's
-    chunks = list((out / "checkpoints").rglob("flush-*.parquet"))
-    assert len(chunks) >= resumed[0] // chunk_size + 1
+    # the kept checkpoint holds every answer of both tries, compacted into one committed result file
+    committed = list((out / "checkpoints").rglob("results/spark-*.done"))
+    assert len(committed) == 1 and not list((out / "checkpoints").rglob("flush-*.parquet"))
+    assert spark.read.parquet(str(committed[0])[: -len(".done")]).count() == rows
     stats = server.stats()
     assert stats["auth_failures"] == 1
     # a row answered and checkpointed by the first try is not asked again: beyond one request per

@@ -2,8 +2,8 @@
 request of it is settled in the checkpoint; a new placement (executors, a Batch API) is one new
 module here."""
 
-from airflow_provider_llmq.spark.placements.base import Placement, Work
+from airflow_provider_llmq.spark.placements.base import Placement, PlacementStopped, Work
 from airflow_provider_llmq.spark.placements.driver import DriverPlacement
 from airflow_provider_llmq.spark.placements.udf import UDFPlacement
 
-__all__ = ["DriverPlacement", "Placement", "UDFPlacement", "Work"]
+__all__ = ["DriverPlacement", "Placement", "PlacementStopped", "UDFPlacement", "Work"]

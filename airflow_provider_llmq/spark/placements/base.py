@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
+
+from airflow_provider_llmq.core.errors import LLMQueryError
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -26,6 +29,7 @@ class Work:
     :param n_buckets: the hash buckets the requests are spread over.
     :param flush_rows: results per checkpoint write, at most.
     :param progress: counts settled requests.
+    :param stop: set when the task is being stopped: send nothing more, keep what was answered.
     """
 
     spark: SparkSession
@@ -36,10 +40,15 @@ class Work:
     n_buckets: int
     flush_rows: int
     progress: Progress
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+class PlacementStopped(LLMQueryError):
+    """The run was asked to stop; what was answered is in the checkpoint."""
 
 
 class Placement(Protocol):
     def run(self, work: Work) -> None:
         """Settles every pending request in the checkpoint; an ``LLMQueryError`` ends the run after
-        what was answered is checkpointed."""
+        what was answered is checkpointed (:class:`PlacementStopped` when ``work.stop`` was set)."""
         ...

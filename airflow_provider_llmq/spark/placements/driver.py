@@ -11,11 +11,13 @@ from typing import Any
 from airflow_provider_llmq.core.endpoint import EndpointConfig
 from airflow_provider_llmq.core.options import QueryOptions
 from airflow_provider_llmq.core.result import QueryResult
-from airflow_provider_llmq.spark.placements.base import Work
+from airflow_provider_llmq.spark.placements.base import PlacementStopped, Work
 from airflow_provider_llmq.spark.plan import stream_requests
 
 QueryMethod = Callable[..., Iterator[QueryResult]]
-MAX_FLUSH_SECONDS = 60.0  # a slow endpoint still checkpoints at least this often
+# a slow endpoint still checkpoints this often, so a hard kill (no time to flush) loses at most
+# about this many seconds of answers
+MAX_FLUSH_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -37,15 +39,18 @@ class DriverPlacement:
             for result in stream:
                 batch.append(result)
                 work.progress.add(1)
+                if work.stop.is_set():
+                    raise PlacementStopped(f"stopped with {len(batch)} unflushed answers, now flushed")
                 if len(batch) >= work.flush_rows or time.monotonic() - flushed_at >= MAX_FLUSH_SECONDS:
                     work.checkpoint.flush(batch)
                     batch, flushed_at = [], time.monotonic()
         finally:
-            if batch:  # what was answered before an error is kept for the retry
-                work.checkpoint.flush(batch)
+            # close first: a stop must cut the requests in flight before the flush writes
             close = getattr(stream, "close", None)
             if close is not None:
                 close()
+            if batch:  # what was answered before an error is kept for the retry
+                work.checkpoint.flush(batch)
 
     def _ask(
         self, endpoint: EndpointConfig, rows: Iterable[tuple[Any, Any]], options: QueryOptions

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_provider_llmq.core.errors import LLMQueryConfigError, LLMQueryError
 from airflow_provider_llmq.core.methods import sync_client_for
-from airflow_provider_llmq.spark.placements.base import Work
+from airflow_provider_llmq.spark.placements.base import PlacementStopped, Work
 from airflow_provider_llmq.spark.plan import bucket_of, bucket_sizes
 from airflow_provider_llmq.spark.schema import KEY_COL, PROMPT_COL, RESULT_DDL, result_values
 from airflow_provider_llmq.spark.session import default_parallelism
@@ -35,11 +35,15 @@ class UDFPlacement:
         ask = _query_udf(work.endpoint, work.options)
         partitions = self.num_partitions or default_parallelism(work.spark)
         for bucket, size in sorted(bucket_sizes(work.pending).items()):
+            if work.stop.is_set():
+                raise PlacementStopped("stopped between two bucket jobs")
             rows = bucket_of(work.pending, bucket).repartition(partitions)
             answered = rows.select(KEY_COL, ask(F.col(KEY_COL), F.col(PROMPT_COL)).alias("r"))
             try:
                 work.checkpoint.write_frame(answered.select(KEY_COL, "r.*"))
             except Exception as exc:  # a Spark job failure wraps the executor's Python error
+                if work.stop.is_set():  # the job was cancelled by the stop
+                    raise PlacementStopped("stopped: the running bucket job was cancelled") from None
                 raise _unwrap_spark_error(exc) from None
             work.progress.add(size)
 

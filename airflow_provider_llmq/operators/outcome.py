@@ -1,0 +1,47 @@
+"""What a run reports back to Airflow: the errors that fail a task, the error policy and the
+output's Asset."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from airflow.sdk import Asset
+from airflow.sdk.exceptions import AirflowFailException
+
+from airflow_provider_llmq.core.errors import LLMQueryConfigError, LLMQueryError
+
+
+class LLMQueryFailedRowsError(LLMQueryError):
+    """Raised after the output is written when ``on_error="fail"`` or ``max_error_ratio`` is exceeded."""
+
+
+class LLMQueryConfigFailure(AirflowFailException, LLMQueryConfigError):
+    """A configuration error (an argument, a column, the endpoint, the CA): it fails the task
+    without using its retries, since no retry can fix it."""
+
+
+def enforce_error_policy(summary: dict[str, Any], on_error: str, max_error_ratio: float | None) -> None:
+    """Fails the task (after the output is written) as ``on_error`` / ``max_error_ratio`` ask."""
+    rows, errors = summary["rows"], summary["errors"]
+    if on_error == "fail" and errors:
+        raise LLMQueryFailedRowsError(
+            f"{errors} of {rows} rows ended in error {summary['errors_by_code']} and on_error='fail'; "
+            "the output and the checkpoint are written"
+        )
+    if max_error_ratio is not None and rows and errors / rows > max_error_ratio:
+        raise LLMQueryFailedRowsError(
+            f"{errors} of {rows} rows ended in error ({errors / rows:.1%} > max_error_ratio "
+            f"{max_error_ratio:.1%}): {summary['errors_by_code']}"
+        )
+
+
+def static_asset(output_table: str | None, output_path: str | None) -> Asset | None:
+    """A static output location as an Asset outlet; None when it is templated per run."""
+    target = output_table or output_path
+    if not target or "{{" in target or "{%" in target:
+        return None
+    if output_table:
+        return Asset(name=output_table, uri=f"table://{output_table}")
+    uri = target if "://" in target else "file://" + os.path.abspath(target)
+    return Asset(uri=uri)
