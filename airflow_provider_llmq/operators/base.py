@@ -33,7 +33,7 @@ from airflow_provider_llmq.spark.lease import Lease, Owner
 from airflow_provider_llmq.spark.placements import Placement, PlacementStopped, Work
 from airflow_provider_llmq.spark.plan import materialize_input, pending_requests, requests_frame
 from airflow_provider_llmq.spark.schema import LLMQ_ROW_ID
-from airflow_provider_llmq.spark.session import cancel_tagged_jobs
+from airflow_provider_llmq.spark.session import cancel_tagged_jobs, require_shared_paths
 from airflow_provider_llmq.spark.sink import attach_results, write_output
 from airflow_provider_llmq.spark.source import check_one_source, read_source, validate_source
 from airflow_provider_llmq.spark.summary import summarize, timings
@@ -230,10 +230,12 @@ class LLMQueryBaseOperator(BaseOperator):
         options, placement = self._query_options(), self._placement()
         endpoint = options.bind(self.hook.endpoint)
         spark = get_spark_session(self.spark_conn_id, self.spark_conf, app_name=f"llmq-{self.task_id}")
-        source = self._read_source(spark)
-        checkpoint = Checkpoint(
-            checkpoint_location(spark, self.checkpoint_dir, self.output_path, self.checkpoint_key)
+        location = checkpoint_location(spark, self.checkpoint_dir, self.output_path, self.checkpoint_key)
+        require_shared_paths(
+            spark, source_path=self.source_path, output_path=self.output_path, checkpoint=location
         )
+        source = self._read_source(spark)
+        checkpoint = Checkpoint(location)
         lease = Lease(checkpoint, _owner(context, self.task_id))
         taken_over = lease.acquire()
         if taken_over:

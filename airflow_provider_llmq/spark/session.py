@@ -43,3 +43,28 @@ def default_parallelism(spark: SparkSession) -> int:
 def cancel_tagged_jobs(spark: SparkSession, tag: str) -> None:
     """Cancels the running jobs that carry ``tag`` (``spark.addTag``), classic or Spark Connect."""
     spark.interruptTag(tag)
+
+
+def spark_master(spark: SparkSession) -> str | None:
+    """The master URL (``local[*]``, ``spark://...``), or None where the session does not say."""
+    try:
+        return str(spark.conf.get("spark.master"))
+    except Exception:  # Spark Connect may not expose the server's master
+        return None
+
+
+def require_shared_paths(spark: SparkSession, **paths: str | None) -> None:
+    """On a cluster, every path must be one that each node can reach: a bare local path is refused."""
+    from airflow_provider_llmq.core.errors import LLMQueryConfigError
+
+    master = spark_master(spark)
+    if master is None or master.startswith("local"):
+        return
+    bare = {name: path for name, path in paths.items() if path and "://" not in path}
+    if bare:
+        name, path = next(iter(bare.items()))
+        raise LLMQueryConfigError(
+            f"{name} {path!r} is a local path, but Spark runs on {master}: its executors cannot reach "
+            "this machine's disk. Give a URI that every node can reach: file:///shared/... on a mount "
+            "they all have, hdfs://..., s3a://... or abfss://..."
+        )

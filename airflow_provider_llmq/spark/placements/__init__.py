@@ -4,6 +4,7 @@ module here."""
 
 from airflow_provider_llmq.spark.placements.base import Placement, PlacementStopped, Work
 from airflow_provider_llmq.spark.placements.driver import DriverPlacement
+from airflow_provider_llmq.spark.placements.executors import ExecutorPlacement
 from airflow_provider_llmq.spark.placements.udf import UDFPlacement
 
-__all__ = ["DriverPlacement", "Placement", "PlacementStopped", "UDFPlacement", "Work"]
+__all__ = ["DriverPlacement", "ExecutorPlacement", "Placement", "PlacementStopped", "UDFPlacement", "Work"]

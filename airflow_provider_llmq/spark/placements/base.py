@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from airflow_provider_llmq.core.errors import LLMQueryError
+from airflow_provider_llmq.core.endpoint import EndpointConfig
+from airflow_provider_llmq.core.errors import LLMQueryConfigError, LLMQueryError
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
-    from airflow_provider_llmq.core.endpoint import EndpointConfig
     from airflow_provider_llmq.core.options import QueryOptions
     from airflow_provider_llmq.core.progress import Progress
     from airflow_provider_llmq.spark.checkpoint import Checkpoint
@@ -52,3 +53,16 @@ class Placement(Protocol):
         """Settles every pending request in the checkpoint; an ``LLMQueryError`` ends the run after
         what was answered is checkpointed (:class:`PlacementStopped` when ``work.stop`` was set)."""
         ...
+
+
+def portable(endpoint: EndpointConfig) -> EndpointConfig:
+    """The endpoint as executors need it: a CA given as a driver-side path travels as its PEM text."""
+    ca = endpoint.ca_cert
+    if not ca or "-----BEGIN" in ca:
+        return endpoint
+    try:
+        with open(ca, encoding="utf-8") as handle:
+            pem = handle.read()
+    except OSError as exc:
+        raise LLMQueryConfigError(f"CA certificate file could not be read: {ca} ({exc.strerror})") from None
+    return dataclasses.replace(endpoint, ca_cert=pem)

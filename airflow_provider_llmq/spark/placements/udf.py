@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_provider_llmq.core.errors import LLMQueryConfigError, LLMQueryError
 from airflow_provider_llmq.core.methods import sync_client_for
-from airflow_provider_llmq.spark.placements.base import PlacementStopped, Work
+from airflow_provider_llmq.spark.placements.base import PlacementStopped, Work, portable
 from airflow_provider_llmq.spark.plan import bucket_of, bucket_sizes
 from airflow_provider_llmq.spark.schema import KEY_COL, PROMPT_COL, RESULT_DDL, result_values
 from airflow_provider_llmq.spark.session import default_parallelism
@@ -18,22 +18,45 @@ if TYPE_CHECKING:
     from airflow_provider_llmq.core.options import QueryOptions
 
 
+_ARROW_CONCURRENCY = "spark.sql.execution.pythonUDF.arrow.concurrency.level"
+
+
 @dataclass(frozen=True)
 class UDFPlacement:
     """:param num_partitions: partitions per bucket job (the article's ``repartition(30)``); None
-    keeps Spark's default parallelism."""
+        keeps Spark's default parallelism.
+    :param requests_per_worker: requests in flight per Python worker. 1 is the article's method;
+        more runs the UDF Arrow-optimized with that many threads per worker (Spark's
+        ``pythonUDF.arrow.concurrency.level``), so a wide cluster is not held to one request per core.
+    """
 
     num_partitions: int | None = None
+    requests_per_worker: int = 1
 
     def __post_init__(self) -> None:
         if self.num_partitions is not None and self.num_partitions < 1:
             raise LLMQueryConfigError(f"num_partitions must be >= 1, got {self.num_partitions}")
+        if self.requests_per_worker < 1:
+            raise LLMQueryConfigError(f"requests_per_worker must be >= 1, got {self.requests_per_worker}")
 
     def run(self, work: Work) -> None:
+        threaded = self.requests_per_worker > 1
+        ask = _query_udf(portable(work.endpoint), work.options, arrow=threaded)
+        partitions = self.num_partitions or default_parallelism(work.spark)
+        previous = work.spark.conf.get(_ARROW_CONCURRENCY, None)
+        if threaded:
+            work.spark.conf.set(_ARROW_CONCURRENCY, str(self.requests_per_worker))
+        try:
+            self._ask_buckets(work, ask, partitions)
+        finally:  # the user's session keeps its own setting
+            if previous is None:
+                work.spark.conf.unset(_ARROW_CONCURRENCY)
+            else:
+                work.spark.conf.set(_ARROW_CONCURRENCY, previous)
+
+    def _ask_buckets(self, work: Work, ask: Any, partitions: int) -> None:
         from pyspark.sql import functions as F
 
-        ask = _query_udf(work.endpoint, work.options)
-        partitions = self.num_partitions or default_parallelism(work.spark)
         for bucket, size in sorted(bucket_sizes(work.pending).items()):
             if work.stop.is_set():
                 raise PlacementStopped("stopped between two bucket jobs")
@@ -44,11 +67,11 @@ class UDFPlacement:
             except Exception as exc:  # a Spark job failure wraps the executor's Python error
                 if work.stop.is_set():  # the job was cancelled by the stop
                     raise PlacementStopped("stopped: the running bucket job was cancelled") from None
-                raise _unwrap_spark_error(exc) from None
+                raise unwrap_spark_error(exc) from None
             work.progress.add(size)
 
 
-def _query_udf(endpoint: EndpointConfig, options: QueryOptions) -> Any:
+def _query_udf(endpoint: EndpointConfig, options: QueryOptions, arrow: bool) -> Any:
     """A nondeterministic UDF (so Spark never re-evaluates it for one row) returning every result
     column as a struct. Each Python worker reuses one pooled client across rows and tasks."""
     from pyspark.sql import functions as F
@@ -56,10 +79,10 @@ def _query_udf(endpoint: EndpointConfig, options: QueryOptions) -> Any:
     def ask(key: str, prompt: str | None) -> tuple[Any, ...]:
         return result_values(sync_client_for(endpoint, options).query(key, prompt))
 
-    return F.udf(ask, RESULT_DDL).asNondeterministic()
+    return F.udf(ask, RESULT_DDL, useArrow=arrow).asNondeterministic()
 
 
-def _unwrap_spark_error(exc: Exception) -> Exception:
+def unwrap_spark_error(exc: Exception) -> Exception:
     """An LLMQueryError raised in an executor reaches the driver as a Spark exception: re-raise
     it as the original class with its message, so auth and config errors read the same."""
     text = str(exc)

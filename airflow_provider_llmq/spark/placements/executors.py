@@ -1,0 +1,132 @@
+"""Methods 2-4 on the executors: each Spark partition runs its own event loop or thread pool
+inside ``mapInArrow``, one Spark job per bucket, each job's results committed to the checkpoint by
+Spark itself (so the checkpoint lives wherever the cluster can write).
+
+The global caps hold across the cluster: a job has at most as many partitions as can run at once,
+and each partition gets an equal share of ``max_concurrency``, ``requests_per_minute`` and
+``tokens_per_minute``, never more than the whole together; with fewer concurrency units than task
+slots, the job has that many partitions of one each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from airflow_provider_llmq.core.errors import LLMQueryConfigError
+from airflow_provider_llmq.spark.placements.base import PlacementStopped, Work, portable
+from airflow_provider_llmq.spark.placements.driver import QueryMethod
+from airflow_provider_llmq.spark.placements.udf import unwrap_spark_error
+from airflow_provider_llmq.spark.plan import bucket_of, bucket_sizes
+from airflow_provider_llmq.spark.schema import KEY_COL, RESULT_ARROW_FIELDS, RESULT_DDL, result_columns
+from airflow_provider_llmq.spark.session import default_parallelism
+
+if TYPE_CHECKING:
+    from airflow_provider_llmq.core.endpoint import EndpointConfig
+    from airflow_provider_llmq.core.options import QueryOptions
+
+_OUTPUT_DDL = f"`{KEY_COL}` string, {RESULT_DDL}"
+_OUTPUT_ARROW = pa.schema([(KEY_COL, pa.string()), *RESULT_ARROW_FIELDS])
+_BATCH_ROWS = 500  # results handed back to Spark per Arrow batch
+
+
+@dataclass(frozen=True)
+class Share:
+    """What one partition may use: ``partitions`` of these together are the global caps."""
+
+    partitions: int
+    concurrency: int
+    requests_per_minute: float | None
+    tokens_per_minute: float | None
+
+
+def share_caps(concurrency: int, options: QueryOptions, slots: int) -> Share:
+    """Splits the global caps between the partitions that can run at once."""
+    if concurrency < 1:
+        raise LLMQueryConfigError(f"the concurrency must be >= 1, got {concurrency}")
+    partitions = max(1, min(slots, concurrency))
+    rpm, tpm = options.requests_per_minute, options.tokens_per_minute
+    return Share(
+        partitions=partitions,
+        concurrency=concurrency // partitions,
+        requests_per_minute=rpm / partitions if rpm else None,
+        tokens_per_minute=tpm / partitions if tpm else None,
+    )
+
+
+@dataclass(frozen=True)
+class ExecutorPlacement:
+    """Runs a core method in every partition of a Spark job.
+
+    :param method: a core method, called as ``method(endpoint, rows, options=..., **{concurrency_arg: n})``.
+    :param concurrency_arg: the method's scheduling argument (``max_concurrency``, ``batch_size``,
+        ``max_workers``).
+    :param concurrency: its global value, shared between the partitions.
+    :param parallelism: task slots, where Spark cannot tell them (Spark Connect); None reads them.
+    """
+
+    method: QueryMethod
+    concurrency_arg: str
+    concurrency: int
+    parallelism: int | None = None
+
+    def run(self, work: Work) -> None:
+        from pyspark.sql import functions as F
+
+        slots = self.parallelism or default_parallelism(work.spark)
+        share = share_caps(self.concurrency, work.options, slots)
+        ask = _partition_asker(
+            self.method,
+            portable(work.endpoint),
+            dataclasses.replace(
+                work.options,
+                requests_per_minute=share.requests_per_minute,
+                tokens_per_minute=share.tokens_per_minute,
+            ),
+            {self.concurrency_arg: share.concurrency},
+        )
+        for bucket, size in sorted(bucket_sizes(work.pending).items()):
+            if work.stop.is_set():
+                raise PlacementStopped("stopped between two bucket jobs")
+            rows = bucket_of(work.pending, bucket).repartition(share.partitions, F.col(KEY_COL))
+            try:
+                work.checkpoint.write_frame(rows.mapInArrow(ask, _OUTPUT_DDL))
+            except Exception as exc:
+                if work.stop.is_set():
+                    raise PlacementStopped("stopped: the running bucket job was cancelled") from None
+                raise unwrap_spark_error(exc) from None
+            work.progress.add(size)
+
+
+def _partition_asker(
+    method: QueryMethod, endpoint: EndpointConfig, options: QueryOptions, scheduling: dict[str, int]
+) -> Any:
+    """What each partition runs: its (key, prompt) rows through the method, results back as Arrow
+    batches. The key travels in this closure, never in Spark conf."""
+
+    def ask(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        rows = (
+            (key, prompt)
+            for batch in batches
+            for key, prompt in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True)
+        )
+        results = method(endpoint, rows, options=options, **scheduling)
+        done = []
+        for result in results:
+            done.append(result)
+            if len(done) >= _BATCH_ROWS:
+                yield _to_batch(done)
+                done = []
+        if done:
+            yield _to_batch(done)
+
+    return ask
+
+
+def _to_batch(results: list[Any]) -> pa.RecordBatch:
+    columns = {KEY_COL: [str(result.row_id) for result in results], **result_columns(results)}
+    return pa.RecordBatch.from_pydict(columns, schema=_OUTPUT_ARROW)
