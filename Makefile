@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 LINT_PATHS := $(wildcard airflow_provider_llmq tests dags benchmarks scripts)
 
-.PHONY: install test test-slow lint demo bench clean
+.PHONY: install test test-slow test-cluster lint demo bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,10 +21,14 @@ lint: install
 	$(PY) -m mypy
 
 test: lint
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not cluster" $(PYTEST_ARGS)
 
 test-slow: install
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+# a Spark standalone master + two workers and a Spark Connect server on 127.0.0.1 (minutes)
+test-cluster: install
+	$(PY) -m pytest -m cluster $(PYTEST_ARGS)
 
 demo: install
 	$(PY) scripts/demo.py

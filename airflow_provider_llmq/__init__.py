@@ -28,7 +28,16 @@ def get_provider_info() -> dict[str, Any]:
         "operators": [
             {
                 "integration-name": "LLM Query",
-                "python-modules": ["airflow_provider_llmq.operators.llmq"],
+                "python-modules": [
+                    "airflow_provider_llmq.operators.llmq",
+                    "airflow_provider_llmq.operators.batch_api",
+                ],
+            }
+        ],
+        "triggers": [
+            {
+                "integration-name": "LLM Query",
+                "python-modules": ["airflow_provider_llmq.triggers.batch_api"],
             }
         ],
         "connection-types": [
@@ -69,7 +78,20 @@ def get_provider_info() -> dict[str, Any]:
                     "timeout": {
                         "label": "Request timeout (s)",
                         "schema": {"type": ["number", "null"], "default": 60},
-                        "description": "Per-request timeout; the operators' request_timeout overrides it.",
+                        "description": "A deadline for the whole request (connect, headers, body); the "
+                        "operators' request_timeout overrides it.",
+                    },
+                    "proxy": {
+                        "label": "Proxy",
+                        "schema": string,
+                        "description": "http(s)://[user:password@]host:port; wins over HTTPS_PROXY and "
+                        "NO_PROXY. Its credentials are masked.",
+                    },
+                    "headers": {
+                        "label": "Extra headers (JSON)",
+                        "schema": string,
+                        "description": 'A JSON object of static headers, e.g. {"Ocp-Apim-Subscription-Key": '
+                        '"..."}; the values are treated as secrets.',
                     },
                 },
                 "ui-field-behaviour": {

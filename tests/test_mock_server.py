@@ -281,6 +281,92 @@ def test_permanent_400_markers(srv: MockServer, http: requests.Session, marker: 
         assert r.json()["error"]["innererror"]["code"] == "ResponsibleAIPolicyViolation"
 
 
+def test_header_markers_replace_the_wait_headers(srv: MockServer, http: requests.Session) -> None:
+    r = azure(srv, http, "h [[429x3]] [[retry-after=0]]")
+    assert r.status_code == 429 and r.headers["Retry-After"] == "0" and "retry-after-ms" not in r.headers
+    r = azure(srv, http, "h2 [[429]] [[retry-after-ms=-250]]")
+    assert r.headers["retry-after-ms"] == "-250" and "Retry-After" not in r.headers
+    r = azure(srv, http, "h3 [[503]] [[retry-after=Wed, 21 Oct 2015 07:28:00 GMT]] [[x-should-retry=false]]")
+    assert r.status_code == 503 and r.headers["Retry-After"] == "Wed, 21 Oct 2015 07:28:00 GMT"
+    assert r.headers["x-should-retry"] == "false"
+    r = azure(srv, http, "h4 [[400x1]] [[x-should-retry=true]]")
+    assert r.status_code == 400 and r.headers["x-should-retry"] == "true"
+    assert azure(srv, http, "h4 [[400x1]] [[x-should-retry=true]]").status_code == 200
+
+
+def test_redirect_quota_and_echo_markers(srv: MockServer, http: requests.Session) -> None:
+    r = http.post(
+        srv.azure_chat_url(DEP),
+        json={"messages": [{"role": "user", "content": "r [[redirect]]"}]},
+        headers={"api-key": KEY},
+        verify=srv.ca_path,
+        allow_redirects=False,
+    )
+    assert r.status_code == 307 and r.headers["Location"].startswith("/")
+    srv.configure(redirect_url="http://127.0.0.1:9/elsewhere")
+    r = http.post(
+        srv.azure_chat_url(DEP),
+        json={"messages": [{"role": "user", "content": "r [[redirect]]"}]},
+        headers={"api-key": KEY},
+        verify=srv.ca_path,
+        allow_redirects=False,
+    )
+    assert r.headers["Location"] == "http://127.0.0.1:9/elsewhere"
+    for _ in range(2):  # permanent
+        r = azure(srv, http, "q [[quota]]")
+        assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota"
+        assert r.json()["error"]["type"] == "insufficient_quota" and "Retry-After" not in r.headers
+    r = http.post(
+        srv.azure_chat_url(DEP),
+        json={"messages": [{"role": "user", "content": "e [[echo:404]]"}]},
+        headers={"api-key": KEY, "X-Sub": "sub-value"},
+        verify=srv.ca_path,
+    )
+    assert r.status_code == 404 and "sub-value" in r.json()["error"]["code"] and KEY in r.text
+
+
+@pytest.mark.parametrize(
+    ("marker", "content", "finish", "extra"),
+    [
+        ("filtered", "", "content_filter", None),
+        ("tool_calls", None, "tool_calls", "tool_calls"),
+        ("refusal", None, "stop", "refusal"),
+        ("length", "", "length", None),
+        ("length_text", "ANSWER", "length", None),
+        ("parts", "PARTS", "stop", None),
+    ],
+)
+def test_200_shape_markers(
+    srv: MockServer, http: requests.Session, marker: str, content: Any, finish: str, extra: str | None
+) -> None:
+    prompt = f"s [[{marker}]]"
+    for _ in range(2):  # every attempt: a client must not retry them
+        r = azure(srv, http, prompt)
+        assert r.status_code == 200
+        choice = r.json()["choices"][0]
+        message = choice["message"]
+        answer = expected_answer(DEP, None, prompt)
+        if content == "ANSWER":
+            assert message["content"] == answer
+        elif content == "PARTS":
+            assert [p["type"] for p in message["content"]] == ["text", "text"]
+            assert "".join(p["text"] for p in message["content"]) == answer
+        else:
+            assert message["content"] == content
+        assert choice["finish_reason"] == finish and r.json()["usage"]["prompt_tokens"] > 0
+        if extra:
+            assert message[extra]
+
+
+def test_drip_marker_trickles_the_normal_answer(srv: MockServer, http: requests.Session) -> None:
+    started = time.monotonic()
+    r = azure(srv, http, "d [[drip:2]]", timeout=0.5)  # every read is quick: no per-read timeout fires
+    elapsed = time.monotonic() - started
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["message"]["content"] == expected_answer(DEP, None, "d [[drip:2]]")
+    assert elapsed >= len(r.content) * 0.002 > 0.5
+
+
 def test_rps_limit_answers_429_with_retry_after_ms(srv: MockServer, http: requests.Session) -> None:
     srv.configure(rps=5)
     responses = [azure(srv, http, f"rps {i}") for i in range(25)]

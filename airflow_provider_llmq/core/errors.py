@@ -13,3 +13,8 @@ class LLMQueryAuthError(LLMQueryError):
 
 class LLMQueryConfigError(LLMQueryError):
     """The endpoint, deployment, TLS set-up or arguments are wrong (404, bad CA, bad option)."""
+
+
+class LLMQueryQuotaError(LLMQueryError):
+    """The account has no quota left (``insufficient_quota``): a billing state, not a rate limit,
+    so every further request of the run would fail the same way."""

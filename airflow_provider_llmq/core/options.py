@@ -9,6 +9,7 @@ signatures.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,15 @@ from airflow_provider_llmq.core.payload import DEFAULT_SYSTEM_PROMPT, ChatReques
 from airflow_provider_llmq.core.retry import RetryPolicy
 
 __all__ = ["QueryOptions"]
+
+_NUMBERS: dict[str, type] = {
+    "max_retries": numbers.Integral,
+    "request_timeout": numbers.Real,
+    "max_retry_wait": numbers.Real,
+    "retry_backoff": numbers.Real,
+    "requests_per_minute": numbers.Real,
+    "tokens_per_minute": numbers.Real,
+}
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,13 @@ class QueryOptions:
     tokens_per_minute: float | None = None
 
     def __post_init__(self) -> None:
+        # a wrong type is a configuration error like a wrong value, never a TypeError deep in a retry
+        if not isinstance(self.request_params or {}, Mapping):
+            raise LLMQueryConfigError("request_params must be a mapping (a dict of body fields)")
+        for name, kinds in _NUMBERS.items():
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+                raise LLMQueryConfigError(f"{name} must be a number, got {type(value).__name__}")
         # a private copy: the caller's dict may change after the run started
         object.__setattr__(self, "request_params", dict(self.request_params or {}))
         for name in ("requests_per_minute", "tokens_per_minute", "request_timeout"):

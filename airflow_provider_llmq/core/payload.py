@@ -8,11 +8,15 @@ an answer means lives here once.
 from __future__ import annotations
 
 import json
+import math
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from email.utils import mktime_tz, parsedate_tz
 from typing import Any
+from urllib.parse import urlsplit
 
-from airflow_provider_llmq.core.errors import LLMQueryAuthError, LLMQueryConfigError
+from airflow_provider_llmq.core.errors import LLMQueryAuthError, LLMQueryConfigError, LLMQueryQuotaError
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -26,8 +30,14 @@ TIMEOUT = "timeout"
 CONNECTION_ERROR = "connection_error"
 BAD_RESPONSE = "bad_response"
 EMPTY_PROMPT = "empty_prompt"
+REFUSAL = "refusal"
+TOOL_CALLS = "tool_calls"
+LENGTH = "length"
+UNEXPECTED_REDIRECT = "unexpected_redirect"
+INSUFFICIENT_QUOTA = "insufficient_quota"
 
-# recorded errors that a later try asks again: the row may well succeed then
+# recorded errors that a later try asks again: the row may well succeed then. Every other code is
+# the answer to that exact request (a filter, a refusal, a redirect) and would come back the same.
 TRANSIENT_ERROR_CODES = frozenset({RATE_LIMITED, SERVER_ERROR, TIMEOUT, CONNECTION_ERROR, BAD_RESPONSE})
 
 _RESERVED_PARAMS = frozenset({"messages", "stream", "n"})
@@ -88,7 +98,10 @@ class Failure:
     message: str
     retryable: bool
     http_status: int | None = None
-    retry_after: float | None = None  # seconds the server asked us to wait
+    retry_after: float | None = None  # seconds the server asked us to wait; None: our own backoff
+    prompt_tokens: int | None = None  # billed even for a 200 that gave no usable answer
+    completion_tokens: int | None = None
+    finish_reason: str | None = None
 
 
 def _error_fields(body: bytes) -> tuple[str | None, str]:
@@ -104,41 +117,79 @@ def _error_fields(body: bytes) -> tuple[str | None, str]:
     inner = error.get("innererror")
     if isinstance(inner, dict) and inner.get("code") == "ResponsibleAIPolicyViolation":
         code = CONTENT_FILTER
-    return (str(code) if code is not None else None), str(error.get("message") or "")[:500]
+    if error.get("type") == INSUFFICIENT_QUOTA:  # OpenAI puts it in type, code or both
+        code = INSUFFICIENT_QUOTA
+    # the code becomes a column the summary groups by: a gateway's essay must not
+    return (str(code)[:100] if code is not None else None), str(error.get("message") or "")[:500]
 
 
 def parse_retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` then ``Retry-After`` (seconds or an HTTP date)."""
+    """Seconds the server asks to wait: ``retry-after-ms``, else ``Retry-After`` (seconds or an
+    HTTP date), as the openai SDK reads them.
+
+    None when there is no usable hint: absent, unparsable, or zero or less (``0``, a negative
+    value, a date in the past). Honouring those would retry at once, every attempt within a few
+    milliseconds; the caller's own backoff with jitter applies instead.
+    """
     lowered = {k.lower(): v for k, v in headers.items()}
-    millis = lowered.get("retry-after-ms")
-    if millis is not None:
+    for name, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = lowered.get(name)
+        if value is None:
+            continue
         try:
-            return max(0.0, float(millis) / 1000.0)
+            seconds = float(value) / divisor
         except ValueError:
-            pass
+            continue
+        if math.isnan(seconds):
+            continue
+        return seconds if seconds > 0 else None
     value = lowered.get("retry-after")
-    if value is None:
+    if not value:
         return None
     try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    from email.utils import parsedate_to_datetime
-
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        parsed = parsedate_tz(value)
+        seconds = float(mktime_tz(parsed) - time.time()) if parsed else 0.0
+    except (TypeError, ValueError, OverflowError):
         return None
-    import time
+    return seconds if seconds > 0 else None
 
-    return max(0.0, when.timestamp() - time.time())
+
+def _should_retry_hint(headers: Mapping[str, str]) -> bool | None:
+    """The non-standard ``x-should-retry`` header the OpenAI API sends; None when absent."""
+    for name, value in headers.items():
+        if name.lower() == "x-should-retry":
+            hint = value.strip().lower()
+            return True if hint == "true" else False if hint == "false" else None
+    return None
 
 
 def classify_response(status: int, headers: Mapping[str, str], body: bytes) -> Answer | Failure:
-    """What an HTTP answer means for the row. Raises for answers no retry can fix (auth, 404)."""
+    """What an HTTP answer means for the row. Raises for answers no retry can fix (auth, 404, quota).
+
+    A server's ``x-should-retry`` overrides whether a row failure is retried, either way, as the
+    openai SDK does; it cannot turn a refused key, a missing deployment, an exhausted quota or a
+    redirect into something worth asking again.
+    """
+    outcome = _classify(status, headers, body)
+    if isinstance(outcome, Failure) and outcome.code != UNEXPECTED_REDIRECT:
+        hint = _should_retry_hint(headers)
+        if hint is not None and hint != outcome.retryable:
+            outcome = replace(outcome, retryable=hint)
+    return outcome
+
+
+def _classify(status: int, headers: Mapping[str, str], body: bytes) -> Answer | Failure:
     if status == 200:
         return _parse_success(body)
+    if 300 <= status < 400:
+        return _redirect(status, headers)
     code, message = _error_fields(body)
+    if code == INSUFFICIENT_QUOTA:
+        raise LLMQueryQuotaError(
+            f"the endpoint reports insufficient_quota (HTTP {status}): the account or subscription "
+            "has no quota or credit left. This is a billing state, not a rate limit: no retry can "
+            "help; top up the account or raise its quota, then run again."
+        )
     if status in (401, 403):
         raise LLMQueryAuthError(
             f"the endpoint refused the credentials (HTTP {status}, {code or 'no code'}): "
@@ -158,7 +209,69 @@ def classify_response(status: int, headers: Mapping[str, str], body: bytes) -> A
         return Failure(SERVER_ERROR, message or f"HTTP {status}", True, status, retry_after)
     if code in (CONTENT_FILTER, CONTEXT_LENGTH):
         return Failure(code, message, False, status)
-    return Failure(code or BAD_REQUEST, message or f"HTTP {status}", False, status)
+    return Failure(code or BAD_REQUEST, message or f"HTTP {status}", False, status, retry_after)
+
+
+def _redirect(status: int, headers: Mapping[str, str]) -> Failure:
+    """Never followed: both HTTP libraries would resend the key header and the prompt to wherever
+    the ``Location`` points, and store that host's answer as the model's."""
+    location = next((v for k, v in headers.items() if k.lower() == "location"), "")
+    target = ""
+    if location:
+        try:
+            host = urlsplit(location).hostname
+        except ValueError:
+            host = None
+        target = f" to {host}" if host else " to a path on the same host"
+    return Failure(
+        UNEXPECTED_REDIRECT,
+        f"the endpoint answered HTTP {status}, a redirect{target}; redirects are not followed "
+        "(check the API base URL)",
+        False,
+        status,
+    )
+
+
+def _content_text(content: object) -> str | None:
+    """The answer text: a string, or the text parts of a list of content parts joined."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = [
+            part["text"]
+            for part in content
+            if isinstance(part, dict)
+            and part.get("type", "text") == "text"
+            and isinstance(part.get("text"), str)
+        ]
+        return "".join(texts)
+    return None
+
+
+def _refusal_text(message: Mapping[str, Any]) -> str | None:
+    refusal = message.get("refusal")
+    if isinstance(refusal, str) and refusal.strip():
+        return refusal
+    content = message.get("content")
+    if isinstance(content, list):  # a refusal may come as a content part of its own
+        parts = [p.get("refusal") for p in content if isinstance(p, dict) and p.get("type") == "refusal"]
+        text = "".join(p for p in parts if isinstance(p, str))
+        return text or None
+    return None
+
+
+def _tool_names(message: Mapping[str, Any]) -> list[str]:
+    names: list[str] = []
+    calls = message.get("tool_calls")
+    if isinstance(calls, list):
+        for call in calls:
+            function = call.get("function") if isinstance(call, dict) else None
+            name = function.get("name") if isinstance(function, dict) else None
+            names.append(str(name) if name else "?")
+    function_call = message.get("function_call")  # the legacy form
+    if isinstance(function_call, dict):
+        names.append(str(function_call.get("name") or "?"))
+    return names
 
 
 def _parse_success(body: bytes) -> Answer | Failure:
@@ -166,23 +279,39 @@ def _parse_success(body: bytes) -> Answer | Failure:
         data = json.loads(body)
         choice = data["choices"][0]
         message = choice.get("message") or {}
-        content = message.get("content")
+        raw_content = message.get("content")
         finish_reason = choice.get("finish_reason")
     except (ValueError, UnicodeDecodeError, KeyError, IndexError, TypeError, AttributeError):
         return Failure(BAD_RESPONSE, "malformed or empty answer (no choices[0].message)", True, 200)
-    if content is None:
-        if finish_reason == CONTENT_FILTER:
-            return Failure(CONTENT_FILTER, "the answer was filtered by the content policy", False, 200)
-        if message.get("refusal"):
-            return Failure("refusal", str(message["refusal"])[:500], False, 200)
-        return Failure(BAD_RESPONSE, "answer has no message content", True, 200)
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-    return Answer(
-        content=str(content),
-        finish_reason=finish_reason,
-        prompt_tokens=_int_or_none(usage.get("prompt_tokens")),
-        completion_tokens=_int_or_none(usage.get("completion_tokens")),
-    )
+    prompt_tokens = _int_or_none(usage.get("prompt_tokens"))
+    completion_tokens = _int_or_none(usage.get("completion_tokens"))
+
+    def failed(code: str, text: str, retryable: bool = False) -> Failure:
+        return Failure(code, text, retryable, 200, None, prompt_tokens, completion_tokens, finish_reason)
+
+    # each of these is the model's deliberate answer to this prompt: asking again pays again for
+    # the same outcome, so none is retried
+    if finish_reason == CONTENT_FILTER:
+        return failed(
+            CONTENT_FILTER, "the answer was filtered by the content policy (finish_reason content_filter)"
+        )
+    refusal = _refusal_text(message)
+    if refusal is not None:
+        return failed(REFUSAL, refusal[:500])
+    content = _content_text(raw_content)
+    tools = _tool_names(message)
+    if not content and (tools or finish_reason in ("tool_calls", "function_call")):
+        return failed(
+            TOOL_CALLS,
+            f"the model asked to call tool(s) {', '.join(tools) or '?'} instead of answering "
+            "(remove tools / tool_choice from request_params, or handle tool calls yourself)",
+        )
+    if not content and finish_reason == LENGTH:
+        return failed(LENGTH, "the answer was cut by max_tokens before any text (finish_reason length)")
+    if content is None:
+        return failed(BAD_RESPONSE, "answer has no message content", retryable=True)
+    return Answer(content, finish_reason, prompt_tokens, completion_tokens)
 
 
 def _int_or_none(value: object) -> int | None:
@@ -200,7 +329,8 @@ def classify_exception(exc: BaseException) -> Failure:
             "(set the connection's ca_cert to the CA that signed it)"
         ) from None
     if _is_timeout(exc):
-        return Failure(TIMEOUT, "request timed out", True)
+        detail = str(exc).strip()
+        return Failure(TIMEOUT, f"request timed out: {detail}"[:300] if detail else "request timed out", True)
     return Failure(CONNECTION_ERROR, text[:300], True)
 
 

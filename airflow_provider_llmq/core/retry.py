@@ -3,7 +3,8 @@
 Follows the openai SDK's rules (retry 408/409/429/5xx and transport errors, read ``retry-after-ms``
 then ``Retry-After``, exponential backoff with jitter) with one difference: a server-requested
 wait is honored up to ``max_retry_wait`` instead of being ignored past 60 s, so a throttled
-deployment is respected while a server asking for hours cannot hang the task.
+deployment is respected while a server asking for hours cannot hang the task. What is retryable
+is decided when an answer is classified (:mod:`payload`); this module only decides how long to wait.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ class RetryPolicy:
 
     def delay(self, failure: Failure, attempts_made: int) -> float:
         """Seconds to wait before attempt ``attempts_made + 1``."""
-        if failure.retry_after is not None:
+        if failure.retry_after is not None and failure.retry_after > 0:
             return min(failure.retry_after, self.max_retry_wait)
+        # no usable server hint (none, zero, negative, a past date): a server answering
+        # "Retry-After: 0" to every client must not get every retry within milliseconds
         backoff = min(self.initial_backoff * 2 ** (attempts_made - 1), self.max_backoff)
         return backoff * (1 - self.jitter * self.rng.random())

@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+from collections.abc import Iterable
 from functools import cached_property
 from typing import Any
 
 from airflow.sdk import BaseHook
+from airflow.sdk.log import mask_secret
 
 from airflow_provider_llmq.core.client import AsyncClient, SyncClient
 from airflow_provider_llmq.core.endpoint import API_TYPES, EndpointConfig
-from airflow_provider_llmq.core.errors import LLMQueryAuthError, LLMQueryConfigError, LLMQueryError
+from airflow_provider_llmq.core.errors import (
+    LLMQueryAuthError,
+    LLMQueryConfigError,
+    LLMQueryError,
+    LLMQueryQuotaError,
+)
 from airflow_provider_llmq.core.options import QueryOptions
 from airflow_provider_llmq.core.payload import DEFAULT_SYSTEM_PROMPT
 from airflow_provider_llmq.core.result import QueryResult
+from airflow_provider_llmq.core.secrets import MIN_SECRET_LENGTH, Scrubber, url_credentials
 
 _FALSE_WORDS = frozenset({"false", "0", "no", "off"})
 
@@ -24,6 +34,29 @@ def _as_bool(value: Any, default: bool = True) -> bool:
     if isinstance(value, str):
         return value.strip().lower() not in _FALSE_WORDS
     return bool(value)
+
+
+def _headers_extra(value: Any, conn_id: str) -> dict[str, str]:
+    """Extra ``headers``: a JSON object, or its text (what a form field or an env variable holds)."""
+    if isinstance(value, str) and value.strip():
+        try:
+            value = json.loads(value)
+        except ValueError:
+            value = None  # not echoed: the text may hold a subscription key
+    if value in (None, ""):
+        return {}
+    if not isinstance(value, dict):
+        raise LLMQueryConfigError(f"connection {conn_id!r}: extra headers must be a JSON object")
+    return {str(k): "" if v is None else str(v) for k, v in value.items()}
+
+
+def _register_secrets(values: Iterable[str]) -> None:
+    """Airflow's masker hides these in every task log line, whoever logs them."""
+    for value in values:
+        if value and len(value.strip()) >= MIN_SECRET_LENGTH:
+            mask_secret(value)
+            if value.strip() != value:
+                mask_secret(value.strip())
 
 
 def _guess_api_type(host: str, extra: dict[str, Any]) -> str:
@@ -38,7 +71,9 @@ class LLMQueryHook(BaseHook):
 
     Credentials and TLS come from the connection only: host (API base URL), password (API key),
     extras ``api_type``, ``api_version``, ``deployment`` / ``model``, ``ca_cert``, ``verify``,
-    ``timeout``, ``headers``.
+    ``timeout``, ``headers`` (values treated as secrets), ``proxy`` (a URL; wins over
+    ``HTTPS_PROXY`` / ``NO_PROXY``). The key, header values and proxy credentials are registered
+    with Airflow's secrets masker and scrubbed from every message this hook returns.
 
     :param llm_conn_id: the ``llmq`` connection to use.
     """
@@ -60,12 +95,28 @@ class LLMQueryHook(BaseHook):
         """The connection as an :class:`EndpointConfig` (what the core methods take)."""
         conn = self.get_connection(self.llm_conn_id)
         extra = conn.extra_dejson
+        headers = _headers_extra(extra.get("headers"), self.llm_conn_id)
+        proxy = extra.get("proxy") or None
+        raw_secrets = [conn.password or "", *headers.values(), *url_credentials(proxy)]
+        _register_secrets(raw_secrets)
+        self._scrubber = Scrubber(raw_secrets)
+        try:
+            endpoint = self._endpoint_from(conn, extra, headers, proxy)
+        except LLMQueryConfigError as exc:
+            raise LLMQueryConfigError(
+                self._scrubber.text(f"connection {self.llm_conn_id!r}: {exc}")
+            ) from None
+        # the environment's proxy credentials too, now that the endpoint has chosen its proxy
+        _register_secrets(endpoint.secrets())
+        self._scrubber = Scrubber([*raw_secrets, *endpoint.secrets()])
+        return endpoint
+
+    def _endpoint_from(
+        self, conn: Any, extra: dict[str, Any], headers: dict[str, str], proxy: str | None
+    ) -> EndpointConfig:
         api_type = str(extra.get("api_type") or _guess_api_type(conn.host or "", extra)).lower()
         if api_type not in API_TYPES:
-            raise LLMQueryConfigError(
-                f"connection {self.llm_conn_id!r}: extra api_type must be one of {API_TYPES}, "
-                f"got {api_type!r}"
-            )
+            raise LLMQueryConfigError(f"extra api_type must be one of {API_TYPES}, got {api_type!r}")
         verify = _as_bool(extra.get("verify"), default=True)
         if not verify:
             self.log.warning(
@@ -74,23 +125,29 @@ class LLMQueryHook(BaseHook):
         host = conn.host or ""
         if conn.port and host and ":" not in host.split("://")[-1]:
             host = f"{host.rstrip('/')}:{conn.port}"
-        headers = extra.get("headers") or {}
-        if not isinstance(headers, dict):
-            raise LLMQueryConfigError(f"connection {self.llm_conn_id!r}: extra headers must be a JSON object")
         try:
-            return EndpointConfig(
-                api_base=host,
-                api_key=conn.password or "",
-                api_type=api_type,  # type: ignore[arg-type]
-                model=extra.get("deployment") or extra.get("model") or None,
-                api_version=extra.get("api_version") or None,
-                ca_cert=extra.get("ca_cert") or None,
-                verify=verify,
-                timeout=float(extra.get("timeout") or 60),
-                headers={str(k): str(v) for k, v in headers.items()},
-            )
-        except LLMQueryConfigError as exc:
-            raise LLMQueryConfigError(f"connection {self.llm_conn_id!r}: {exc}") from None
+            timeout = float(extra.get("timeout") or 60)
+        except (TypeError, ValueError):
+            raise LLMQueryConfigError("extra timeout must be a number of seconds") from None
+        return EndpointConfig(
+            api_base=host,
+            api_key=conn.password or "",
+            api_type=api_type,  # type: ignore[arg-type]
+            model=extra.get("deployment") or extra.get("model") or None,
+            api_version=extra.get("api_version") or None,
+            ca_cert=extra.get("ca_cert") or None,
+            verify=verify,
+            timeout=timeout,
+            headers=headers,
+            proxy=proxy,
+        )
+
+    @property
+    def scrubber(self) -> Scrubber:
+        """Hides the connection's key, header values and proxy credentials in a message."""
+        with contextlib.suppress(LLMQueryError):
+            _ = self.endpoint  # builds the scrubber from the connection's values
+        return getattr(self, "_scrubber", Scrubber())
 
     def query(
         self,
@@ -130,11 +187,17 @@ class LLMQueryHook(BaseHook):
 
     def test_connection(self) -> tuple[bool, str]:
         """One real, cheap request (a 1-token completion), reported as Airflow's (ok, message)."""
+        ok, message = self._test_connection()
+        return ok, self.scrubber.text(message)
+
+    def _test_connection(self) -> tuple[bool, str]:
         try:
             endpoint = self.endpoint
             result = self.query("ping", system_prompt=None, max_retries=0, max_tokens=1)
         except LLMQueryAuthError as exc:
             return False, f"Authentication failed: {exc}"
+        except LLMQueryQuotaError as exc:
+            return False, f"Quota exhausted: {exc}"
         except LLMQueryConfigError as exc:
             return False, str(exc)
         except LLMQueryError as exc:

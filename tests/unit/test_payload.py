@@ -102,8 +102,24 @@ def test_not_found_raises_config_error() -> None:
 def test_retry_after_ms_wins_over_retry_after() -> None:
     assert parse_retry_after({"Retry-After": "7", "retry-after-ms": "250"}) == 0.25
     assert parse_retry_after({"retry-after": "3"}) == 3.0
-    assert parse_retry_after({"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0
     assert parse_retry_after({}) is None
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Retry-After": "0"},
+        {"retry-after-ms": "0"},
+        {"retry-after-ms": "0", "Retry-After": "5"},  # the first header given decides, as in the SDK
+        {"Retry-After": "-3"},
+        {"retry-after-ms": "-250"},
+        {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"},
+        {"Retry-After": "soon"},
+        {"Retry-After": "nan"},
+    ],
+)
+def test_unusable_server_waits_mean_no_hint(headers: dict[str, str]) -> None:
+    assert parse_retry_after(headers) is None
 
 
 def test_certificate_errors_raise_a_clear_config_error() -> None:

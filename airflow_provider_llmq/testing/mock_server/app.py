@@ -18,11 +18,22 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
-from .faults import Fault, MockConfig, expected_answer, jitter_ms, plan, prompt_hash
+from .faults import ANSWER_KINDS, Fault, MockConfig, expected_answer, jitter_ms, plan, prompt_hash
 
 STATE: web.AppKey[MockState] = web.AppKey("llmq_mock_state")
 _JSON = "application/json"
-_STATUS_CODES = {408: "timeout", 409: "conflict", 429: "rate_limit_exceeded"}
+_STATUS_CODES = {400: "invalid_request_error", 408: "timeout", 409: "conflict", 429: "rate_limit_exceeded"}
+_WAIT_HEADERS = ("retry-after", "retry-after-ms")
+_STANDARD_HEADERS = frozenset(
+    {"host", "user-agent", "accept", "accept-encoding", "content-type", "content-length", "connection"}
+)
+_INSUFFICIENT_QUOTA = {
+    "code": "insufficient_quota",
+    "message": "You exceeded your current quota, please check your plan and billing details.",
+    "type": "insufficient_quota",
+    "param": None,
+}
+_REFUSAL = "I'm sorry, but I can't help with that request."
 _CONTENT_FILTER = {
     "code": "content_filter",
     "message": "The response was filtered due to the prompt triggering Azure OpenAI's content management "
@@ -259,8 +270,8 @@ async def _chat(request: web.Request, st: MockState) -> web.StreamResponse:
         delay = cfg.latency_ms + jitter_ms(prompt, cfg) + extra_ms
         if delay > 0:
             await asyncio.sleep(delay / 1000)
-        if fault is not None:
-            return _fault_response(fault)
+        if fault is not None and fault.kind not in ANSWER_KINDS:
+            return _fault_response(fault, cfg, request)
 
         system_prompt = _content_text(system.get("content")) if system else None
         params = {k: v for k, v in body.items() if k not in ("messages", "model", "stream")}
@@ -271,38 +282,84 @@ async def _chat(request: web.Request, st: MockState) -> web.StreamResponse:
         st.completion_tokens_total += c_tok
         st.ok_per_window[int(time.monotonic())] += 1
         st.auth_fail_ok += 1
-        return web.Response(
-            body=json.dumps(
+        message: dict[str, Any] = {"role": "assistant", "content": answer}
+        finish_reason = "stop"
+        kind = fault.kind if fault is not None else None
+        if kind == "filtered":
+            message["content"], finish_reason = "", "content_filter"
+        elif kind == "tool_calls":
+            message["content"], finish_reason = None, "tool_calls"
+            message["tool_calls"] = [
                 {
-                    "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-                    "object": "chat.completion",
-                    "created": int(time.time()),
-                    "model": model,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": {"role": "assistant", "content": answer},
-                            "finish_reason": "stop",
-                        }
-                    ],
-                    "usage": {
-                        "prompt_tokens": p_tok,
-                        "completion_tokens": c_tok,
-                        "total_tokens": p_tok + c_tok,
-                    },
+                    "id": "call_mock",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
                 }
-            ),
-            content_type=_JSON,
-        )
+            ]
+        elif kind == "refusal":
+            message["content"], message["refusal"] = None, _REFUSAL
+        elif kind == "length":
+            message["content"], finish_reason = "", "length"
+        elif kind == "length_text":
+            finish_reason = "length"
+        elif kind == "parts":
+            half = len(answer) // 2
+            message["content"] = [
+                {"type": "text", "text": answer[:half]},
+                {"type": "text", "text": answer[half:]},
+            ]
+        payload = json.dumps(
+            {
+                "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
+                "usage": {
+                    "prompt_tokens": p_tok,
+                    "completion_tokens": c_tok,
+                    "total_tokens": p_tok + c_tok,
+                },
+            }
+        ).encode()
+        if fault is not None and fault.kind == "drip":
+            return await _drip(request, payload, fault.drip_ms or 0)
+        return web.Response(body=payload, content_type=_JSON)
     finally:
         st.in_flight -= 1
+
+
+async def _drip(request: web.Request, payload: bytes, ms_per_byte: int) -> web.StreamResponse:
+    """Headers at once, then the body one byte every ``ms_per_byte``: a client whose timeout only
+    bounds each socket read never gives up on it."""
+    response = web.StreamResponse(headers={"Content-Type": _JSON, "Content-Length": str(len(payload))})
+    await response.prepare(request)
+    try:
+        for i in range(len(payload)):
+            await response.write(payload[i : i + 1])
+            await asyncio.sleep(ms_per_byte / 1000)
+        await response.write_eof()
+    except (ConnectionError, RuntimeError):
+        pass  # the client gave up, as it should
+    return response
 
 
 class _Reset(Exception):
     """Raised by a ``reset`` fault; ``chat`` aborts the connection instead of answering."""
 
 
-def _fault_response(fault: Fault) -> web.Response:
+def _fault_response(fault: Fault, cfg: MockConfig, request: web.Request) -> web.Response:
+    response = _fault_answer(fault, cfg, request)
+    if fault.headers:
+        if any(name in _WAIT_HEADERS for name, _ in fault.headers):
+            for name in _WAIT_HEADERS:
+                response.headers.popall(name, None)
+        for name, value in fault.headers:
+            response.headers[name] = value
+    return response
+
+
+def _fault_answer(fault: Fault, cfg: MockConfig, request: web.Request) -> web.Response:
     kind = fault.kind
     if kind == "reset":
         raise _Reset
@@ -317,6 +374,16 @@ def _fault_response(fault: Fault) -> web.Response:
         return web.Response(status=400, body=json.dumps({"error": _CONTENT_FILTER}), content_type=_JSON)
     if kind == "context_length":
         return web.Response(status=400, body=json.dumps({"error": _CONTEXT_LENGTH}), content_type=_JSON)
+    if kind == "quota":
+        return web.Response(status=429, body=json.dumps({"error": _INSUFFICIENT_QUOTA}), content_type=_JSON)
+    if kind == "echo":
+        # as some gateways do: an error that quotes the request's headers, secrets included
+        quoted = str(dict(request.headers))
+        own = ",".join(v for k, v in request.headers.items() if k.lower() not in _STANDARD_HEADERS)
+        return _error(fault.status or 400, f"rejected:{own}", f"Rejected request with headers {quoted}")
+    if kind == "redirect":
+        location = cfg.redirect_url or "/redirected/chat/completions"
+        return web.Response(status=307, headers={"Location": location})
     status = int(kind)
     if status == 429:
         return _rate_limited(fault.retry_after_ms, fault.retry_after_s)

@@ -7,6 +7,7 @@ and an answer that lands on the wrong row or lost its system prompt is caught by
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -15,15 +16,34 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 DEFAULT_FAULT_KINDS = ("500", "429", "reset", "malformed")
-#: kinds that fail on every attempt (the API never accepts the prompt), not only on the first ones
-PERMANENT_KINDS = frozenset({"content_filter", "context_length"})
+#: 200 answers of unusual shapes, built around the prompt's normal answer:
+#: ``filtered`` (finish_reason content_filter, empty content), ``tool_calls`` (content null, one
+#: tool call), ``refusal`` (content null, a refusal text), ``length`` (empty content cut by
+#: max_tokens), ``length_text`` (the answer, finish_reason length), ``parts`` (the answer as a list of
+#: text parts), ``drip`` (the normal answer, its body sent one byte every N ms: ``[[drip:500]]``)
+ANSWER_KINDS = frozenset({"filtered", "tool_calls", "refusal", "length", "length_text", "parts", "drip"})
+#: kinds that fail on every attempt (the API never accepts the prompt), not only on the first ones;
+#: ``redirect`` is a 307 to ``MockConfig.redirect_url``, ``quota`` a 429 ``insufficient_quota``,
+#: ``echo`` a 400 (``[[echo:404]]``: that status) whose error code quotes the non-standard request
+#: headers and whose message quotes them all,
+#: header, secrets included, as some gateways do
+PERMANENT_KINDS = frozenset({"content_filter", "context_length", "redirect", "quota", "echo"}) | ANSWER_KINDS
 _NAMED_KINDS = frozenset({"reset", "malformed", "empty"}) | PERMANENT_KINDS
+#: ms per byte of a ``drip`` answer without a value
+DEFAULT_DRIP_MS = 1000
 
 # [[500]] [[500x2]] [[429:ms=300]] [[429:s=86400x99]] [[resetx2]] [[slow:3000]] [[content_filter]]
+# [[redirect]] [[quota]] [[echo]] [[drip:500]] [[tool_calls]] ...
 _MARKER = re.compile(
-    r"\[\[(\d{3}|reset|malformed|empty|slow|content_filter|context_length)"
+    r"\[\[(\d{3}|reset|malformed|empty|slow|content_filter|context_length|redirect|quota|echo|filtered"
+    r"|tool_calls|refusal|length_text|length|parts|drip)"
     r"(?::(?:(ms|s)=)?(\d+))?(?:x(\d+))?\]\]"
 )
+# headers a prompt asks its fault answers to carry, verbatim: [[retry-after=0]],
+# [[retry-after-ms=-250]], [[retry-after=Wed, 21 Oct 2015 07:28:00 GMT]], [[x-should-retry=false]].
+# A retry-after marker replaces the fault's own wait headers (a 429 sends none but those given).
+HEADER_MARKERS = ("retry-after", "retry-after-ms", "x-should-retry")
+_HEADER_MARKER = re.compile(r"\[\[(retry-after-ms|retry-after|x-should-retry)=([^\]]*)\]\]", re.IGNORECASE)
 
 
 @dataclass
@@ -53,6 +73,8 @@ class MockConfig:
     auth_fail: dict[str, int] | None = None
     #: retry-after-ms sent with a ``[[429]]`` marker or a 429 from ``fault_kinds``
     retry_after_ms: int = 200
+    #: where a ``[[redirect]]`` answer points (its ``Location``); None: a path on this server
+    redirect_url: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -95,11 +117,15 @@ class MockConfig:
 
 @dataclass(frozen=True)
 class Fault:
-    """What the server does instead of a normal answer (``kind``), plus the 429 headers to send."""
+    """What the server does instead of a normal answer (``kind``), plus the headers to send:
+    the 429 wait headers, and any the prompt asked for with a header marker."""
 
     kind: str
     retry_after_s: int | None = None
     retry_after_ms: int | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    drip_ms: int | None = None
+    status: int | None = None  # of an ``echo`` answer
 
 
 def prompt_hash(prompt: str) -> str:
@@ -158,7 +184,16 @@ def jitter_ms(prompt: str, config: MockConfig) -> float:
     return config.latency_jitter_ms * ((h >> 64) & 0xFFFF) / 65536.0
 
 
+def header_markers(prompt: str) -> tuple[tuple[str, str], ...]:
+    """The headers a prompt's markers ask its fault answers to carry (names lower-cased)."""
+    return tuple((m.group(1).lower(), m.group(2).strip()) for m in _HEADER_MARKER.finditer(prompt))
+
+
 def _make_fault(kind: str, unit: str | None, value: int | None, config: MockConfig) -> Fault:
+    if kind == "drip":
+        return Fault(kind, drip_ms=value if value is not None else DEFAULT_DRIP_MS)
+    if kind == "echo":
+        return Fault(kind, status=value or 400)
     if kind != "429":
         return Fault(kind)
     if unit == "s" and value is not None:
@@ -196,4 +231,8 @@ def plan(prompt: str, attempt: int, config: MockConfig) -> tuple[float, Fault | 
         and (rate_kind in PERMANENT_KINDS or attempt <= config.fault_attempts)
     ):
         fault = _make_fault(rate_kind, None, None, config)
+    if fault is not None:
+        headers = header_markers(prompt)
+        if headers:
+            fault = dataclasses.replace(fault, headers=headers)
     return delay, fault
