@@ -4,6 +4,8 @@ Azure OpenAI enforces per-minute quotas over 1-10 s windows (RPM/60 per second),
 lets a whole minute's quota out at once draws 429s. :class:`Pacer` is a GCRA (virtual scheduling)
 pacer: a request of cost ``c`` gets the slot ``t = max(now, tat)`` and moves ``tat`` to
 ``t + c * 60 / rate``, so requests leave evenly spaced, never in a burst, and idle time earns no credit.
+(The schedule is kept as reserved *units* on a line, so that a pause or a run-time rate change moves
+the slots already promised along with it.)
 Hand-written, not aiolimiter: ``aiolimiter.AsyncLimiter(rpm, 60)`` lets a whole minute's quota burst
 at once, and it has no thread-safe variant and no token correction.
 
@@ -39,6 +41,8 @@ DEFAULT_MAX_TOKENS = 256
 PROMPT_OVERHEAD_TOKENS = 8
 """Per-request framing (roles, message separators, reply priming) added to the text estimate."""
 _EPSILON = 1e-6  # a remaining wait below this is "now" (avoids float-dust sleeps that never end)
+WAKE_INTERVAL = 0.1
+"""Once a pacer's rate changes at run time, waiters re-check their slot at least this often."""
 
 
 def estimate_prompt_tokens(text: str) -> int:
@@ -61,10 +65,12 @@ def _interval(per_minute: float | None, name: str) -> float:
 
 @dataclass(frozen=True, slots=True)
 class Reservation:
-    """A committed slot: ``slot`` on the pacer's clock, and the pacer's pause shift when it was taken."""
+    """A committed slot: ``slot`` is when it was due when reserved; ``request_unit`` / ``token_unit``
+    are its place on the pacer's two schedules, so a later pause or rate cut moves it along with them."""
 
     slot: float
-    shift: float
+    request_unit: float
+    token_unit: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,12 +87,57 @@ class LimiterStats:
         return self.tokens_reserved + self.tokens_adjustment
 
 
+class _Schedule:
+    """One budget (requests or tokens) as a line: unit ``u`` becomes due at ``t0 + (u - v0) / rate``.
+
+    A reservation keeps its unit, not its time, so moving the line moves every pending slot with it:
+    a pause shifts the line later; a rate change pivots it, re-spacing the pending slots at the new
+    rate. Not thread-safe: the pacer's lock guards it. ``rate is None`` means unlimited.
+    """
+
+    __slots__ = ("next", "rate", "t0", "v0")
+
+    def __init__(self, per_minute: float | None, name: str) -> None:
+        interval = _interval(per_minute, name)
+        self.rate = 1.0 / interval if interval else None  # units per second
+        self.t0 = self.v0 = 0.0
+        self.next = -math.inf  # first unit not yet reserved
+
+    def unit_at(self, t: float) -> float:
+        return -math.inf if self.rate is None else self.v0 + (t - self.t0) * self.rate
+
+    def time_of(self, unit: float) -> float:
+        return -math.inf if self.rate is None else self.t0 + (unit - self.v0) / self.rate
+
+    def shift(self, seconds: float) -> None:
+        self.t0 += seconds
+
+    def set_rate(self, per_minute: float | None, name: str, pivot: float) -> None:
+        """Units due before ``pivot`` keep their times (or come a little later); later ones follow the
+        new rate from ``pivot``: a slower rate re-spaces them later, a faster one earlier."""
+        interval = _interval(per_minute, name)
+        rate = 1.0 / interval if interval else None
+        if rate == self.rate:
+            return
+        if rate is None:
+            self.rate = None
+            return
+        if self.rate is None:  # units reserved while unlimited are due at once: start a fresh line
+            self.t0, self.v0, self.rate, self.next = pivot, 0.0, rate, -math.inf
+            return
+        self.v0 = self.unit_at(pivot)
+        self.t0, self.rate = pivot, rate
+
+
 class Pacer:
     """The pure scheduling core: computes when a request may go and updates state; never waits.
 
     Thread-safe (a short lock around arithmetic only, never held while waiting), so one pacer may be
     shared by threads and by event loops. A pause *freezes* the schedule: slots pending when it starts
     are pushed back by its length, so they stay evenly spaced after it instead of bursting at its end.
+    :meth:`set_requests_per_minute` changes the request rate at run time (the hook of
+    :class:`~airflow_provider_llmq.core.adaptive.AdaptiveRate`), re-spacing the slots already
+    promised too: after a cut, the requests waiting do not go out at the old rate.
     """
 
     def __init__(
@@ -95,13 +146,36 @@ class Pacer:
         tokens_per_minute: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._req_interval = _interval(requests_per_minute, "requests_per_minute")  # seconds / request
-        self._tok_interval = _interval(tokens_per_minute, "tokens_per_minute")  # seconds / token
+        self._req = _Schedule(requests_per_minute, "requests_per_minute")
+        self._tok = _Schedule(tokens_per_minute, "tokens_per_minute")
+        self._requests_per_minute = requests_per_minute
         self.clock = clock
         self._lock = threading.Lock()
-        self._req_tat = self._tok_tat = self._paused_until = -math.inf
-        self._shift = 0.0
+        self._paused_until = -math.inf
         self._requests = self._tokens = self._adjustment = self._pauses = 0
+        self._wake = math.inf  # longest sleep between two checks of a slot: bounded once rates change
+
+    @property
+    def requests_per_minute(self) -> float | None:
+        return self._requests_per_minute
+
+    def set_requests_per_minute(self, requests_per_minute: float | None) -> None:
+        """Change the request rate at run time, for slots already reserved too.
+
+        A slower rate re-spaces pending slots from now (each only moves later). A faster one re-spaces
+        them from ``WAKE_INTERVAL`` ahead (a slot due before that may come up to that much later):
+        from the first call on, waiters check their slot at least that often (see :meth:`nap`), so
+        none is asleep past a slot that moved earlier. Make the first call before anyone waits.
+        """
+        with self._lock:
+            now = self.clock()
+            current = self._req.rate
+            new = None if requests_per_minute is None else requests_per_minute / 60.0
+            self._wake = WAKE_INTERVAL
+            faster = current is not None and (new is None or new > current)
+            pivot = max(now + (self._wake if faster else 0.0), self._paused_until)
+            self._req.set_rate(requests_per_minute, "requests_per_minute", pivot)
+            self._requests_per_minute = requests_per_minute
 
     def reserve(self, tokens: int = 0) -> Reservation:
         """Commit the next free slot to a request of ``tokens`` estimated tokens."""
@@ -109,19 +183,33 @@ class Pacer:
             raise ValueError(f"tokens must be >= 0, got {tokens}")
         with self._lock:
             now = self.clock()
-            slot = max(now, self._paused_until, self._req_tat, self._tok_tat)
-            self._req_tat = slot + self._req_interval
-            self._tok_tat = slot + tokens * self._tok_interval
+            req, tok = self._req, self._tok
+            r_unit = max(req.unit_at(now), req.next)
+            t_unit = max(tok.unit_at(now), tok.next)
+            slot = max(now, self._paused_until, req.time_of(r_unit), tok.time_of(t_unit))
+            # the units the slot really uses: waiting on one budget earns no credit on the other
+            r_unit = max(r_unit, req.unit_at(slot))
+            t_unit = max(t_unit, tok.unit_at(slot))
+            req.next = r_unit + 1
+            tok.next = t_unit + tokens
             self._requests += 1
             self._tokens += tokens
-            return Reservation(slot, self._shift)
+            return Reservation(slot, r_unit, t_unit)
 
     def remaining(self, reservation: Reservation) -> float:
-        """Seconds until ``reservation`` may go, counting pauses that began after it was reserved."""
+        """Seconds until ``reservation`` may go, counting pauses and rate cuts that came after it."""
         with self._lock:
-            due = max(reservation.slot + self._shift - reservation.shift, self._paused_until)
+            due = max(
+                self._req.time_of(reservation.request_unit),
+                self._tok.time_of(reservation.token_unit),
+                self._paused_until,
+            )
             delay = due - self.clock()
         return delay if delay > _EPSILON else 0.0
+
+    def nap(self, delay: float) -> float:
+        """How long a waiter with ``delay`` left may sleep before it checks :meth:`remaining` again."""
+        return min(delay, self._wake)
 
     def adjust_tokens(self, estimated: int, actual: int) -> None:
         """Correct a reservation by the real usage: over-use delays later requests, under-use refunds.
@@ -131,10 +219,11 @@ class Pacer:
         delta = actual - estimated
         with self._lock:
             self._adjustment += delta
-            if self._tok_interval:
-                self._tok_tat += delta * self._tok_interval
+            tok = self._tok
+            if tok.rate is not None:
+                tok.next += delta
                 if delta < 0:
-                    self._tok_tat = max(self._tok_tat, self.clock())
+                    tok.next = max(tok.next, tok.unit_at(self.clock()))
 
     def pause_until(self, deadline: float) -> None:
         """Admit nothing before ``deadline`` (pacer clock); a later one extends, an earlier one is ignored."""
@@ -144,9 +233,8 @@ class Pacer:
                 return
             extra = deadline - start
             self._paused_until = deadline
-            self._shift += extra
-            self._req_tat = max(self._req_tat, start) + extra
-            self._tok_tat = max(self._tok_tat, start) + extra
+            self._req.shift(extra)
+            self._tok.shift(extra)
             self._pauses += 1
 
     def pause_for(self, seconds: float) -> None:
@@ -202,8 +290,9 @@ class ThreadLimiter(_Limiter):
         reservation = self.pacer.reserve(tokens)
         waited = 0.0
         while (delay := self.pacer.remaining(reservation)) > 0:  # re-checks pauses begun meanwhile
-            self._sleep(delay)
-            waited += delay
+            nap = self.pacer.nap(delay)
+            self._sleep(nap)
+            waited += nap
         return waited
 
 
@@ -229,6 +318,7 @@ class AsyncLimiter(_Limiter):
         reservation = self.pacer.reserve(tokens)
         waited = 0.0
         while (delay := self.pacer.remaining(reservation)) > 0:  # re-checks pauses begun meanwhile
-            await self._sleep(delay)
-            waited += delay
+            nap = self.pacer.nap(delay)
+            await self._sleep(nap)
+            waited += nap
         return waited
