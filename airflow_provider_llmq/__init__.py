@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def get_provider_info() -> dict[str, Any]:
@@ -19,6 +19,13 @@ def get_provider_info() -> dict[str, Any]:
         "name": "LLM Query (llmq)",
         "description": "Query OpenAI / Azure OpenAI chat completions for every row of a Spark DataFrame.",
         "versions": [__version__],
+        "integrations": [
+            {
+                "integration-name": "LLM Query",
+                "external-doc-url": "https://platform.openai.com/docs/api-reference/chat",
+                "tags": ["ai", "software"],
+            }
+        ],
         "hooks": [
             {
                 "integration-name": "LLM Query",
@@ -48,12 +55,10 @@ def get_provider_info() -> dict[str, Any]:
                 "conn-fields": {
                     "api_type": {
                         "label": "API type",
-                        "schema": {
-                            "type": ["string", "null"],
-                            "enum": ["azure", "openai", None],
-                        },
+                        # no None in the enum: the UI would show a literal "null" choice and prefill it
+                        "schema": {"type": ["string", "null"], "enum": ["azure", "openai"]},
                         "description": "azure: api-key header, deployment in the URL; openai: Bearer token. "
-                        "Empty: azure for an *.openai.azure.com host or with a deployment, else openai.",
+                        "Left empty: azure for an *.openai.azure.com host or with a deployment, else openai.",
                     },
                     "api_version": {
                         "label": "API version (Azure)",

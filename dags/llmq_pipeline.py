@@ -133,6 +133,8 @@ with DAG(
     schedule="@daily",
     start_date=datetime(2025, 1, 1),
     catchup=False,
+    # shipped paused: a run needs the llmq_default connection first (README)
+    is_paused_upon_creation=True,
     max_active_runs=1,
     default_args={"owner": "data-platform", "retries": 2, "retry_delay": timedelta(minutes=2)},
     tags=["llmq", "llm", "spark", "example"],

@@ -33,6 +33,8 @@ with DAG(
     schedule=None,
     start_date=datetime(2025, 1, 1),
     catchup=False,
+    # shipped paused: a run needs the llmq_default connection first (README)
+    is_paused_upon_creation=True,
     default_args={"owner": "data-platform", "retries": 1, "retry_delay": timedelta(minutes=2)},
     tags=["llmq", "example", "rate-limited"],
     doc_md=__doc__,

@@ -20,6 +20,7 @@ def build_session(
 ) -> SparkSession:
     """``remote`` (``sc://host:port``) for Spark Connect, else ``master`` (default ``local[*]``).
     Only ``conf`` reaches the Spark conf: an LLM key or CA never does."""
+    check_spark_install()
     # Spark's Python workers otherwise run `python3` from PATH, which lacks this venv's packages
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
@@ -30,6 +31,42 @@ def build_session(
     for key, value in (conf or {}).items():
         builder = builder.config(key, str(value))
     return builder.getOrCreate()
+
+
+def check_spark_install(versions: dict[str, str | None] | None = None) -> None:
+    """pyspark and pyspark-client write into one ``pyspark/`` folder: with different versions the
+    Python side of one meets the jars of the other, and every Python UDF fails with a cryptic
+    ``Py4JException``. Refuse to start then, naming the fix."""
+    from airflow_provider_llmq.core.errors import LLMQueryConfigError
+
+    found = versions if versions is not None else installed_spark_versions()
+    known = {name: version for name, version in found.items() if version}
+    if len(set(known.values())) > 1:
+        listing = ", ".join(f"{name} {version}" for name, version in sorted(known.items()))
+        wanted = known.get("pyspark-client") or max(known.values())
+        raise LLMQueryConfigError(
+            f"mismatched Spark packages in one folder ({listing}): install equal versions, e.g. "
+            f"pip install 'pyspark=={wanted}' 'pyspark-client=={wanted}' (or install with llmq's "
+            "constraints file)"
+        )
+
+
+def installed_spark_versions() -> dict[str, str | None]:
+    """The pyspark and pyspark-client distributions, and the Spark jars they left in ``pyspark/jars``."""
+    from importlib import metadata
+    from pathlib import Path
+
+    versions: dict[str, str | None] = {}
+    for name in ("pyspark", "pyspark-client"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    import pyspark
+
+    jars = sorted((Path(pyspark.__file__).parent / "jars").glob("spark-core_*.jar"))
+    versions["Spark jars"] = jars[0].stem.rsplit("-", 1)[-1] if jars else None
+    return versions
 
 
 def default_parallelism(spark: SparkSession) -> int:

@@ -40,12 +40,21 @@ def llm(server: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     return server
 
 
+def _connections_to(port: int) -> set[tuple[int, int]]:
+    """(pid, local port) of every client connection to the mock server's port."""
+    return {
+        (conn.pid, conn.laddr.port)
+        for conn in psutil.net_connections(kind="tcp")
+        if conn.raddr and conn.raddr.port == port and conn.pid
+    }
+
+
 def _client_processes(port: int, stop: threading.Event, seen: set[int]) -> None:
-    """Every process holding a connection to the mock server's port, while the run lasts."""
+    """Every process that opens a connection to the mock server while the run lasts (connections
+    kept alive by earlier tests' clients in this process are not the run's)."""
+    before = _connections_to(port)
     while not stop.is_set():
-        for conn in psutil.net_connections(kind="tcp"):
-            if conn.raddr and conn.raddr.port == port and conn.pid:
-                seen.add(conn.pid)
+        seen.update(pid for pid, local in _connections_to(port) - before)
         time.sleep(0.05)
 
 

@@ -155,7 +155,17 @@ def test_provider_info_declares_the_connection_form() -> None:
     assert conn_type["connection-type"] == "llmq"
     assert conn_type["hook-class-name"] == "airflow_provider_llmq.hooks.llmq.LLMQueryHook"
     fields = conn_type["conn-fields"]
-    assert {"api_type", "api_version", "deployment", "ca_cert", "verify", "timeout"} <= set(fields)
+    assert {
+        "api_type",
+        "api_version",
+        "deployment",
+        "ca_cert",
+        "verify",
+        "timeout",
+        "proxy",
+        "headers",
+    } <= set(fields)
+    assert None not in fields["api_type"]["schema"]["enum"]  # the UI would show a literal "null"
     assert all("label" in f and "type" in f["schema"] for f in fields.values())
     assert conn_type["ui-field-behaviour"]["relabeling"]["password"] == "API key"
     hook_class = conn_type["hook-class-name"].rsplit(".", 1)[1]

@@ -1,6 +1,7 @@
-"""Runs one operator in its own process, as an Airflow task process would (used by the kill and
-memory tests). Arguments: a JSON object {"operator": class name, "kwargs": {...}, "tracemalloc": bool}.
-Prints one JSON line: the summary, plus the Python heap's tracemalloc peak when asked."""
+"""Runs one operator in its own process, as an Airflow task process would (used by the kill, memory
+and cluster tests). Arguments: a JSON object {"operator": class name, "kwargs": {...}, "tracemalloc":
+bool}; without a ``spark_conn_id`` in kwargs the session is local[2]. Prints one JSON line: the
+summary, plus the Python heap's tracemalloc peak when asked."""
 
 from __future__ import annotations
 
@@ -15,16 +16,13 @@ def main() -> None:
     from airflow_provider_llmq.hooks.spark_session import get_spark_session
     from airflow_provider_llmq.operators import llmq
 
-    spark = get_spark_session(
-        None,
-        {
-            "spark.master": "local[2]",
-            "spark.ui.enabled": "false",
-            "spark.sql.shuffle.partitions": "4",
-            "spark.driver.host": "127.0.0.1",
-        },
-    )
-    spark.sparkContext.setLogLevel("ERROR")
+    conf = {
+        "spark.ui.enabled": "false",
+        "spark.sql.shuffle.partitions": "4",
+        "spark.driver.host": "127.0.0.1",
+    }
+    if "spark_conn_id" not in spec["kwargs"]:
+        get_spark_session(None, {"spark.master": "local[2]", **conf}).sparkContext.setLogLevel("ERROR")
     if spec.get("tracemalloc"):
         tracemalloc.start()
     operator = getattr(llmq, spec["operator"])(task_id="ask", **spec["kwargs"])
