@@ -28,9 +28,20 @@ def build_session(
 
     builder = SparkSession.builder.appName(app_name)
     builder = builder.remote(remote) if remote else builder.master(master or "local[*]")
-    for key, value in (conf or {}).items():
+    settings = dict(conf or {})
+    if not remote:  # a driver this process starts: no console progress bar, Spark's log quiet
+        for key, value in QUIET_DRIVER.items():
+            settings.setdefault(key, value)
+    for key, value in settings.items():
         builder = builder.config(key, str(value))
     return builder.getOrCreate()
+
+
+QUIET_DRIVER = {
+    "spark.ui.showConsoleProgress": "false",
+    "spark.driver.extraJavaOptions": "-Dlog4j2.configurationFile=file:"
+    + os.path.join(os.path.dirname(os.path.abspath(__file__)), "log4j2-quiet.properties"),
+}
 
 
 def check_spark_install(versions: dict[str, str | None] | None = None) -> None:

@@ -1,0 +1,31 @@
+"""A Spark driver that llmq starts prints nothing on stderr but errors: Airflow shows every stderr
+line of a task in red, so start-up warnings and the progress bar made a good run look failed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+SCRIPT = """
+import time
+from airflow_provider_llmq.spark.session import build_session
+
+spark = build_session(conf={"spark.ui.enabled": "false", "spark.driver.host": "127.0.0.1"})
+slow = spark.sparkContext.parallelize(range(8), 8).map(lambda x: time.sleep(0.4) or x)  # > 0.5 s: a bar
+print("SUM", sum(slow.collect()), flush=True)
+jvm = spark.sparkContext._jvm
+print("ROOT", jvm.org.apache.logging.log4j.LogManager.getRootLogger().getLevel().toString(), flush=True)
+"""
+
+
+def test_the_driver_llmq_starts_is_quiet_on_stderr() -> None:
+    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "SUM 28" in done.stdout and "ROOT ERROR" in done.stdout
+    noise = [
+        line
+        for line in done.stderr.splitlines()
+        # the JVM's own notice for the vector module Spark 4 enables cannot be turned off
+        if line.strip() and not line.startswith("WARNING: Using incubator modules")
+    ]
+    assert noise == [], noise
