@@ -7,7 +7,7 @@ CONSTRAINTS ?= constraints/constraints-3.11.txt
 PYTEST_ARGS ?=
 LINT_PATHS := $(wildcard airflow_provider_llmq tests dags benchmarks scripts)
 
-.PHONY: install test test-slow test-cluster lint demo bench clean
+.PHONY: install test test-slow test-cluster test-oldest lint demo bench clean
 
 $(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,6 +32,16 @@ test-slow: install
 test-cluster: install
 	$(PY) -m pytest -m cluster $(PYTEST_ARGS)
 
+# the oldest Spark llmq supports: a fresh venv with pyspark 4.0.1, everything else as constrained
+OLDEST_VENV ?= .venv-oldest
+test-oldest:
+	test -x $(OLDEST_VENV)/bin/python || python3 -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q --upgrade pip
+	grep -vE '^(pyspark|pyspark-client)==' $(CONSTRAINTS) > $(OLDEST_VENV)/constraints.txt
+	printf 'pyspark==4.0.1\npyspark-client==4.0.1\n' >> $(OLDEST_VENV)/constraints.txt
+	$(OLDEST_VENV)/bin/python -m pip install -q -c $(OLDEST_VENV)/constraints.txt -e '.[test]'
+	$(OLDEST_VENV)/bin/python -m pytest -m "not slow and not cluster" $(PYTEST_ARGS)
+
 demo: install
 	$(PY) scripts/demo.py
 
@@ -39,4 +49,4 @@ bench: install
 	$(PY) benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(OLDEST_VENV) .demo .pytest_cache .mypy_cache .ruff_cache
