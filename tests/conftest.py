@@ -118,11 +118,16 @@ def run_dag_file(source: str, dag_id: str, filename: str | None = None) -> Any:
 
 
 def llmq_connection_env(
-    server: MockServer, conn_id: str = "llmq_default", api_type: str = "azure"
+    server: MockServer,
+    conn_id: str = "llmq_default",
+    api_type: str = "azure",
+    headers: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """An ``llmq`` connection to the mock server as an AIRFLOW_CONN_* variable (key in the password)."""
     base = server.base_url if api_type == "azure" else server.openai_base_url
-    extra = {"api_type": api_type, "deployment": DEPLOYMENT, "ca_cert": server.ca_path}
+    extra: dict[str, Any] = {"api_type": api_type, "deployment": DEPLOYMENT, "ca_cert": server.ca_path}
+    if headers:
+        extra["headers"] = headers
     if api_type == "azure":
         extra["api_version"] = "2024-06-01"
     value = {"conn_type": "llmq", "host": base, "password": TEST_KEY, "extra": extra}

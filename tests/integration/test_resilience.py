@@ -51,7 +51,11 @@ def test_airflow_retry_resumes_from_the_checkpoint_and_the_key_leaks_nowhere(
     monkeypatch: pytest.MonkeyPatch,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
-    for name, value in llmq_connection_env(server).items():
+    # an API-management subscription key: a secret header value, as secret as the key
+    secret_header = "apim-sub-4d1e8b7c93a2"
+    for name, value in llmq_connection_env(
+        server, headers={"Ocp-Apim-Subscription-Key": secret_header}
+    ).items():
         monkeypatch.setenv(name, value)
     rows, first_try_answers, chunk_size, concurrency = 1000, 300, 100, 8
     server.configure(auth_fail={"after": first_try_answers, "count": 1})
@@ -78,11 +82,12 @@ def test_airflow_retry_resumes_from_the_checkpoint_and_the_key_leaks_nowhere(
     assert stats["chat_requests"] - 1 - rows <= chunk_size + concurrency
     assert spark.read.parquet(str(out / "answers")).count() == rows
 
-    # the key: not in the task logs, the Airflow home (SQLite DB with XCom and rendered fields,
-    # Spark event log), the checkpoint or the output, nor in any URL the server saw
-    assert TEST_KEY not in text
-    needle = TEST_KEY.encode()
-    leaked = [str(p) for p in _files_under(_AIRFLOW_HOME, out) if needle in p.read_bytes()]
-    assert leaked == []
+    # the key and the secret header: not in the task logs, the Airflow home (SQLite DB with XCom and
+    # rendered fields, Spark event log), the checkpoint or the output, nor in any URL the server saw
+    for secret in (TEST_KEY, secret_header):
+        assert secret not in text
+        needle = secret.encode()
+        leaked = [str(p) for p in _files_under(_AIRFLOW_HOME, out) if needle in p.read_bytes()]
+        assert leaked == [], secret
     assert list((_AIRFLOW_HOME / "spark-events").iterdir()), "the Spark event log was scanned"
     assert stats["keys_in_url"] == 0
