@@ -118,11 +118,26 @@ def bucket_sizes(pending: DataFrame) -> dict[int, int]:
     return {int(row[0]): int(row[1]) for row in pending.groupBy(BUCKET_COL).count().collect()}
 
 
-def bucket_of(pending: DataFrame, bucket: int) -> DataFrame:
-    """The pending requests of one bucket: ``KEY_COL`` and ``PROMPT_COL``."""
+def bucket_of(pending: DataFrame, *buckets: int) -> DataFrame:
+    """The pending requests of the given buckets: ``KEY_COL`` and ``PROMPT_COL``."""
     from pyspark.sql import functions as F
 
-    return pending.where(F.col(BUCKET_COL) == F.lit(bucket)).select(KEY_COL, PROMPT_COL)
+    return pending.where(F.col(BUCKET_COL).isin(*buckets)).select(KEY_COL, PROMPT_COL)
+
+
+def job_groups(sizes: dict[int, int], requests_per_job: float) -> list[list[int]]:
+    """Consecutive buckets grouped so that a group holds about ``requests_per_job`` requests (at
+    least one bucket each): fewer, longer Spark jobs where a job's fixed cost would dominate."""
+    groups: list[list[int]] = []
+    held = 0
+    for bucket, size in sorted(sizes.items()):
+        if groups and held + size <= requests_per_job:
+            groups[-1].append(bucket)
+            held += size
+        else:
+            groups.append([bucket])
+            held = size
+    return groups
 
 
 def stream_requests(pending: DataFrame, n_buckets: int) -> Iterator[tuple[str, str | None]]:

@@ -187,3 +187,13 @@ def test_a_local_path_with_a_cluster_master_is_a_clear_error(
             output_path="file:///shared/out",
         ).execute({})
     assert llm.stats()["chat_requests"] == 0
+
+
+def test_job_groups_amortize_the_job_cost_but_keep_whole_buckets() -> None:
+    from airflow_provider_llmq.spark.plan import job_groups
+
+    sizes = {0: 100, 1: 120, 2: 90, 3: 110, 4: 100}
+    assert job_groups(sizes, 0) == [[0], [1], [2], [3], [4]]  # no rate known yet: one bucket a job
+    assert job_groups(sizes, 250) == [[0, 1], [2, 3], [4]]
+    assert job_groups(sizes, 10_000) == [[0, 1, 2, 3, 4]]
+    assert sorted(b for group in job_groups(sizes, 333) for b in group) == list(sizes)

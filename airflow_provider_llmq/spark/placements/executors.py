@@ -11,6 +11,7 @@ slots, the job has that many partitions of one each.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,7 @@ from airflow_provider_llmq.core.errors import LLMQueryConfigError
 from airflow_provider_llmq.spark.placements.base import PlacementStopped, Work, portable
 from airflow_provider_llmq.spark.placements.driver import QueryMethod
 from airflow_provider_llmq.spark.placements.udf import unwrap_spark_error
-from airflow_provider_llmq.spark.plan import bucket_of, bucket_sizes
+from airflow_provider_llmq.spark.plan import bucket_of, bucket_sizes, job_groups
 from airflow_provider_llmq.spark.schema import KEY_COL, RESULT_ARROW_FIELDS, RESULT_DDL, result_columns
 from airflow_provider_llmq.spark.session import default_parallelism
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 _OUTPUT_DDL = f"`{KEY_COL}` string, {RESULT_DDL}"
 _OUTPUT_ARROW = pa.schema([(KEY_COL, pa.string()), *RESULT_ARROW_FIELDS])
 _BATCH_ROWS = 500  # results handed back to Spark per Arrow batch
+JOB_SECONDS = 30.0  # how long a bucket job should run, once the rate is known
 
 
 @dataclass(frozen=True)
@@ -89,17 +91,27 @@ class ExecutorPlacement:
             ),
             {self.concurrency_arg: share.concurrency},
         )
-        for bucket, size in sorted(bucket_sizes(work.pending).items()):
+        # The first job asks one bucket; later jobs are sized to about JOB_SECONDS at the rate
+        # measured so far, so that each Spark job's fixed cost (scheduling, worker start, TLS
+        # handshakes, the commit) is paid rarely while a killed driver still loses at most about
+        # that much work (a job's results are committed when it ends).
+        remaining = bucket_sizes(work.pending)
+        rate = 0.0
+        while remaining:
             if work.stop.is_set():
                 raise PlacementStopped("stopped between two bucket jobs")
-            rows = bucket_of(work.pending, bucket).repartition(share.partitions, F.col(KEY_COL))
+            group = job_groups(remaining, rate * JOB_SECONDS)[0]
+            started = time.monotonic()
+            rows = bucket_of(work.pending, *group).repartition(share.partitions, F.col(KEY_COL))
             try:
                 work.checkpoint.write_frame(rows.mapInArrow(ask, _OUTPUT_DDL))
             except Exception as exc:
                 if work.stop.is_set():
                     raise PlacementStopped("stopped: the running bucket job was cancelled") from None
                 raise unwrap_spark_error(exc) from None
-            work.progress.add(size)
+            asked = sum(remaining.pop(bucket) for bucket in group)
+            rate = asked / max(time.monotonic() - started, 1e-3)
+            work.progress.add(asked)
 
 
 def _partition_asker(
