@@ -35,6 +35,10 @@ TOOL_CALLS = "tool_calls"
 LENGTH = "length"
 UNEXPECTED_REDIRECT = "unexpected_redirect"
 INSUFFICIENT_QUOTA = "insufficient_quota"
+# Batch API: a request its batch never ran, recorded under these only when the run is over
+BATCH_EXPIRED = "batch_expired"
+BATCH_CANCELLED = "batch_cancelled"
+BATCH_FAILED = "batch_failed"
 
 # recorded errors that a later try asks again: the row may well succeed then. Every other code is
 # the answer to that exact request (a filter, a refusal, a redirect) and would come back the same.

@@ -26,11 +26,12 @@ from airflow_provider_llmq.hooks.spark_session import get_spark_session
 from airflow_provider_llmq.operators.outcome import (
     LLMQueryConfigFailure,
     enforce_error_policy,
+    log_interrupted,
     static_asset,
 )
 from airflow_provider_llmq.spark.checkpoint import Checkpoint, checkpoint_location
 from airflow_provider_llmq.spark.lease import Lease, Owner
-from airflow_provider_llmq.spark.placements import Placement, PlacementStopped, Work
+from airflow_provider_llmq.spark.placements import Placement, Work
 from airflow_provider_llmq.spark.plan import materialize_input, pending_requests, requests_frame
 from airflow_provider_llmq.spark.schema import LLMQ_ROW_ID
 from airflow_provider_llmq.spark.session import cancel_tagged_jobs, require_shared_paths
@@ -64,8 +65,8 @@ def _owner(context: Context, task_id: str) -> Owner:
 class LLMQueryBaseOperator(BaseOperator):
     """Reads prompts with Spark, asks the LLM for each row, writes every row back exactly once.
 
-    :param llm_conn_id: the ``llmq`` connection (API base, key, api type, deployment, CA).
-    :param spark_conn_id: a ``spark`` or ``spark_connect`` connection; None runs ``local[*]``.
+    :param llm_conn_id: the ``llmq`` connection (API base, key, api type, deployment, CA) (templated).
+    :param spark_conn_id: a ``spark`` or ``spark_connect`` connection; None runs ``local[*]`` (templated).
     :param spark_conf: extra Spark settings for the session.
     :param sql: source query (templated); exactly one of ``sql``, ``source_table``, ``source_path``.
     :param source_table: source table (templated).
@@ -74,8 +75,8 @@ class LLMQueryBaseOperator(BaseOperator):
     :param prompt_col: column holding the prompt (unused with ``prompt_template``).
     :param id_col: unique id column; None assigns ``llmq_row_id`` once, when the input is materialized.
     :param prompt_template: builds the prompt from ``{column}`` names of the row.
-    :param system_prompt: system message for every request; None sends none.
-    :param model: overrides the connection's deployment (Azure) / model (OpenAI).
+    :param system_prompt: system message for every request; None sends none (templated).
+    :param model: overrides the connection's deployment (Azure) / model (OpenAI) (templated).
     :param request_params: body fields: temperature, max_tokens, response_format, ...
     :param output_table: sink table (templated); one of ``output_table``, ``output_path``.
     :param output_path: sink path (templated), written with ``output_format``.
@@ -100,9 +101,13 @@ class LLMQueryBaseOperator(BaseOperator):
     """
 
     template_fields: Sequence[str] = (
+        "llm_conn_id",
+        "spark_conn_id",
         "sql",
         "source_table",
         "source_path",
+        "system_prompt",
+        "model",
         "output_table",
         "output_path",
         "checkpoint_dir",
@@ -314,7 +319,7 @@ class LLMQueryBaseOperator(BaseOperator):
             try:
                 placement.run(work)
             except LLMQueryError as exc:
-                self._log_interrupted(spark, checkpoint, manifest.total_requests, exc)
+                log_interrupted(self.log, spark, checkpoint, manifest.total_requests, exc)
                 raise
         query_seconds = time.monotonic() - query_started
 
@@ -335,12 +340,16 @@ class LLMQueryBaseOperator(BaseOperator):
             mode=self.mode,
             checkpoint=checkpoint,
         )
-        new_results = [name for name in checkpoint.result_names() if name not in results_before]
+        new_results = self._new_result_names(checkpoint, results_before)
         summary = summarize(output, checkpoint.read_results(spark, new_results) if new_results else None)
         if self.keep_checkpoint:
             checkpoint.compact(spark)
         summary.update(resumed_requests=already if resumed else 0, output=location, checkpoint=checkpoint.uri)
         return summary, to_ask, query_seconds
+
+    def _new_result_names(self, checkpoint: Checkpoint, before: set[str]) -> list[str]:
+        """The result files this try added: what the summary counts as asked."""
+        return [name for name in checkpoint.result_names() if name not in before]
 
     def _read_source(self, spark: SparkSession) -> DataFrame:
         source = read_source(
@@ -392,20 +401,6 @@ class LLMQueryBaseOperator(BaseOperator):
             "request_params": dict(self.request_params or {}),
             "dedupe": self.dedupe,
         }
-
-    def _log_interrupted(
-        self, spark: SparkSession, checkpoint: Checkpoint, total: int, error: LLMQueryError
-    ) -> None:
-        if isinstance(error, PlacementStopped):  # being killed: no time for a Spark job to count
-            self.log.error("llmq stopped (%s); a retry of this task resumes from %s", error, checkpoint.uri)
-            return
-        done = checkpoint.read_results(spark).count()
-        self.log.error(
-            "llmq stopped: %d/%d requests are checkpointed in %s; a retry of this task resumes from there",
-            done,
-            total,
-            checkpoint.uri,
-        )
 
 
 __all__ = ["LLMQueryBaseOperator"]

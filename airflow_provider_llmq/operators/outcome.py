@@ -4,12 +4,22 @@ output's Asset."""
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from airflow.sdk import Asset
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_provider_llmq.core.errors import LLMQueryConfigError, LLMQueryError
+from airflow_provider_llmq.spark.placements import PlacementStopped
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+    from airflow_provider_llmq.spark.checkpoint import Checkpoint
+
+
+class _Log(Protocol):
+    def error(self, msg: Any, /, *args: Any) -> Any: ...
 
 
 class LLMQueryFailedRowsError(LLMQueryError):
@@ -45,3 +55,19 @@ def static_asset(output_table: str | None, output_path: str | None) -> Asset | N
         return Asset(name=output_table, uri=f"table://{output_table}")
     uri = target if "://" in target else "file://" + os.path.abspath(target)
     return Asset(uri=uri)
+
+
+def log_interrupted(
+    log: _Log, spark: SparkSession, checkpoint: Checkpoint, total: int, error: LLMQueryError
+) -> None:
+    """Says where a stopped run's answers are, for the retry that resumes from them."""
+    if isinstance(error, PlacementStopped):  # being killed: no time for a Spark job to count
+        log.error("llmq stopped (%s); a retry of this task resumes from %s", error, checkpoint.uri)
+        return
+    done = checkpoint.read_results(spark).count()
+    log.error(
+        "llmq stopped: %d/%d requests are checkpointed in %s; a retry of this task resumes from there",
+        done,
+        total,
+        checkpoint.uri,
+    )

@@ -16,6 +16,9 @@ from airflow_provider_llmq.spark.schema import (
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
 
+# the summary's keys and meanings: raised when one changes, so downstream tasks can check it
+SCHEMA_VERSION = 2
+
 _SENT = ("requests_sent", "retries", "prompt_tokens", "completion_tokens", "requests_answered")
 
 
@@ -44,7 +47,8 @@ def summarize(output: DataFrame, new_results: DataFrame | None) -> dict[str, Any
         ).first()
         assert totals is not None
         sent = {name: int(totals[name] or 0) for name in _SENT}
-    return {"rows": rows, "ok": ok, "errors": rows - ok, "errors_by_code": errors_by_code, **sent}
+    counts = {"rows": rows, "ok": ok, "errors": rows - ok, "errors_by_code": errors_by_code, **sent}
+    return {"schema_version": SCHEMA_VERSION, **counts}
 
 
 def timings(rows: int, requests: int, seconds: float, query_seconds: float) -> dict[str, Any]:

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from airflow_provider_llmq.operators.llmq import LLMQueryConfigFailure, LLMQueryRateLimitedOperator
-from tests.conftest import DAGS_FOLDER, llmq_connection_env, run_dag_file
+from airflow_provider_llmq.testing.mock_server import expected_answer
+from tests.conftest import DAGS_FOLDER, DEPLOYMENT, llmq_connection_env, run_dag_file
 
 DAG_HEAD = """
 from datetime import datetime, timedelta
@@ -120,6 +121,7 @@ def test_mapped_instances_keep_separate_checkpoints(
     LLMQueryRateLimitedOperator.partial(
         task_id="ask",
         id_col="id",
+        system_prompt="Be brief for {{{{ dag.dag_id }}}}.",  # templated
         checkpoint_dir="{tmp_path / "ckpt"}",
         keep_checkpoint=True,
         retry_backoff=0.001,
@@ -131,8 +133,11 @@ def test_mapped_instances_keep_separate_checkpoints(
     manifests = sorted((tmp_path / "ckpt").rglob("manifest.json"))
     assert [m.parent.name for m in manifests] == ["map-0", "map-1", "map-2"]
     for i in range(3):
-        ids = sorted(r["id"] for r in spark.read.parquet(str(tmp_path / f"out{i}")).collect())
-        assert ids == list(range(100 * i, 100 * i + 30))
+        rows = spark.read.parquet(str(tmp_path / f"out{i}")).collect()
+        assert sorted(r["id"] for r in rows) == list(range(100 * i, 100 * i + 30))
+        for row in rows:
+            want = expected_answer(DEPLOYMENT, "Be brief for llmq_mapped.", f"question {row['id']}?", {})
+            assert row["response"] == want
         # a kept checkpoint is compacted into one result file
         results = [p for p in (manifests[i].parent / "results").iterdir() if not p.name.startswith(".")]
         assert len([p for p in results if not p.name.endswith(".done")]) == 1

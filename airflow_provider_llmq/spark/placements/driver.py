@@ -3,6 +3,7 @@ flushed to the checkpoint as they arrive."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ QueryMethod = Callable[..., Iterator[QueryResult]]
 # a slow endpoint still checkpoints this often, so a hard kill (no time to flush) loses at most
 # about this many seconds of answers
 MAX_FLUSH_SECONDS = 10.0
+STOP_GRACE_SECONDS = 5.0  # well inside the few seconds Airflow leaves between SIGTERM and SIGKILL
 
 
 @dataclass(frozen=True)
@@ -31,21 +33,29 @@ class DriverPlacement:
     method: QueryMethod
 
     def run(self, work: Work) -> None:
-        rows = stream_requests(work.pending, work.n_buckets)
+        # On a stop, no new row is handed to the method, the requests in flight are answered and
+        # flushed (for at most STOP_GRACE_SECONDS), and only then is the stream cut: a retry asks
+        # again only what was still in flight after that.
+        rows = _until_stopped(work.stop, stream_requests(work.pending, work.n_buckets))
         stream = self._ask(work.endpoint, rows, work.options)
         batch: list[QueryResult] = []
         flushed_at = time.monotonic()
+        cut_at: float | None = None
         try:
             for result in stream:
                 batch.append(result)
                 work.progress.add(1)
+                now = time.monotonic()
                 if work.stop.is_set():
-                    raise PlacementStopped(f"stopped with {len(batch)} unflushed answers, now flushed")
-                if len(batch) >= work.flush_rows or time.monotonic() - flushed_at >= MAX_FLUSH_SECONDS:
+                    cut_at = cut_at or now + STOP_GRACE_SECONDS
+                    if now >= cut_at:
+                        break
+                if len(batch) >= work.flush_rows or now - flushed_at >= MAX_FLUSH_SECONDS:
                     work.checkpoint.flush(batch)
-                    batch, flushed_at = [], time.monotonic()
+                    batch, flushed_at = [], now
+            if work.stop.is_set():
+                raise PlacementStopped("stopped: the answers received are flushed to the checkpoint")
         finally:
-            # close first: a stop must cut the requests in flight before the flush writes
             close = getattr(stream, "close", None)
             if close is not None:
                 close()
@@ -56,3 +66,11 @@ class DriverPlacement:
         self, endpoint: EndpointConfig, rows: Iterable[tuple[Any, Any]], options: QueryOptions
     ) -> Iterator[QueryResult]:
         return self.method(endpoint, rows, options=options)
+
+
+def _until_stopped(stop: threading.Event, rows: Iterable[tuple[Any, Any]]) -> Iterator[tuple[Any, Any]]:
+    """The rows, ending early once ``stop`` is set: the method then finishes what it holds."""
+    for row in rows:
+        if stop.is_set():
+            return
+        yield row

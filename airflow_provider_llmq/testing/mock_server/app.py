@@ -454,4 +454,7 @@ def build_app(config: MockConfig) -> web.Application:
     app.router.add_get("/_mock/stats", admin_stats)
     app.router.add_post("/_mock/reset", admin_reset)
     app.router.add_post("/_mock/config", admin_config)
+    from .batches import add_batch_routes  # the Files and Batches APIs (imports this module)
+
+    add_batch_routes(app)
     return app

@@ -1,0 +1,173 @@
+"""The fifth operator: the OpenAI / Azure OpenAI Batch API, about half the price per token, on a
+separate quota, for work that can wait; the same table of results as the other four."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from airflow_provider_llmq.core.errors import LLMQueryConfigError
+from airflow_provider_llmq.operators.base import LLMQueryBaseOperator
+from airflow_provider_llmq.spark.batch_ledger import Ledger
+from airflow_provider_llmq.spark.checkpoint import sanitize_key
+from airflow_provider_llmq.spark.placements import Placement
+from airflow_provider_llmq.spark.placements.batch_api import BatchAPIPlacement, BatchSettings, Waiting
+from airflow_provider_llmq.triggers.batch_api import LLMQueryBatchTrigger
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+    from pyspark.sql import DataFrame, SparkSession
+
+    from airflow_provider_llmq.core.endpoint import EndpointConfig
+    from airflow_provider_llmq.core.options import QueryOptions
+    from airflow_provider_llmq.spark.checkpoint import Checkpoint
+    from airflow_provider_llmq.spark.placements import Work
+
+
+class LLMQueryBatchAPIOperator(LLMQueryBaseOperator):
+    """Sends the pending requests through the Batch API: JSONL request files (one line per request
+    key, split at the API's limits), one batch per file, then every answer mapped back by
+    ``custom_id`` into the usual result columns and written with Spark, as the other four do.
+
+    Deferrable by default: while the batches run, the task waits in the triggerer, not on a worker
+    slot. The checkpoint records each step (request files, uploads, the intent to create a batch
+    and its id), and each batch's metadata names the checkpoint key and its file's digest, so a
+    retry, a resume or a re-run with the same ``checkpoint_key`` re-attaches instead of paying again.
+    Requests a batch never ran (expired, cancelled) and transient line errors are asked by the next
+    try; on the last try they are recorded (``batch_expired``, ``batch_cancelled``, ``batch_failed``).
+    A file refused for the enqueued-token quota waits and goes again when an earlier batch finishes.
+
+    :param deferrable: wait in the triggerer (True) or poll in the task (False).
+    :param poll_interval: seconds between polls of the batches.
+    :param max_requests_per_file: requests per request file, at most; the API's own limit (OpenAI
+        50,000, Azure 100,000) applies anyway, and so does 200 MB per file.
+    :param cancel_on_kill: a killed task cancels its live batches (their queued work is lost, their
+        answers kept); False leaves them running for the retry to re-attach.
+    :param batch_api_version: Azure ``api-version`` of the Files and Batches calls (the Batch API
+        needs 2024-10-21 or later); None keeps the connection's.
+    """
+
+    def __init__(
+        self,
+        *,
+        deferrable: bool = True,
+        poll_interval: float = 60.0,
+        max_requests_per_file: int | None = None,
+        cancel_on_kill: bool = False,
+        batch_api_version: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.deferrable = deferrable
+        self.poll_interval = poll_interval
+        self.max_requests_per_file = max_requests_per_file
+        self.cancel_on_kill = cancel_on_kill
+        self.batch_api_version = batch_api_version
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        ti = context.get("ti")
+        if ti is None:  # called outside Airflow: this call is the whole run, there is no triggerer
+            self._try_id, self._last_try, self._defers = self.task_id, True, False
+        else:
+            task = f"{ti.dag_id}/{ti.task_id}/{ti.run_id}/{ti.map_index}"
+            self._try_id = f"{task}#{ti.try_number}"
+            self._last_try = int(ti.try_number or 1) > int(getattr(ti, "max_tries", 0) or 0)
+            self._defers = self.deferrable
+        return super().execute(context)
+
+    def on_kill(self) -> None:
+        """Stops the task; with ``cancel_on_kill`` its live batches are cancelled too (their queued
+        work is lost, their answers kept), else they run on and the retry re-attaches to them. A
+        task killed while deferred is stopped in the triggerer, whose trigger does the same."""
+        super().on_kill()
+
+    def execute_complete(self, context: Context, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Resumed by the trigger: the same plan again, which re-attaches to the batches, collects
+        what finished, sends what waited for quota, and writes the output once nothing is left."""
+        if event and event.get("status") == "error":
+            self.log.warning("llmq: the trigger stopped polling: %s", event.get("message"))
+        else:
+            self.log.info("llmq: batches ready: %s", (event or {}).get("batches"))
+        return self.execute(context)
+
+    def _placement(self) -> Placement:
+        if not self.poll_interval > 0:
+            raise LLMQueryConfigError(f"poll_interval must be positive, got {self.poll_interval!r}")
+        if self.max_requests_per_file is not None and self.max_requests_per_file < 1:
+            raise LLMQueryConfigError(f"max_requests_per_file must be >= 1, got {self.max_requests_per_file}")
+        placement = BatchAPIPlacement(
+            BatchSettings(
+                checkpoint_key=sanitize_key(self.checkpoint_key),
+                owner=self._try_id,
+                last_try=self._last_try,
+                max_requests_per_file=self.max_requests_per_file,
+                poll_interval=float(self.poll_interval),
+                cancel_on_kill=self.cancel_on_kill,
+                api_version=self.batch_api_version,
+            )
+        )
+        return _Deferring(placement, self) if self._defers else placement
+
+    def _defer_to(self, waiting: Waiting) -> NoReturn:
+        wake_at = None if waiting.wake_after is None else time.time() + waiting.wake_after
+        self.log.info(
+            "llmq: deferring while batches %s run; polled every %s s in the triggerer",
+            list(waiting.batch_ids),
+            self.poll_interval,
+        )
+        self.defer(
+            trigger=LLMQueryBatchTrigger(
+                llm_conn_id=self.llm_conn_id,
+                batch_ids=list(waiting.batch_ids),
+                poll_interval=float(self.poll_interval),
+                wake_on_any=waiting.wake_on_any,
+                wake_at=wake_at,
+                api_version=self.batch_api_version,
+                cancel_on_kill=self.cancel_on_kill,
+            ),
+            method_name="execute_complete",
+        )
+
+    def _run(
+        self,
+        spark: SparkSession,
+        source: DataFrame,
+        checkpoint: Checkpoint,
+        endpoint: EndpointConfig,
+        options: QueryOptions,
+        placement: Placement,
+    ) -> tuple[dict[str, Any], int, float]:
+        settled_before = self._ledger(checkpoint).settled_by(self._try_id)  # before a deferral
+        summary, asked, query_seconds = super()._run(spark, source, checkpoint, endpoint, options, placement)
+        summary["resumed_requests"] = max(0, summary["resumed_requests"] - settled_before)
+        summary["batch_api"] = self._ledger(checkpoint).summary()
+        return summary, asked, query_seconds
+
+    def _new_result_names(self, checkpoint: Checkpoint, before: set[str]) -> list[str]:
+        # this try's answers may have been collected by an earlier resume of it (a quota wait)
+        names = super()._new_result_names(checkpoint, before)
+        existing = set(checkpoint.result_names())
+        earlier = [n for n in self._ledger(checkpoint).results_of(self._try_id) if n in existing]
+        return sorted(set(names) | set(earlier))
+
+    def _ledger(self, checkpoint: Checkpoint) -> Ledger:
+        manifest = checkpoint.read_manifest()
+        digest = manifest.digest() if manifest is not None else ""
+        return Ledger.load(checkpoint, digest, sanitize_key(self.checkpoint_key))
+
+
+@dataclass(frozen=True)
+class _Deferring:
+    """The placement, run one pass at a time: while batches run, the task defers to the trigger."""
+
+    placement: BatchAPIPlacement
+    operator: LLMQueryBatchAPIOperator
+
+    def run(self, work: Work) -> None:
+        waiting = self.placement.step(work)
+        if waiting is not None:
+            self.operator._defer_to(waiting)  # raises TaskDeferred: the lease is released on the way out
+
+
+__all__ = ["LLMQueryBatchAPIOperator"]
