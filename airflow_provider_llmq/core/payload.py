@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -335,7 +336,21 @@ def classify_exception(exc: BaseException) -> Failure:
     if _is_timeout(exc):
         detail = str(exc).strip()
         return Failure(TIMEOUT, f"request timed out: {detail}"[:300] if detail else "request timed out", True)
-    return Failure(CONNECTION_ERROR, text[:300], True)
+    cause = _root_cause(exc)
+    # the cause first: the full text of a pooled client's error is long and cut at 300 characters
+    return Failure(CONNECTION_ERROR, (f"{cause}: {text}" if cause else text)[:300], True)
+
+
+_ERRNO_TEXT = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")
+
+
+def _root_cause(exc: BaseException) -> str | None:
+    """What went wrong underneath (``Connection refused``, ``Name or service not known``)."""
+    for item in reversed(_chain(exc)):
+        if isinstance(item, OSError) and item.strerror:
+            return str(item.strerror)
+    found = _ERRNO_TEXT.search(str(exc))
+    return found.group(1).strip() if found else None
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
