@@ -47,6 +47,9 @@ def get_provider_info() -> dict[str, Any]:
                 "python-modules": ["airflow_provider_llmq.triggers.batch_api"],
             }
         ],
+        "task-decorators": [
+            {"name": "llmq", "class-name": "airflow_provider_llmq.decorators.llmq.llmq_task"},
+        ],
         "connection-types": [
             {
                 "connection-type": "llmq",

@@ -368,8 +368,11 @@ class LLMQueryBaseOperator(BaseOperator):
         )
         return source
 
-    def _check_arguments(self) -> None:
+    def _check_source(self) -> None:
         check_one_source(sql=self.sql, source_table=self.source_table, source_path=self.source_path)
+
+    def _check_arguments(self) -> None:
+        self._check_source()
         sinks = [n for n in ("output_table", "output_path") if getattr(self, n)]
         if len(sinks) != 1:
             raise LLMQueryConfigError(
