@@ -14,7 +14,7 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
-from urllib.parse import quote, urlsplit
+from urllib.parse import SplitResult, quote, urlsplit
 from urllib.request import getproxies
 
 from requests.utils import get_environ_proxies, select_proxy
@@ -66,6 +66,19 @@ _FORBIDDEN_HEADERS = frozenset({"api-key", "authorization", "proxy-authorization
 _PROXY_SCHEMES = ("http", "https")
 
 
+def _split_url(url: str, default_scheme: str, unparsable: str) -> tuple[str, SplitResult]:
+    """The URL (``default_scheme`` added when it has none) and its parts; ``unparsable`` is the
+    error, which never quotes the URL (a mistyped one may carry credentials)."""
+    if "://" not in url:
+        url = f"{default_scheme}://{url}"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise LLMQueryConfigError(unparsable) from None
+    return url, parts
+
+
 def normalize_base_url(host: str) -> str:
     """``myres.openai.azure.com`` and ``https://myres.openai.azure.com/`` mean the same base.
 
@@ -74,13 +87,7 @@ def normalize_base_url(host: str) -> str:
     host = host.strip().rstrip("/")
     if not host:
         raise LLMQueryConfigError("the connection has no host (API base URL)")
-    if "://" not in host:
-        host = f"https://{host}"
-    try:
-        parts = urlsplit(host)
-        parts.port  # noqa: B018 - raises on a port that is not a number
-    except ValueError:
-        raise LLMQueryConfigError("the API base URL could not be parsed (check its host and port)") from None
+    host, parts = _split_url(host, "https", "the API base URL could not be parsed (check its host and port)")
     if "@" in parts.netloc:
         raise LLMQueryConfigError(
             "the API base URL must not carry credentials: put the key in the connection's password"
@@ -149,13 +156,7 @@ def _clean_headers(headers: Mapping[str, object] | None) -> dict[str, str]:
 def _check_proxy(proxy: str, origin: str) -> str:
     """A usable proxy URL (``host:port`` means http). Errors name where it came from, never its value."""
     proxy = proxy.strip()
-    if "://" not in proxy:
-        proxy = f"http://{proxy}"
-    try:
-        parts = urlsplit(proxy)
-        parts.port  # noqa: B018 - raises on a port that is not a number
-    except ValueError:
-        raise LLMQueryConfigError(f"{origin} could not be parsed as a URL") from None
+    proxy, parts = _split_url(proxy, "http", f"{origin} could not be parsed as a URL")
     if parts.scheme not in _PROXY_SCHEMES or not parts.hostname:
         scheme = parts.scheme if parts.scheme.isalnum() else "?"
         raise LLMQueryConfigError(
