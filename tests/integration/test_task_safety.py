@@ -5,7 +5,6 @@ no retry can fix. Real ``dag.test()`` runs against local Spark and the mock serv
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import pytest
 
 from airflow_provider_llmq.operators.llmq import LLMQueryConfigFailure, LLMQueryRateLimitedOperator
 from airflow_provider_llmq.testing.mock_server import expected_answer
-from tests.conftest import DAGS_FOLDER, DEPLOYMENT, llmq_connection_env, run_dag_file
+from tests.conftest import DAGS_FOLDER, DEPLOYMENT, child_airflow_env, llmq_connection_env, run_dag_file
 
 DAG_HEAD = """
 from datetime import datetime, timedelta
@@ -255,7 +254,7 @@ def test_sigterm_stops_within_seconds_and_a_rerun_asks_only_the_rest(
             scheduling=scheduling,
         )
     )
-    env = {**os.environ, **llmq_connection_env(llm)}
+    env = {**child_airflow_env(tmp_path), **llmq_connection_env(llm)}
     proc = subprocess.Popen(
         [sys.executable, str(path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
