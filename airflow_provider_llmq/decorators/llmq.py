@@ -12,7 +12,6 @@ from airflow.sdk.bases.decorator import DecoratedOperator, TaskDecorator, task_d
 
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
 from airflow_provider_llmq.operators.llmq import LLMQueryRateLimitedOperator
-from airflow_provider_llmq.spark.source import validate_source
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -70,14 +69,7 @@ class _LLMQueryDecoratedOperator(DecoratedOperator, LLMQueryRateLimitedOperator)
                 f"the @task.llmq function returned {type(prompts).__name__}: return a Spark DataFrame, "
                 "a table name or SQL"
             )
-        validate_source(
-            prompts,
-            prompt_col=self.prompt_col,
-            id_col=self.id_col,
-            prompt_template=self.prompt_template,
-            response_col=self.response_col,
-        )
-        return prompts
+        return self._validated(prompts)
 
     def _fingerprint(self, source: DataFrame, endpoint: EndpointConfig) -> dict[str, Any]:
         fingerprint = super()._fingerprint(source, endpoint)

@@ -359,6 +359,10 @@ class LLMQueryBaseOperator(BaseOperator):
             source_path=self.source_path,
             source_format=self.source_format,
         )
+        return self._validated(source)
+
+    def _validated(self, source: DataFrame) -> DataFrame:
+        """The source, once the columns the arguments name are checked (before any request)."""
         validate_source(
             source,
             prompt_col=self.prompt_col,
