@@ -9,6 +9,11 @@ One run, side by side, against the mock server in a child process over TLS (Azur
   ``requests_per_minute = R * 60``; the article's and the SDK run at concurrency C as they are.
   Limit = min(C / latency, R).
 
+* the quota scenarios of issue 11 (``quota_cases.py``): 2,000 prompts, the server enforcing a quota
+  nobody told the client (a 100/s bucket, OpenAI headers at 150/s, Azure 10 s windows at 3,000 RPM, a
+  cap dropping from 200/s to 80/s, two processes sharing 100/s, the cap told exactly, a tokens/min
+  cap with prompts of mixed length), against each quota's targets (``--no-quotas`` skips them).
+
 Methods, each in a fresh Python process (so memory and leftover threads of one cannot touch the
 next, and a hang is cut by a timeout):
 
@@ -41,6 +46,7 @@ import asyncio
 import datetime as dt
 import gc
 import json
+import math
 import os
 import platform
 import re
@@ -59,8 +65,19 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-if str(ROOT) not in sys.path:  # tests.article lives beside the package
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, HERE):  # tests.article lives beside the package; quota_cases beside this file
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from quota_cases import (  # noqa: E402
+    CASES,
+    QUOTA_METHODS,
+    QuotaCase,
+    Target,
+    cap_rows_per_s,
+    mean_request_tokens,
+    padding,
+)
 
 KEY_ENV = "LLMQ_BENCH_API_KEY"
 KEY = "sk-llmq-benchmark-key"
@@ -103,6 +120,15 @@ class Scenario:
     server_rps: float | None = None  # the server's limit; None: none
     jitter_ms: float = 0.0  # per-prompt extra latency, uniform in [0, jitter_ms)
     methods: list[str] = field(default_factory=list)
+    # issue 11's quota scenarios: the server's quota (mock_server.quotas), what it allows in rows/s,
+    # how many client processes share it, what llmq is told (nothing, mostly), prompt lengths
+    quota: dict[str, Any] | None = None
+    cap: float | None = None
+    processes: int = 1
+    llmq_options: dict[str, Any] = field(default_factory=dict)
+    mixed_lengths: bool = False
+    target: Target | None = None
+    blurb: str = ""
 
     @property
     def client_rpm(self) -> float | None:
@@ -114,9 +140,17 @@ class Scenario:
         """``min(concurrency / latency, RPM / 60)``."""
         mean_latency = self.latency_ms + self.jitter_ms / 2
         by_concurrency = self.concurrency / (mean_latency / 1000) if mean_latency > 0 else float("inf")
-        return min(by_concurrency, self.server_rps or float("inf"))
+        return min(by_concurrency * self.processes, self.server_rps or self.cap or float("inf"))
 
     def describe(self) -> str:
+        if self.quota is not None:
+            told = ", ".join(f"{k}={v:g}" for k, v in self.llmq_options.items()) or "nothing"
+            each = f" each ({self.processes} processes)" if self.processes > 1 else ""
+            return (
+                f"{self.rows:,} prompts{each}, server latency {self.latency_ms:g} ms, concurrency "
+                f"{self.concurrency}; server quota: {self.blurb} (`{json.dumps(self.quota)}`); llmq told "
+                f"{told}; the cap: {self.limit_rows_per_s:,.1f} rows/s"
+            )
         limit = f"server limit {self.server_rps:g} req/s (429 beyond), " if self.server_rps else ""
         jitter = f" + 0-{self.jitter_ms:g} ms per prompt (mean used below)" if self.jitter_ms else ""
         rpm = f", llmq methods given requests_per_minute={self.client_rpm:g}" if self.client_rpm else ""
@@ -150,15 +184,27 @@ class Measurement:
     rate_limited: int = 0
     max_in_flight: int = 0
     notes: list[str] = field(default_factory=list)
+    # llmq's adaptive rate at the end (AdaptiveStats): requests/s admitted, cuts, seconds paused
+    final_rate: float | None = None
+    episodes: int | None = None
+    paused_seconds: float | None = None
+    per_process: list[dict[str, Any]] = field(default_factory=list)  # rows, right, seconds of each
 
     @property
     def right_per_s(self) -> float:
         return self.right / self.seconds if self.seconds > 0 else 0.0
 
 
-def prompts_for(scenario: str, method: str, n: int) -> list[tuple[int, str]]:
-    """Distinct prompts per run (the mock counts attempts per prompt), like short review texts."""
-    return [(i, f"[{scenario}/{method}] Summarise customer review #{i} in one sentence.") for i in range(n)]
+def prompts_for(
+    scenario: str, method: str, n: int, process: int = 0, mixed: bool = False
+) -> list[tuple[int, str]]:
+    """Distinct prompts per run (the mock counts attempts per prompt), like short review texts;
+    ``mixed``: with review text of 0 to about 1,900 characters."""
+    tag = f"{scenario}/{method}" + (f"/p{process}" if process else "")
+    return [
+        (i, f"[{tag}] Summarise customer review #{i} in one sentence." + (padding(i) if mixed else ""))
+        for i in range(n)
+    ]
 
 
 def score(m: Measurement, rows: list[tuple[int, str]], out: Iterable[tuple[Any, str | None, bool]]) -> None:
@@ -235,19 +281,26 @@ def run_llmq(spec: dict[str, Any], rows: list[tuple[int, str]]) -> Output:
 
     endpoint = _llmq_endpoint(spec)
     c = spec["concurrency"]
-    options: dict[str, Any] = {"system_prompt": SYSTEM_PROMPT}
+    options: dict[str, Any] = {"system_prompt": SYSTEM_PROMPT, **spec.get("llmq_options", {})}
     if spec["client_rpm"] and spec["method"] != "llmq.async_limited.no_rpm":
         options["requests_per_minute"] = spec["client_rpm"]
     method = spec["method"]
     if method == "llmq.sync":
         return _partitions(rows, c, lambda part: _llmq_output(query_sync(endpoint, part, **options)))
     if method == "llmq.async_batches":
-        return _llmq_output(query_async_batches(endpoint, rows, batch_size=c, **options))
-    if method in ("llmq.async_limited", "llmq.async_limited.no_rpm"):
-        return _llmq_output(query_async_limited(endpoint, rows, max_concurrency=c, **options))
-    if method == "llmq.thread_pool":
-        return _llmq_output(query_thread_pool(endpoint, rows, max_workers=c, **options))
-    raise ValueError(method)
+        stream = query_async_batches(endpoint, rows, batch_size=c, **options)
+    elif method in ("llmq.async_limited", "llmq.async_limited.no_rpm"):
+        stream = query_async_limited(endpoint, rows, max_concurrency=c, **options)
+    elif method == "llmq.thread_pool":
+        stream = query_thread_pool(endpoint, rows, max_workers=c, **options)
+    else:
+        raise ValueError(method)
+    out = _llmq_output(stream)
+    _LLMQ_STATS.append(stream.stats())
+    return out
+
+
+_LLMQ_STATS: list[Any] = []  # the adaptive rate's AdaptiveStats at the end of the method
 
 
 def run_article(spec: dict[str, Any], rows: list[tuple[int, str]]) -> Output:
@@ -344,7 +397,9 @@ def worker_main(spec_path: str) -> int:
         family,
         spec["rows"],
     )
-    rows = prompts_for(spec["scenario"], spec["method"], spec["rows"])
+    rows = prompts_for(
+        spec["scenario"], spec["method"], spec["rows"], spec.get("process", 0), spec.get("mixed", False)
+    )
     runner = run_openai_sdk if family == "openai" else run_article if family == "article" else run_llmq
     out: Output = []
     try:
@@ -379,6 +434,9 @@ def worker_main(spec_path: str) -> int:
     m.cpu_seconds = (cpu_after.user - cpu_before.user) + (cpu_after.system - cpu_before.system)
     peak, exact = _peak_since_reset_kb()
     m.peak_rss_growth_mb = max(0, peak - rss_before) / 1024 if (hwm_reset and exact) else None
+    if _LLMQ_STATS:
+        stats = _LLMQ_STATS[-1]
+        m.final_rate, m.episodes, m.paused_seconds = stats.rate, stats.episodes, stats.paused_seconds
     score(m, rows, out)
     Path(spec["out_path"]).write_text(json.dumps(asdict(m)))
     return 0
@@ -390,55 +448,99 @@ def worker_main(spec_path: str) -> int:
 
 
 def run_one(server: Any, scenario: Scenario, method: str, workdir: Path, timeout: float) -> Measurement:
+    """The method in ``scenario.processes`` fresh processes started together (each with its own
+    rows), against the server's counters zeroed (and its quota fresh) just before."""
     family, template, _ = METHODS[method]
-    out_path = workdir / f"{scenario.name}-{method}.json"
-    spec = {
-        "scenario": scenario.name,
-        "method": method,
-        "rows": scenario.rows,
-        "concurrency": scenario.concurrency,
-        "client_rpm": scenario.client_rpm,
-        "base_url": server.base_url,
-        "ca_path": server.ca_path,
-        "out_path": str(out_path),
-    }
-    spec_path = workdir / f"{scenario.name}-{method}.spec.json"
-    spec_path.write_text(json.dumps(spec))
     server.reset()
     server_cpu = _process_cpu_seconds(server.proc.pid if getattr(server, "proc", None) else None)
     env = dict(os.environ, **{KEY_ENV: KEY})  # the key travels in the environment, never in argv
-    log_path = workdir / f"{scenario.name}-{method}.log"
     started = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--_worker", str(spec_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=str(ROOT),
-        )
+    running = []
+    for process in range(scenario.processes):
+        name = f"{scenario.name}-{method}-{process}"
+        out_path = workdir / f"{name}.json"
+        spec = {
+            "scenario": scenario.name,
+            "method": method,
+            "rows": scenario.rows,
+            "concurrency": scenario.concurrency,
+            "client_rpm": scenario.client_rpm,
+            "llmq_options": scenario.llmq_options,
+            "process": process,
+            "mixed": scenario.mixed_lengths,
+            "base_url": server.base_url,
+            "ca_path": server.ca_path,
+            "out_path": str(out_path),
+        }
+        spec_path = workdir / f"{name}.spec.json"
+        spec_path.write_text(json.dumps(spec))
+        log_path = workdir / f"{name}.log"
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "--_worker", str(spec_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=str(ROOT),
+            )
+        running.append((proc, out_path, log_path))
+    parts = []
+    for proc, out_path, log_path in running:
         try:
-            code = proc.wait(timeout=timeout)
+            code = proc.wait(timeout=max(1.0, timeout - (time.perf_counter() - started)))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
             code = None
+        if out_path.exists():
+            part = Measurement(**{**json.loads(out_path.read_text()), "notes": []})
+        else:
+            part = Measurement(
+                scenario.name, method, template.format(c=scenario.concurrency), family, scenario.rows
+            )
+            part.seconds = time.perf_counter() - started
+            part.missing = scenario.rows
+            tail = log_path.read_text()[-300:].strip().splitlines()
+            part.outcome = (
+                "timed out" if code is None else f"worker exited {code}: {tail[-1] if tail else ''}"
+            )
+        parts.append(part)
     stats = server.stats()
     server_cpu_after = _process_cpu_seconds(server.proc.pid if getattr(server, "proc", None) else None)
-    if out_path.exists():
-        m = Measurement(**{**json.loads(out_path.read_text()), "notes": []})
-    else:
-        m = Measurement(scenario.name, method, template.format(c=scenario.concurrency), family, scenario.rows)
-        m.seconds = time.perf_counter() - started
-        m.missing = scenario.rows
-        tail = log_path.read_text()[-300:].strip().splitlines()
-        m.outcome = "timed out" if code is None else f"worker exited {code}: {tail[-1] if tail else ''}"
+    m = parts[0] if len(parts) == 1 else _combined(parts)
     by_status = stats.get("requests_by_status", {})
     m.requests = int(stats.get("chat_requests", 0))
     m.rate_limited = int(by_status.get("429", 0))
     m.max_in_flight = int(stats.get("max_in_flight", 0))
     if server_cpu is not None and server_cpu_after is not None:
         m.server_cpu_seconds = server_cpu_after - server_cpu
+    return m
+
+
+def _combined(parts: list[Measurement]) -> Measurement:
+    """Processes that ran at once, as one measurement: their rows together over the longest wall
+    time; each one's own figures kept in ``per_process``."""
+    first = parts[0]
+    m = Measurement(first.scenario, first.method, first.label, first.family, sum(p.rows for p in parts))
+    m.seconds = max(p.seconds for p in parts)
+    for name in ("rows_out", "right", "misplaced", "duplicates", "missing", "errors", "errors_as_text"):
+        setattr(m, name, sum(getattr(p, name) for p in parts))
+    m.cpu_seconds = sum(p.cpu_seconds for p in parts)
+    m.outcome = next((p.outcome for p in parts if p.outcome != "ok"), "ok")
+    if all(p.final_rate is not None for p in parts):
+        m.final_rate = sum(p.final_rate or 0.0 for p in parts)
+        m.episodes = sum(p.episodes or 0 for p in parts)
+        m.paused_seconds = max(p.paused_seconds or 0.0 for p in parts)
+    m.per_process = [
+        {
+            "rows": p.rows,
+            "right": p.right,
+            "seconds": round(p.seconds, 2),
+            "right_per_s": round(p.right_per_s, 1),
+            "final_rate": None if p.final_rate is None else round(p.final_rate, 1),
+        }
+        for p in parts
+    ]
     return m
 
 
@@ -521,6 +623,78 @@ def scenario_table(scenario: Scenario, ms: list[Measurement]) -> str:
     return "\n".join(lines)
 
 
+def _share(m: Measurement) -> float:
+    return m.rate_limited / m.requests if m.requests else 0.0
+
+
+def _verdict(scenario: Scenario, m: Measurement) -> tuple[bool, list[str]]:
+    """Whether the method met the scenario's targets, and what it missed (by how much)."""
+    target = scenario.target
+    missed = []
+    if m.right < m.rows:
+        missed.append(f"{m.rows - m.right:,} rows not answered")
+    if target is not None:
+        ratio = m.right_per_s / scenario.limit_rows_per_s
+        if target.min_vs_cap is not None and ratio < target.min_vs_cap:
+            missed.append(f"{ratio:.3f} of the cap < {target.min_vs_cap:g}")
+        if _share(m) > target.max_429_share:
+            missed.append(f"{100 * _share(m):.1f} % 429s > {100 * target.max_429_share:g} %")
+    return not missed, missed
+
+
+def quota_table(scenario: Scenario, ms: list[Measurement]) -> str:
+    target = scenario.target
+    assert target is not None
+    head = (
+        f"| method | wall s | answered rows/s | vs cap (target {target.min_vs_cap:g}) "
+        f"| 429 share (target {100 * target.max_429_share:g} %) | rows answered | errors | requests (429) "
+        "| llmq final rate / cuts / paused | CPU s client / server | met | outcome |"
+    )
+    lines = [head, "|" + "|".join(["---"] + ["---:"] * 9 + ["---", "---"]) + "|"]
+    for m in ms:
+        met, missed = _verdict(scenario, m)
+        name = f"**{m.label}**" if m.family == "llmq" else m.label
+        server_cpu = f"{m.server_cpu_seconds:.1f}" if m.server_cpu_seconds is not None else "?"
+        adaptive = "-"
+        if m.final_rate is not None:
+            adaptive = f"{m.final_rate:,.0f}/s, {m.episodes}, {m.paused_seconds:.1f} s"
+        answered = f"{m.right:,} of {m.rows:,}"
+        if m.per_process:
+            answered += (
+                " (" + " + ".join(f"{p['right']:,} in {p['seconds']:.1f} s" for p in m.per_process) + ")"
+            )
+        vs_cap = m.right_per_s / scenario.limit_rows_per_s
+        verdict = "yes" if met else "no: " + "; ".join(missed)
+        lines.append(
+            f"| {name} | {m.seconds:.1f} | {m.right_per_s:,.1f} | {vs_cap:.2f} "
+            f"| {100 * _share(m):.1f} % | {answered} | {m.errors:,} | {m.requests:,} ({m.rate_limited:,}) "
+            f"| {adaptive} | {m.cpu_seconds:.1f} / {server_cpu} | {verdict} | {m.outcome} |"
+        )
+    return "\n".join(lines)
+
+
+def targets_summary(scenarios: list[Scenario], results: dict[str, list[Measurement]]) -> str:
+    """One line per quota scenario and llmq method: the figures the issue's targets are about."""
+    lines = [
+        "| scenario | method | vs cap | target | 429 share | target | rows answered | met |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for scenario in scenarios:
+        if scenario.target is None:
+            continue
+        for m in results[scenario.name]:
+            if m.family != "llmq":
+                continue
+            met, missed = _verdict(scenario, m)
+            target = scenario.target
+            lines.append(
+                f"| {scenario.name} | {_short_label(m)} | {m.right_per_s / scenario.limit_rows_per_s:.3f} "
+                f"| {target.min_vs_cap:g} | {100 * _share(m):.1f} % | {100 * target.max_429_share:g} % "
+                f"| {m.right:,} / {m.rows:,} | {'yes' if met else 'no: ' + '; '.join(missed)} |"
+            )
+    return "\n".join(lines)
+
+
 def markdown(
     scenarios: list[Scenario],
     results: dict[str, list[Measurement]],
@@ -529,7 +703,9 @@ def markdown(
     total_seconds: float,
     chart_name: str,
     command: str,
+    raw: dict[str, Any] | None = None,
 ) -> str:
+    quota_scenarios = [s for s in scenarios if s.quota is not None]
     parts = [
         "# llmq benchmark",
         "",
@@ -559,16 +735,46 @@ def markdown(
         "slice (Spark would run C Python worker processes).",
         "",
     ]
+    if quota_scenarios:
+        parts += [
+            "## Quotas nobody told the client (issue 11): the targets",
+            "",
+            "llmq's rate-limited method (`query_async_limited`) and thread pool, **no configuration** "
+            "(only `told-exactly-100` gets `requests_per_minute`): *vs cap* is answered rows/s (rows "
+            "with their own answer, over the wall time of the method, start-up and tail included) "
+            "divided by what the quota allows; *429 share*: 429s over all requests the server saw. "
+            "Each scenario's full table, with the openai SDK and the article's semaphore method, "
+            "follows below. How the caps are counted: `azure-3000rpm`'s run spans four 10 s windows, "
+            "the first one partial (6.3 s) but with its whole budget, so more than 1.0 is possible; "
+            "`drop-200-80`'s cap is the rows over the fastest possible schedule (200/s from the very "
+            "first request, then 80/s), which no client that has to learn the 200/s can reach; "
+            "`tokens-per-minute`'s is the tokens/min over the mean cost of a request.",
+            "",
+            targets_summary(quota_scenarios, results),
+            "",
+        ]
     for scenario in scenarios:
+        table = quota_table if scenario.quota is not None else scenario_table
         parts += [
             f"## {scenario.name}",
             "",
             scenario.describe() + ".",
             "",
-            scenario_table(scenario, results[scenario.name]),
+            table(scenario, results[scenario.name]),
             "",
         ]
     parts += [f"![rows/s per method]({chart_name})", ""]
+    if raw is not None:
+        parts += [
+            "<details><summary>Raw JSON of this run</summary>",
+            "",
+            "```json",
+            json.dumps(raw, indent=1),
+            "```",
+            "",
+            "</details>",
+            "",
+        ]
     return "\n".join(parts)
 
 
@@ -582,8 +788,13 @@ def chart(scenarios: list[Scenario], results: dict[str, list[Measurement]], path
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    fig, axes = plt.subplots(1, len(scenarios), figsize=(6.2 * len(scenarios), 4.6), squeeze=False)
-    for ax, scenario in zip(axes[0], scenarios, strict=True):
+    cols = min(3, len(scenarios))
+    rows = math.ceil(len(scenarios) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 4.6 * rows), squeeze=False)
+    flat = [ax for line in axes for ax in line]
+    for ax in flat[len(scenarios) :]:
+        ax.set_visible(False)
+    for ax, scenario in zip(flat, scenarios, strict=False):
         ms = results[scenario.name]
         labels = [_short_label(m) for m in ms]
         values = [m.right_per_s for m in ms]
@@ -595,7 +806,7 @@ def chart(scenarios: list[Scenario], results: dict[str, list[Measurement]], path
         ax.text(
             limit,
             len(ms) - 0.45,
-            f"limit {limit:,.0f}/s ",
+            f"{'cap' if scenario.quota else 'limit'} {limit:,.0f}/s ",
             fontsize=8,
             va="bottom",
             ha="right",
@@ -610,6 +821,8 @@ def chart(scenarios: list[Scenario], results: dict[str, list[Measurement]], path
             ]
             if wrong:
                 text += f" [{', '.join(wrong)}]"
+            if scenario.quota is not None and m.requests:
+                text += f" ({100 * _share(m):.1f} % 429)"
             ax.text(
                 v,
                 yi,
@@ -625,9 +838,11 @@ def chart(scenarios: list[Scenario], results: dict[str, list[Measurement]], path
         ax.tick_params(axis="x", labelsize=8)
         rps = f", server {scenario.server_rps:g} req/s" if scenario.server_rps else ""
         jitter = f"+0-{scenario.jitter_ms:g}" if scenario.jitter_ms else ""
+        each = f" x {scenario.processes} processes" if scenario.processes > 1 else ""
+        told = " (llmq told the cap)" if scenario.llmq_options else ""
         ax.set_title(
-            f"{scenario.name}: {scenario.rows:,} rows, {scenario.latency_ms:g}{jitter} ms, "
-            f"C={scenario.concurrency}{rps}",
+            f"{scenario.name}: {scenario.rows:,} rows{each}, {scenario.latency_ms:g}{jitter} ms, "
+            f"C={scenario.concurrency}{rps}{told}",
             fontsize=9,
         )
     fig.legend(
@@ -687,11 +902,60 @@ def build_scenarios(args: argparse.Namespace) -> list[Scenario]:
                 rate_methods,
             )
         )
+    if args.quotas and args.quota_rows > 0:
+        scenarios += [quota_scenario(case, args) for case in CASES]
+    if args.scenarios:
+        names = set(args.scenarios.split(","))
+        unknown = names - {s.name for s in scenarios}
+        if unknown:
+            raise SystemExit(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+        scenarios = [s for s in scenarios if s.name in names]
     if args.only:
         wanted = set(args.only.split(","))
         for s in scenarios:
             s.methods = [m for m in s.methods if m in wanted]
     return scenarios
+
+
+def quota_scenario(case: QuotaCase, args: argparse.Namespace) -> Scenario:
+    scenario = Scenario(
+        case.name,
+        args.quota_rows,
+        args.latency_ms,
+        args.concurrency,
+        methods=list(QUOTA_METHODS),
+        quota=case.quota,
+        processes=case.processes,
+        llmq_options=dict(case.llmq_options),
+        mixed_lengths=case.mixed_lengths,
+        target=case.target,
+        blurb=case.blurb,
+    )
+    mean_tokens = None
+    if case.mixed_lengths:
+        prompts = [p for _, p in prompts_for(case.name, "llmq.async_limited", args.quota_rows, mixed=True)]
+        mean_tokens = mean_request_tokens(prompts, SYSTEM_PROMPT, DEPLOYMENT)
+        scenario.blurb += f" (a request costs {mean_tokens:.0f} tokens on average)"
+    scenario.cap = cap_rows_per_s(case, args.quota_rows, mean_tokens)
+    return scenario
+
+
+def git_revision() -> str:
+    """The commit measured, and whether the working tree differed from it."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + (" + uncommitted changes" if dirty else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -710,9 +974,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--concurrency", type=int, default=64, help="C: batch size, workers, partitions (64)")
     p.add_argument("--rate-rps", type=float, default=100.0, help="server limit in the rate-limited scenario")
-    p.add_argument("--quick", action="store_true", help="1,000 + 400 prompts: a smoke run of a minute")
+    p.add_argument("--quick", action="store_true", help="1,000 + 400 (+ 500 per quota) prompts: a smoke run")
+    p.add_argument("--quota-rows", type=int, default=None, help="prompts per quota scenario (2000)")
+    p.add_argument(
+        "--quotas",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the quota scenarios of issue 11 (default: yes)",
+    )
+    p.add_argument("--scenarios", help="comma-separated scenario names to run, e.g. bucket-100,drop-200-80")
     p.add_argument("--only", help="comma-separated method keys to run, e.g. llmq.sync,article.udf")
     p.add_argument("--timeout", type=float, default=None, help="seconds per method before it is killed")
+    p.add_argument(
+        "--render",
+        metavar="JSON",
+        help="write the markdown (and chart) again from a run's raw JSON, without measuring anything",
+    )
     p.add_argument(
         "--publish",
         action=argparse.BooleanOptionalAction,
@@ -720,17 +997,21 @@ def main(argv: list[str] | None = None) -> int:
         help="refresh benchmarks/RESULTS.md and results.png (default: yes unless --quick)",
     )
     args = p.parse_args(argv)
+    if args.render:
+        return render(Path(args.render), publish=args.publish is not False)
     if args.rows is None:
         args.rows = 1000 if args.quick else 5000
     if args.rate_rows is None:
         args.rate_rows = 400 if args.quick else 1200
+    if args.quota_rows is None:
+        args.quota_rows = 500 if args.quick else 2000
     publish = (not args.quick) if args.publish is None else args.publish
     if args.concurrency < 1 or args.rows < 1 or args.latency_ms < 0:
         p.error("--rows and --concurrency must be >= 1, --latency-ms >= 0")
 
     from airflow_provider_llmq.testing.mock_server import MockConfig, MockServerProcess
 
-    info = machine_info()
+    info = {"git": git_revision(), **machine_info()}
     scenarios = build_scenarios(args)
     results: dict[str, list[Measurement]] = {}
     started = time.perf_counter()
@@ -744,10 +1025,13 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         for scenario in scenarios:
             server.configure(
-                latency_ms=scenario.latency_ms, latency_jitter_ms=scenario.jitter_ms, rps=scenario.server_rps
+                latency_ms=scenario.latency_ms,
+                latency_jitter_ms=scenario.jitter_ms,
+                rps=scenario.server_rps,
+                quota=scenario.quota,
             )
             print(f"\n== {scenario.name}: {scenario.describe()}", flush=True)
-            ideal = scenario.rows / scenario.limit_rows_per_s
+            ideal = scenario.rows * scenario.processes / scenario.limit_rows_per_s
             timeout = args.timeout or max(120.0, 15 * ideal)
             results[scenario.name] = []
             for method in scenario.methods:
@@ -757,7 +1041,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"  {m.label:<72} {m.seconds:6.1f} s {m.right_per_s:7.0f} right rows/s "
                     f"right {m.right}/{m.rows} misplaced {m.misplaced} missing {m.missing} "
                     f"errors {m.errors} 429s {m.rate_limited} cpu {m.cpu_seconds:.1f}s "
-                    f"server cpu {m.server_cpu_seconds or 0:.1f}s  {m.outcome}",
+                    f"server cpu {m.server_cpu_seconds or 0:.1f}s  {m.outcome}"
+                    + (f"  final rate {m.final_rate:.0f}/s" if m.final_rate is not None else ""),
                     flush=True,
                 )
     total = time.perf_counter() - started
@@ -769,29 +1054,48 @@ def main(argv: list[str] | None = None) -> int:
     png = out_dir / f"results-{stamp}.png"
     chart(scenarios, results, png)
     command = "benchmarks/run.py " + " ".join(argv) if argv else "benchmarks/run.py"
-    md = markdown(scenarios, results, info, load_end, total, png.name, command)
+    raw = {
+        "machine": info,
+        "load_average_end": load_end,
+        "total_seconds": total,
+        "command": command,
+        "scenarios": [asdict(s) for s in scenarios],
+        "results": {k: [asdict(m) for m in v] for k, v in results.items()},
+    }
+    md = markdown(scenarios, results, info, load_end, total, png.name, command, raw)
     (out_dir / f"results-{stamp}.md").write_text(md)
-    (out_dir / f"results-{stamp}.json").write_text(
-        json.dumps(
-            {
-                "machine": info,
-                "load_average_end": load_end,
-                "total_seconds": total,
-                "command": command,
-                "scenarios": [asdict(s) for s in scenarios],
-                "results": {k: [asdict(m) for m in v] for k, v in results.items()},
-            },
-            indent=1,
-        )
-    )
+    (out_dir / f"results-{stamp}.json").write_text(json.dumps(raw, indent=1))
     if publish:
         shutil.copyfile(png, HERE / "results.png")
         (HERE / "RESULTS.md").write_text(
-            markdown(scenarios, results, info, load_end, total, "results.png", command)
+            markdown(scenarios, results, info, load_end, total, "results.png", command, raw)
         )
         print(f"published: {HERE / 'RESULTS.md'}, {HERE / 'results.png'}")
     print("\n" + md)  # after the files: a closed pipe (| head) must not lose them
     print(f"written: {out_dir / f'results-{stamp}.md'}, {png}")
+    return 0
+
+
+def render(raw_path: Path, publish: bool) -> int:
+    """The markdown and chart of a finished run from its raw JSON (new formatting, same figures)."""
+    raw = json.loads(raw_path.read_text())
+    scenarios = []
+    for data in raw["scenarios"]:
+        target = data.pop("target", None)
+        scenarios.append(Scenario(**data, target=Target(**target) if target else None))
+    results = {k: [Measurement(**m) for m in v] for k, v in raw["results"].items()}
+    args = (raw["machine"], tuple(raw["load_average_end"]), raw["total_seconds"])
+    png = raw_path.with_suffix(".png")
+    chart(scenarios, results, png)
+    md = markdown(scenarios, results, *args, png.name, raw["command"], raw)
+    raw_path.with_suffix(".md").write_text(md)
+    if publish:
+        shutil.copyfile(png, HERE / "results.png")
+        (HERE / "RESULTS.md").write_text(
+            markdown(scenarios, results, *args, "results.png", raw["command"], raw)
+        )
+        print(f"published: {HERE / 'RESULTS.md'}, {HERE / 'results.png'}")
+    print(f"written: {raw_path.with_suffix('.md')}, {png}")
     return 0
 
 

@@ -471,6 +471,67 @@ def test_config_validation(srv: MockServer, http: requests.Session) -> None:
     assert srv.config.fault_rate == 0.0
 
 
+def test_quota_token_bucket_refuses_with_its_hint_before_the_fault_plan(
+    srv: MockServer, http: requests.Session
+) -> None:
+    srv.configure(quota={"kind": "token_bucket", "rate": 2, "burst": 3})
+    codes = [azure(srv, http, f"bucket {i} [[500]]").status_code for i in range(6)]
+    # the burst of 3 is admitted (and meets its planned 500), the rest is refused fast
+    assert codes[:3] == [500, 500, 500] and codes[3:] == [429, 429, 429]
+    refused = azure(srv, http, "bucket refused")
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert 1 <= int(refused.headers["retry-after-ms"]) <= 500 and "Retry-After" not in refused.headers
+    stats = srv.stats()
+    assert stats["quota"]["throttled"] == 4 and stats["quota"]["admitted"] == 3
+    # refused requests did not count as attempts of their prompt: the next one is still attempt 1
+    assert srv.attempts_for("bucket 3 [[500]]") == 0
+    assert stats["requests_by_status"] == {"500": 3, "429": 4}
+
+
+def test_quota_headers_on_answers(srv: MockServer, http: requests.Session) -> None:
+    srv.configure(quota={"kind": "openai", "requests_per_minute": 600, "tokens_per_minute": 60_000})
+    r = openai(srv, http, "headers please", max_tokens=10)
+    assert r.status_code == 200
+    assert (
+        r.headers["x-ratelimit-limit-requests"] == "600" and r.headers["x-ratelimit-limit-tokens"] == "60000"
+    )
+    assert r.headers["x-ratelimit-remaining-requests"] == "9"  # a bucket of one second: 10
+    # charged before serving: the prompt's tokens plus max_tokens
+    prompt_tokens = r.json()["usage"]["prompt_tokens"]
+    assert int(r.headers["x-ratelimit-remaining-tokens"]) == 1000 - prompt_tokens - 10
+    assert r.headers["x-ratelimit-reset-requests"].endswith("ms")
+
+    srv.configure(quota={"kind": "azure", "requests_per_minute": 60, "window": 10})  # 10 per window
+    answers = [azure(srv, http, f"azure {i}") for i in range(11)]
+    assert [a.headers["x-ratelimit-remaining-requests"] for a in answers[:10]] == [
+        str(9 - i) for i in range(10)
+    ]
+    assert answers[10].status_code == 429
+    assert 1 <= int(answers[10].headers["Retry-After"]) <= 10 and "retry-after-ms" in answers[10].headers
+
+
+def test_quota_tokens_counted_per_second_and_validated(srv: MockServer, http: requests.Session) -> None:
+    srv.configure(quota={"kind": "tokens_per_minute", "tokens_per_minute": 600_000})
+    r = azure(srv, http, "x" * 400)  # 100 prompt tokens, and the answer it is about to write
+    usage = r.json()["usage"]
+    quota = srv.stats()["quota"]
+    assert quota["kind"] == "tokens_per_minute"
+    assert (
+        quota["tokens_admitted"] == usage["total_tokens"] == sum(quota["admitted_tokens_per_second_counts"])
+    )
+    with pytest.raises(ValueError, match="unknown quota kind"):
+        srv.configure(quota={"kind": "leaky"})
+    with pytest.raises(ValueError, match="unknown field"):
+        MockConfig(quota={"kind": "token_bucket", "rate": 1, "rpm": 2})
+    bad = http.post(srv.base_url + "/_mock/config", json={"quota": {"kind": "x"}}, verify=srv.ca_path)
+    assert bad.status_code == 400 and srv.config.quota == {
+        "kind": "tokens_per_minute",
+        "tokens_per_minute": 600_000,
+    }
+    srv.configure(quota=None)
+    assert azure(srv, http, "free again").status_code == 200 and srv.stats()["quota"]["kind"] is None
+
+
 def test_server_process_starts_answers_and_stops(tmp_path: Any) -> None:
     cfg = MockConfig(api_key="proc-key", deployments=["d1"])
     with MockServerProcess(cfg, tls=True, cert_dir=tmp_path / "certs") as proc:
@@ -503,5 +564,13 @@ def test_cli_help() -> None:
         timeout=30,
     )
     assert out.returncode == 0
-    for option in ("--no-tls", "--cert-dir", "--rps", "--max-concurrency", "--fault-rate", "--deployments"):
+    for option in (
+        "--no-tls",
+        "--cert-dir",
+        "--rps",
+        "--max-concurrency",
+        "--fault-rate",
+        "--deployments",
+        "--quota",
+    ):
         assert option in out.stdout

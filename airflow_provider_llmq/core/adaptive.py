@@ -15,9 +15,13 @@ How the rate moves (TCP's congestion control, on a rate instead of a window):
   last cut starts an episode: the rate drops to ``decrease`` times the rate the server *answered*
   lately (never above the rate admitted). 429s of the same burst (requests sent before the cut could
   show) are counted, not cut again. Cutting from the answered rate, not the admitted one, lands just
-  under the quota even after a slow-start overshoot of 2-3x; and a cut of 10 % keeps a hard quota
-  busy: a deep cut (TCP's 50 %) leaves the quota idle during the whole climb back, which a token
-  bucket never gives back (about (1 - decrease) / 2 of the throughput is lost).
+  under the quota even after a slow-start overshoot of 2-3x. The cut that ends slow start is made
+  while the answers still lag the ramp (over real sockets the answered rate was then a third of the
+  quota), so it is checked one round trip later: the answers to the requests sent before it arrive
+  at the rate the server admitted them, the quota, and a cut below that is raised to ``decrease``
+  times it. A cut of 10 % keeps a hard quota busy: a deep cut (TCP's 50 %) leaves the quota idle
+  during the whole climb back, which a token bucket never gives back (about (1 - decrease) / 2 of the
+  throughput is lost).
 - **Congestion avoidance:** each answer adds ``increase * sqrt(rate) / rate``, about
   ``increase * sqrt(rate)`` requests/s per second: the additive half of AIMD, which is what shares a
   quota between clients that each only see their own 429s. The cut keeps their ratio; the climb,
@@ -26,8 +30,9 @@ How the rate moves (TCP's congestion control, on a rate instead of a window):
   closer than ``episode_requests`` answers apart (a small quota) climbs slower, so that at most about
   one request in that many is a 429.
 - **Never far above what the server answers:** growth stops at ``headroom`` times the answered rate
-  and at ``max_concurrency / latency``, so a client bound by its concurrency or by slow answers does
-  not ramp an unused rate into the next 429 storm.
+  (``slow_start_headroom`` in slow start, over the newest answers only: the ramp must not wait for a
+  lagging average) and at ``max_concurrency / latency``, so a client bound by its concurrency or by
+  slow answers does not ramp an unused rate into the next 429 storm.
 - **Rate headers** give ceilings before any 429: OpenAI's ``x-ratelimit-limit-*`` (per minute),
   ``-remaining-*`` and ``-reset-*`` (a refilling bucket: the ceiling is the limit's per-second rate, or
   more while the bucket holds more than it can refill); Azure's ``x-ratelimit-remaining-requests`` /
@@ -84,6 +89,10 @@ _UNIT_SECONDS = {
 _KNOWN_WINDOWS = (1.0, 10.0, 60.0)  # Azure enforces per-minute quotas over 1 s or 10 s windows
 _RATE_SAMPLES = 32  # the answered rate is measured over at most this many newest answers...
 _MIN_SAMPLES = 8  # ...and over a span long enough for this many at the current rate
+# in slow start, over the newest this many only: the ramp doubles every few round trips, and a longer
+# window's average lags it so far that the headroom (growth up to twice the answered rate) holds the
+# ramp back to a doubling per window
+_SLOW_START_SAMPLES = 12
 _MIN_STEP_SCALE = 1e-3
 
 
@@ -134,16 +143,19 @@ class AdaptiveSettings:
     :param episode_requests: the climb slows down while the client's own episodes come closer than
         this many answers apart (a small quota), so that at most about 1 request in this many is a 429.
     :param headroom: growth stops at this times the answered rate.
+    :param slow_start_headroom: the same in slow start, where the answered rate lags the ramp by a
+        round trip and more (with 2, the ramp from 20/s to 1,000/s took 1.6 s at 50 ms latency).
     :param window: seconds over which the answered rate is measured (longer for a slow quota).
     """
 
     initial_rate: float = 20.0
     min_rate: float = 0.1
-    slow_start_gain: float = 5.0
+    slow_start_gain: float = 10.0
     decrease: float = 0.9
     increase: float = 1.0
     episode_requests: float = 25.0
     headroom: float = 2.0
+    slow_start_headroom: float = 4.0
     window: float = 1.0
 
     def __post_init__(self) -> None:
@@ -154,8 +166,9 @@ class AdaptiveSettings:
             raise ValueError(f"decrease must be within (0, 1), got {self.decrease!r}")
         if self.increase < 0:
             raise ValueError(f"increase must be >= 0, got {self.increase!r}")
-        if not self.headroom > 1:
-            raise ValueError(f"headroom must be > 1, got {self.headroom!r}")
+        for name in ("headroom", "slow_start_headroom"):
+            if not getattr(self, name) > 1:
+                raise ValueError(f"{name} must be > 1, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -306,6 +319,10 @@ class AdaptiveRate:
         self._since_cut = 0  # answers since the last cut
         self._step_scale = 1.0  # of the additive step, see _cut
         self._cut_from = math.inf  # the admitted rate the last cut started from
+        # after the cut that ends slow start: the answers to requests sent before it, counted as they
+        # arrive (the time of the cut, how many came since), see _remeasure
+        self._probe_at: float | None = None
+        self._probe_count = 0
         self._latency: float | None = None  # smoothed seconds from send to answer
         self._answers: deque[float] = deque(maxlen=_RATE_SAMPLES)
         self._avg_tokens: float | None = None
@@ -370,6 +387,8 @@ class AdaptiveRate:
                 )
             if not self.adaptive:
                 return
+            if self._probe_at is not None:
+                self._remeasure(sent_at, now)
             self._read_headers(sent_at, headers)
             ceiling, stated = self._header_limits(now, apply_pauses=False)
             if stated is not None:
@@ -450,16 +469,21 @@ class AdaptiveRate:
 
         Over the last ``window`` s, stretched to cover ``_MIN_SAMPLES`` answers at the current rate (a
         slow quota answers too rarely for a fixed window), and over the newest ``_RATE_SAMPLES`` at
-        most (a slow start's ramp or a quota's drop shows without lag). Answers from before an idle
-        spell are not counted: they would make a busy quota look empty.
+        most (a slow start's ramp or a quota's drop shows without lag; ``_SLOW_START_SAMPLES`` in slow
+        start). Answers from before an idle spell are not counted: they would make a busy quota look
+        empty.
         """
         answers = self._answers
         span = max(self.settings.window, _MIN_SAMPLES / max(self._rate, self.settings.min_rate))
+        if self._phase == SLOW_START:
+            span = max(2.0 * (self._latency or 0.05), 0.1)
         horizon = now - span
         count = len(answers)
         first = count
         while first > 0 and answers[first - 1] > horizon:
             first -= 1
+        if self._phase == SLOW_START:
+            first = max(first, count - _SLOW_START_SAMPLES)
         if count - first < 2:
             return None
         # up to now, not to the newest answer: answers that stopped coming lower the rate
@@ -477,6 +501,10 @@ class AdaptiveRate:
             self._step_scale = max(_MIN_STEP_SCALE, self._step_scale * min(1.0, ratio))
         self._since_cut = 0
         self._cut_from = admitted
+        # the first cut comes while the answers still lag the ramp by a round trip: its answered rate
+        # is that of a round trip ago, often half the quota; the answers now in flight tell the quota
+        self._probe_at = now if self._phase == SLOW_START else None
+        self._probe_count = 0
         answered = self._answered_rate(now)
         if answered is None:
             # 429s and (almost) no answers: the quota may be far below the rate, as after starting
@@ -487,6 +515,24 @@ class AdaptiveRate:
         self._phase = AVOIDANCE
         self._last_cut = now
         self._episodes += 1
+
+    def _remeasure(self, sent_at: float, now: float) -> None:
+        """After the cut that ended slow start: the answers to the requests sent before it arrive at
+        the rate the server admitted them while the client sent too fast, which is the quota. Once
+        the first answer to a later request shows they are all in, a rate cut below that quota is
+        raised to ``decrease`` times it (never above the rate the cut started from)."""
+        assert self._probe_at is not None
+        if sent_at <= self._probe_at:
+            self._probe_count += 1
+            return
+        # over the whole time they took to come in, from the cut to the first later answer: answers
+        # arriving in clumps (a busy server, a busy client) must not look like a higher rate
+        count, span = self._probe_count, now - self._probe_at
+        self._probe_at = None
+        if count < _MIN_SAMPLES or span <= 0:
+            return  # too few to tell (a small quota): the cut stands
+        measured = count / span
+        self._rate = max(self._rate, min(self.settings.decrease * measured, self._cut_from, self._ceiling))
 
     def _grow(self, now: float) -> None:
         s = self.settings
@@ -506,7 +552,8 @@ class AdaptiveRate:
             limit = self._max_concurrency / self._latency
         answered = self._answered_rate(now)
         if answered is not None:
-            limit = min(limit, max(s.headroom * answered, s.initial_rate))
+            headroom = s.slow_start_headroom if self._phase == SLOW_START else s.headroom
+            limit = min(limit, max(headroom * answered, s.initial_rate))
         self._rate = min(self._ceiling, max(rate, min(grown, limit)))
 
     def _admitted(self, now: float, apply_pauses: bool = False) -> float | None:

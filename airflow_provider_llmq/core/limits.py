@@ -285,11 +285,19 @@ class ThreadLimiter(_Limiter):
         super().__init__(requests_per_minute, tokens_per_minute, clock)
         self._sleep = sleep
 
-    def acquire(self, tokens: int = 0) -> float:
-        """Block until a request of ``tokens`` estimated tokens may be sent; returns the seconds waited."""
+    def acquire(self, tokens: int = 0, give_up: Callable[[], bool] | None = None) -> float:
+        """Block until a request of ``tokens`` estimated tokens may be sent; returns the seconds waited.
+
+        ``give_up`` is asked before reserving and between naps: once it says True the call returns
+        at once, its slot left unused (the caller then sends nothing).
+        """
+        if give_up is not None and give_up():
+            return 0.0
         reservation = self.pacer.reserve(tokens)
         waited = 0.0
         while (delay := self.pacer.remaining(reservation)) > 0:  # re-checks pauses begun meanwhile
+            if give_up is not None and give_up():
+                break
             nap = self.pacer.nap(delay)
             self._sleep(nap)
             waited += nap
@@ -313,11 +321,18 @@ class AsyncLimiter(_Limiter):
         super().__init__(requests_per_minute, tokens_per_minute, clock)
         self._sleep = sleep
 
-    async def acquire(self, tokens: int = 0) -> float:
-        """Wait until a request of ``tokens`` estimated tokens may be sent; returns the seconds waited."""
+    async def acquire(self, tokens: int = 0, give_up: Callable[[], bool] | None = None) -> float:
+        """Wait until a request of ``tokens`` estimated tokens may be sent; returns the seconds waited.
+
+        ``give_up``: as for :meth:`ThreadLimiter.acquire`.
+        """
+        if give_up is not None and give_up():
+            return 0.0
         reservation = self.pacer.reserve(tokens)
         waited = 0.0
         while (delay := self.pacer.remaining(reservation)) > 0:  # re-checks pauses begun meanwhile
+            if give_up is not None and give_up():
+                break
             nap = self.pacer.nap(delay)
             await self._sleep(nap)
             waited += nap

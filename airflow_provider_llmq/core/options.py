@@ -28,6 +28,7 @@ _NUMBERS: dict[str, type] = {
     "retry_backoff": numbers.Real,
     "requests_per_minute": numbers.Real,
     "tokens_per_minute": numbers.Real,
+    "patience": numbers.Real,
 }
 
 
@@ -38,12 +39,21 @@ class QueryOptions:
     :param system_prompt: system message sent before each prompt (None: none).
     :param model: overrides the connection's deployment (Azure, in the URL) or model (OpenAI, body).
     :param request_params: extra body fields: temperature, max_tokens, response_format, ...
-    :param max_retries: retries per row after the first attempt.
+    :param max_retries: retries per row after the first attempt; a 429 spends none (see ``patience``),
+        unless its wait is over ``max_retry_wait``; 0 means one request, whatever comes back.
     :param request_timeout: per-request timeout in seconds; None keeps the connection's.
-    :param max_retry_wait: cap in seconds on one server-requested wait (Retry-After).
+    :param max_retry_wait: cap in seconds on one server-requested wait (Retry-After); it pauses the
+        whole client.
     :param retry_backoff: first computed backoff in seconds, doubled per retry up to 16 times it.
-    :param requests_per_minute: client-side requests/min cap, spread evenly; None for none.
-    :param tokens_per_minute: client-side tokens/min cap (estimated prompt + max_tokens); None for none.
+    :param requests_per_minute: requests/min ceiling, spread evenly, under which the adaptive rate
+        learns (and where it starts); None for none.
+    :param tokens_per_minute: tokens/min ceiling (estimated prompt + max_tokens, corrected by the usage);
+        None for none.
+    :param adaptive: learn the rate the server allows from its answers (429s, rate headers, retry
+        hints), under ``requests_per_minute`` as a ceiling; False sends at exactly
+        ``requests_per_minute`` (unlimited when None) and only honours retry hints.
+    :param patience: seconds a run keeps asking while every request is refused with a 429, without
+        a single answer, before the refused rows end ``rate_limited`` (a 429 spends no retry).
     """
 
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
@@ -55,6 +65,8 @@ class QueryOptions:
     retry_backoff: float = 0.5
     requests_per_minute: float | None = None
     tokens_per_minute: float | None = None
+    adaptive: bool = True
+    patience: float = 1800.0
 
     def __post_init__(self) -> None:
         # a wrong type is a configuration error like a wrong value, never a TypeError deep in a retry
@@ -64,9 +76,13 @@ class QueryOptions:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
                 raise LLMQueryConfigError(f"{name} must be a number, got {type(value).__name__}")
+        if self.patience is None:
+            raise LLMQueryConfigError("patience must be a number of seconds (float('inf') for no limit)")
+        if not isinstance(self.adaptive, bool):
+            raise LLMQueryConfigError(f"adaptive must be True or False, got {type(self.adaptive).__name__}")
         # a private copy: the caller's dict may change after the run started
         object.__setattr__(self, "request_params", dict(self.request_params or {}))
-        for name in ("requests_per_minute", "tokens_per_minute", "request_timeout"):
+        for name in ("requests_per_minute", "tokens_per_minute", "request_timeout", "patience"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise LLMQueryConfigError(f"{name} must be positive, got {value!r}")

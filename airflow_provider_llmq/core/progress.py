@@ -1,17 +1,64 @@
-"""Progress lines at a steady interval, not once per row."""
+"""Progress lines at a steady interval, not once per row.
+
+One wording, shared by the log lines, the XCom summary's keys and the README::
+
+    llmq progress: 1200/2000 requests (60%), 96.3 requests/s, ETA 8 s; errors 3 (server_error 2,
+    timeout 1); 5 retries; 14 throttled (429); rate 98.0 requests/s (learned), paused 0.4 s
+"""
 
 from __future__ import annotations
 
 import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from airflow_provider_llmq.core.adaptive import SLOW_START, AdaptiveStats
+from airflow_provider_llmq.core.result import QueryResult
 
 
 class _Log(Protocol):
     def info(self, msg: Any, /, *args: Any) -> Any: ...
 
 
+StatsSource = Callable[[], AdaptiveStats]
+# how a progress line names the adaptive phase
+_PHASES = {SLOW_START: "probing", "avoidance": "learned", "fixed": "fixed"}
+
+
+@dataclass
+class Tally:
+    """What settled requests came to: errors by code, retries and 429s (the summary's keys
+    ``errors_by_code``, ``retries`` and ``throttled``)."""
+
+    errors_by_code: Counter[str] = field(default_factory=Counter)
+    retries: int = 0
+    throttled: int = 0
+
+    @classmethod
+    def of(cls, results: Iterable[QueryResult]) -> Tally:
+        tally = cls()
+        for result in results:
+            tally.count(result)
+        return tally
+
+    def count(self, result: QueryResult) -> None:
+        if not result.ok:
+            self.errors_by_code[str(result.error_code)] += 1
+        self.throttled += result.throttled
+        self.retries += max(result.attempts - 1 - result.throttled, 0)  # a 429 is no retry
+
+    def add(self, other: Tally) -> None:
+        self.errors_by_code.update(other.errors_by_code)
+        self.retries += other.retries
+        self.throttled += other.throttled
+
+
 class Progress:
-    """Counts settled requests and logs done/total, rate and ETA every ``interval`` seconds.
+    """Counts settled requests and logs, every ``interval`` seconds: done/total, rate, ETA, errors by
+    code, retries and 429s; with a :meth:`watch`-ed client, also the rate it admits and the time it
+    spent paused.
 
     :param log: where the lines go (the operator's task logger).
     :param total: requests this try has to settle.
@@ -21,21 +68,54 @@ class Progress:
     def __init__(self, log: _Log, total: int, interval: float) -> None:
         self.log, self.total, self.interval = log, total, interval
         self.done = 0
+        self.tally = Tally()
         self.started = self.last = time.monotonic()
+        self._stats: StatsSource | None = None
 
-    def add(self, count: int) -> None:
+    def watch(self, stats: StatsSource | None) -> None:
+        """Show what ``stats`` reads (a method's ``QueryStream.stats``) on every line from now on."""
+        self._stats = stats
+
+    def rate_stats(self) -> AdaptiveStats | None:
+        """The watched client's adaptive rate now (None when nothing is watched: a placement whose
+        clients live in other processes)."""
+        return None if self._stats is None else self._stats()
+
+    def settled(self, result: QueryResult) -> None:
+        """One request settled in this process."""
+        self.tally.count(result)
+        self.add(1)
+
+    def add(self, count: int, tally: Tally | None = None) -> None:
+        """``count`` requests settled elsewhere (a Spark job), with what they came to if known."""
+        if tally is not None:
+            self.tally.add(tally)
         self.done += count
         now = time.monotonic()
         if now - self.last >= self.interval or self.done >= self.total:
             self.last = now
-            elapsed = max(now - self.started, 1e-9)
-            rate = self.done / elapsed
-            eta = (self.total - self.done) / rate if rate else float("inf")
-            self.log.info(
-                "llmq progress: %d/%d requests (%.0f%%), %.1f rows/s, ETA %.0f s",
-                self.done,
-                self.total,
-                100.0 * self.done / max(self.total, 1),
-                rate,
-                eta,
-            )
+            self.log.info("llmq progress: %s", self.line(now))
+
+    def line(self, now: float | None = None) -> str:
+        elapsed = max((time.monotonic() if now is None else now) - self.started, 1e-9)
+        rate = self.done / elapsed
+        eta = f"{(self.total - self.done) / rate:.0f} s" if rate else "unknown"
+        percent = 100.0 * self.done / max(self.total, 1)
+        parts = [f"{self.done}/{self.total} requests ({percent:.0f}%), {rate:.1f} requests/s, ETA {eta}"]
+        parts.append(_errors(self.tally.errors_by_code))
+        parts.append(f"{self.tally.retries} retries")
+        parts.append(f"{self.tally.throttled} throttled (429)")
+        if self._stats is not None:
+            stats = self._stats()
+            admitted = "unlimited" if stats.rate is None else f"{stats.rate:.1f} requests/s"
+            phase = _PHASES.get(stats.phase, stats.phase)
+            parts.append(f"rate {admitted} ({phase}), paused {stats.paused_seconds:.1f} s")
+        return "; ".join(parts)
+
+
+def _errors(by_code: Mapping[str, int]) -> str:
+    total = sum(by_code.values())
+    if not total:
+        return "errors 0"
+    codes = ", ".join(f"{code} {n}" for code, n in sorted(by_code.items(), key=lambda item: -item[1]))
+    return f"errors {total} ({codes})"

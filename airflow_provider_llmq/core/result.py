@@ -20,6 +20,7 @@ class QueryResult:
     :param error_message: human-readable reason; None when ok.
     :param http_status: HTTP status of the last request, None if no answer was received.
     :param attempts: every HTTP request made for the row, 429s included (0 when none was sent).
+    :param throttled: how many of those were refused with a 429 (congestion: they spend no retry).
     :param prompt_tokens: tokens the API billed for the prompt (from its ``usage``).
     :param completion_tokens: tokens the API billed for the answer.
     :param latency_ms: wall time from the first request to the final outcome, retries included.
@@ -37,6 +38,7 @@ class QueryResult:
     completion_tokens: int | None = None
     latency_ms: float | None = None
     finish_reason: str | None = None
+    throttled: int = 0
 
     @property
     def ok(self) -> bool:

@@ -37,7 +37,7 @@ from airflow_provider_llmq.spark.schema import LLMQ_ROW_ID
 from airflow_provider_llmq.spark.session import cancel_tagged_jobs, require_shared_paths
 from airflow_provider_llmq.spark.sink import attach_results, write_output
 from airflow_provider_llmq.spark.source import check_one_source, read_source, validate_source
-from airflow_provider_llmq.spark.summary import summarize, timings
+from airflow_provider_llmq.spark.summary import rate, summarize, timings
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -88,6 +88,11 @@ class LLMQueryBaseOperator(BaseOperator):
     :param request_timeout: per-request timeout in seconds (overrides the connection's).
     :param max_retry_wait: cap in seconds on one server-requested wait (Retry-After).
     :param retry_backoff: first computed backoff in seconds (doubles per retry).
+    :param adaptive: learn the request rate the server allows from its 429s, rate headers and retry
+        hints (``requests_per_minute``, where an operator has it, is then a ceiling); False sends at
+        exactly the configured rate.
+    :param patience: seconds the run keeps asking while every request is refused with a 429 and none
+        is answered; then the waiting rows end ``rate_limited`` (a 429 spends no retry).
     :param on_error: "record" keeps going and records errors on rows; "fail" fails the task
         after the output is written when any row ended in error.
     :param max_error_ratio: fail the task (after writing) when more than this fraction of rows failed.
@@ -143,6 +148,8 @@ class LLMQueryBaseOperator(BaseOperator):
         request_timeout: float = 60,
         max_retry_wait: float = 60,
         retry_backoff: float = 0.5,
+        adaptive: bool = True,
+        patience: float = 1800.0,
         on_error: str = "record",
         max_error_ratio: float | None = None,
         dedupe: bool = True,
@@ -181,6 +188,8 @@ class LLMQueryBaseOperator(BaseOperator):
         self.request_timeout = request_timeout
         self.max_retry_wait = max_retry_wait
         self.retry_backoff = retry_backoff
+        self.adaptive = adaptive
+        self.patience = patience
         self.on_error = on_error
         self.max_error_ratio = max_error_ratio
         self.dedupe = dedupe
@@ -207,6 +216,8 @@ class LLMQueryBaseOperator(BaseOperator):
             request_timeout=self.request_timeout,
             max_retry_wait=self.max_retry_wait,
             retry_backoff=self.retry_backoff,
+            adaptive=self.adaptive,
+            patience=self.patience,
         )
 
     def execute(self, context: Context) -> dict[str, Any]:
@@ -304,6 +315,7 @@ class LLMQueryBaseOperator(BaseOperator):
             self.log.info("resumed %d rows from checkpoint", already)
 
         query_started = time.monotonic()
+        progress = Progress(self.log, to_ask, self.progress_interval)
         if to_ask:
             work = Work(
                 spark=spark,
@@ -313,7 +325,7 @@ class LLMQueryBaseOperator(BaseOperator):
                 pending=pending,
                 n_buckets=manifest.n_buckets,
                 flush_rows=self.chunk_size,
-                progress=Progress(self.log, to_ask, self.progress_interval),
+                progress=progress,
                 stop=self._stopping,
             )
             try:
@@ -344,6 +356,7 @@ class LLMQueryBaseOperator(BaseOperator):
         summary = summarize(output, checkpoint.read_results(spark, new_results) if new_results else None)
         if self.keep_checkpoint:
             checkpoint.compact(spark)
+        summary.update(rate(progress.rate_stats()))
         summary.update(resumed_requests=already if resumed else 0, output=location, checkpoint=checkpoint.uri)
         return summary, to_ask, query_seconds
 

@@ -68,12 +68,15 @@ class LLMQueryAsyncBatchOperator(_MethodOperator):
 
 class LLMQueryRateLimitedOperator(_MethodOperator):
     """Method 3: asyncio + aiohttp with at most ``max_concurrency`` requests in flight (the
-    article's ``max_concurrent_requests``) and optional requests/min and tokens/min caps, spread
-    evenly. The one to pick for a deployment with a quota.
+    article's ``max_concurrent_requests``), at a rate learned from the server's answers, under
+    optional requests/min and tokens/min ceilings spread evenly. The one to pick for a deployment
+    with a quota.
 
     :param max_concurrency: requests in flight at most.
-    :param requests_per_minute: requests/min cap; None for none.
-    :param tokens_per_minute: tokens/min cap (estimated prompt tokens + max_tokens); None for none.
+    :param requests_per_minute: requests/min ceiling, never exceeded, and the starting rate; None
+        for none (the rate is learned).
+    :param tokens_per_minute: tokens/min ceiling (estimated prompt tokens + max_tokens, corrected by
+        the usage); None for none.
     """
 
     method = (query_async_limited,)

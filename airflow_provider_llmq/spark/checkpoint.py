@@ -32,13 +32,16 @@ import pyarrow.parquet as pq
 
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
 from airflow_provider_llmq.core.payload import TRANSIENT_ERROR_CODES
+from airflow_provider_llmq.core.progress import Tally
 from airflow_provider_llmq.core.result import STATUS_OK, QueryResult
 from airflow_provider_llmq.spark.schema import (
+    ATTEMPTS_COL,
     ERROR_CODE_COL,
     KEY_COL,
     RESULT_ARROW_FIELDS,
     RESULT_DDL,
     STATUS_COL,
+    THROTTLED_COL,
     result_columns,
 )
 
@@ -200,6 +203,19 @@ class Checkpoint:
         answered.withColumn(WRITTEN_COL, F.lit(time.time_ns())).write.parquet(f"{self.results_uri}/{name}")
         self._write_file(["results", name + _DONE], b"")
         return name
+
+    def tally(self, name: str) -> Tally:
+        """What one committed result file came to (errors by code, retries, 429s), for a progress
+        line: read with pyarrow, so no Spark job."""
+        columns = [STATUS_COL, ERROR_CODE_COL, ATTEMPTS_COL, THROTTLED_COL]
+        table = pq.read_table(self._path("results", name), filesystem=self.fs, columns=columns)
+        tally = Tally()
+        for status, code, attempts, throttled in zip(*table.to_pydict().values(), strict=True):
+            if status != STATUS_OK:
+                tally.errors_by_code[str(code)] += 1
+            tally.throttled += throttled or 0
+            tally.retries += max((attempts or 0) - 1 - (throttled or 0), 0)
+        return tally
 
     def compact(self, spark: SparkSession) -> None:
         """Rewrites the settled results as one result file, once a run is complete, so that a kept

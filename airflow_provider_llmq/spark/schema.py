@@ -17,6 +17,7 @@ ERROR_COL = "llmq_error"
 ATTEMPTS_COL = "llmq_attempts"
 PROMPT_TOKENS_COL = "llmq_prompt_tokens"
 COMPLETION_TOKENS_COL = "llmq_completion_tokens"
+THROTTLED_COL = "llmq_throttled"
 MISSING_RESULT = "missing_result"
 
 # (name, Spark SQL type, pyarrow type, QueryResult field)
@@ -31,6 +32,7 @@ _RESULT_FIELDS: tuple[tuple[str, str, pa.DataType, str], ...] = (
     (COMPLETION_TOKENS_COL, "int", pa.int32(), "completion_tokens"),
     ("llmq_latency_ms", "double", pa.float64(), "latency_ms"),
     ("llmq_finish_reason", "string", pa.string(), "finish_reason"),
+    (THROTTLED_COL, "int", pa.int32(), "throttled"),
 )
 RESULT_COLUMNS: tuple[str, ...] = tuple(name for name, *_ in _RESULT_FIELDS)
 RESULT_DDL = ", ".join(f"`{name}` {sql_type}" for name, sql_type, *_ in _RESULT_FIELDS)

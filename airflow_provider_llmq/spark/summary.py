@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from airflow_provider_llmq.core.adaptive import AdaptiveStats
 from airflow_provider_llmq.core.result import STATUS_OK
 from airflow_provider_llmq.spark.schema import (
     ATTEMPTS_COL,
@@ -11,15 +12,16 @@ from airflow_provider_llmq.spark.schema import (
     ERROR_CODE_COL,
     PROMPT_TOKENS_COL,
     STATUS_COL,
+    THROTTLED_COL,
 )
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
 
 # the summary's keys and meanings: raised when one changes, so downstream tasks can check it
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: throttled, admitted_requests_per_second
 
-_SENT = ("requests_sent", "retries", "prompt_tokens", "completion_tokens", "requests_answered")
+_SENT = ("requests_sent", "retries", "throttled", "prompt_tokens", "completion_tokens", "requests_answered")
 
 
 def summarize(output: DataFrame, new_results: DataFrame | None) -> dict[str, Any]:
@@ -40,7 +42,11 @@ def summarize(output: DataFrame, new_results: DataFrame | None) -> dict[str, Any
     if new_results is not None:
         totals = new_results.agg(
             F.sum(ATTEMPTS_COL).alias("requests_sent"),
-            F.sum(F.greatest(F.col(ATTEMPTS_COL) - 1, F.lit(0))).alias("retries"),
+            # a 429 is congestion, not a retry: counted apart
+            F.sum(
+                F.greatest(F.col(ATTEMPTS_COL) - 1 - F.coalesce(F.col(THROTTLED_COL), F.lit(0)), F.lit(0))
+            ).alias("retries"),
+            F.sum(THROTTLED_COL).alias("throttled"),
             F.sum(PROMPT_TOKENS_COL).alias("prompt_tokens"),
             F.sum(COMPLETION_TOKENS_COL).alias("completion_tokens"),
             F.count(F.lit(1)).alias("requests_answered"),
@@ -62,3 +68,10 @@ def timings(rows: int, requests: int, seconds: float, query_seconds: float) -> d
         if requests and query_seconds
         else None,
     }
+
+
+def rate(stats: AdaptiveStats | None) -> dict[str, Any]:
+    """The request rate the client admitted when the run ended, learned from the server's answers
+    (None when unlimited, or when the clients ran in other processes: the UDF and executors)."""
+    admitted = None if stats is None or stats.rate is None else round(stats.rate, 3)
+    return {"admitted_requests_per_second": admitted}

@@ -458,6 +458,65 @@ def test_cut_is_from_the_answered_rate_after_an_overshoot() -> None:
     assert controller.rate == pytest.approx(90.0, rel=0.05)
 
 
+def test_the_cut_ending_slow_start_is_raised_to_what_the_server_admitted() -> None:
+    """The first cut is made while the answers lag the ramp; the answers to the requests sent before
+    it then arrive at the rate the server admitted them (200/s here), and set the rate from that."""
+    clock = Clock()
+    controller = AdaptiveRate(clock=clock)
+    steady(controller, clock, 100, 1.0)  # the answers of a round trip ago: 100/s
+    controller.on_throttled(clock.now - 0.005, clock.now)
+    cut_at, cut = clock.now, controller.rate
+    assert cut == pytest.approx(90.0, rel=0.05)
+    for _ in range(20):  # answers to requests sent before the cut, at the server's 200/s
+        clock.now += 1 / 200
+        controller.on_success(cut_at - 0.01, clock.now)
+    assert controller.rate == cut  # not all in yet
+    clock.now += 0.005
+    controller.on_success(cut_at + 0.001, clock.now)  # the first answer to a later request
+    # 20 answers over the 0.105 s from the cut to that one: about the server's 200/s
+    assert controller.rate == pytest.approx(0.9 * 20 / 0.105, rel=0.01)
+
+
+def test_the_remeasured_rate_needs_enough_answers_and_never_exceeds_the_cut_one() -> None:
+    clock = Clock()
+    controller = AdaptiveRate(clock=clock)
+    steady(controller, clock, 100, 1.0)
+    controller.on_throttled(clock.now - 0.005, clock.now)
+    cut_at, cut = clock.now, controller.rate
+    for _ in range(5):  # too few to tell
+        clock.now += 0.001
+        controller.on_success(cut_at - 0.01, clock.now)
+    controller.on_success(cut_at + 0.001, clock.now + 0.001)
+    assert controller.rate == pytest.approx(cut, rel=0.01)
+
+    clock = Clock()
+    controller = AdaptiveRate(clock=clock)
+    steady(controller, clock, 100, 1.0)
+    admitted = controller.rate or 0
+    controller.on_throttled(clock.now - 0.005, clock.now)
+    cut_at = clock.now
+    for _ in range(50):  # a burst of answers far faster than anything sent
+        clock.now += 0.0001
+        controller.on_success(cut_at - 0.01, clock.now)
+    controller.on_success(cut_at + 0.001, clock.now + 0.001)
+    assert controller.rate == pytest.approx(admitted, rel=0.01)
+
+
+def test_slow_start_ramps_within_a_second_at_50_ms() -> None:
+    """From 20/s to past 1,000/s within a second of answers that follow the rate a round trip
+    behind: the headroom in slow start must not hold the ramp to a lagging average."""
+    clock = Clock()
+    controller = AdaptiveRate(max_concurrency=64, clock=clock)
+    sent: list[float] = []
+    while clock.now < 1.0:
+        rate = controller.rate or 0
+        clock.now += 1 / rate
+        sent.append(clock.now)
+        while sent and sent[0] <= clock.now - 0.05:  # answered 50 ms after it was sent
+            controller.on_success(sent.pop(0), clock.now)
+    assert (controller.rate or 0) >= 1000
+
+
 def test_cut_without_answers_halves() -> None:
     clock = Clock()
     controller = AdaptiveRate(clock=clock)

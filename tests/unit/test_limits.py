@@ -249,6 +249,39 @@ def test_thread_request_reserved_before_a_pause_waits_for_it() -> None:
     assert clock.now == pytest.approx(6.0)  # the pause froze the schedule: slot 1.0 + 5.0
 
 
+def test_acquire_gives_up_between_naps_and_before_reserving() -> None:
+    """The run's patience is spent while a request waits for its slot: it returns then, not at the
+    slot (which may be minutes away at the slowest rate), and a later one does not even reserve."""
+    clock = FakeClock()
+    limiter = ThreadLimiter(6, clock=clock, sleep=clock.sleep)  # a slot every 10 s
+    limiter.pacer.set_requests_per_minute(6)  # as the adaptive rate does: waiters nap, then re-check
+    spent = False
+    limiter.acquire(give_up=lambda: spent)  # the first slot is now
+    started = clock.now
+
+    def patience() -> bool:
+        return clock.now - started >= 0.3
+
+    waited = limiter.acquire(give_up=patience)  # its slot is 10 s away
+    assert 0.3 <= waited < 0.5 and clock.now < 1.0
+    spent = True
+    requests = limiter.snapshot().requests
+    assert limiter.acquire(give_up=lambda: spent) == 0.0
+    assert limiter.snapshot().requests == requests  # nothing reserved
+
+    vt = VirtualTime()
+    async_limiter = AsyncLimiter(6, clock=vt, sleep=vt.sleep)
+    async_limiter.pacer.set_requests_per_minute(6)
+    done: list[float] = []
+
+    async def request() -> None:
+        await async_limiter.acquire(give_up=lambda: vt.now >= 0.3)
+        done.append(vt.now)
+
+    vt.run([request(), request()])
+    assert done[0] == 0.0 and 0.3 <= done[1] < 0.5
+
+
 def test_async_request_reserved_before_a_pause_waits_for_it() -> None:
     vt = VirtualTime()
     limiter = AsyncLimiter(60, clock=vt, sleep=vt.sleep)

@@ -1,12 +1,15 @@
-"""What the methods share around their workers: the bounded read-ahead window, the hand-back queue
-and the message that ends a run."""
+"""What the methods share around their workers: the bounded read-ahead window, the hand-back queue,
+the message that ends a run, and the stream of results they return."""
 
 from __future__ import annotations
 
 import itertools
 import queue
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
+
+from airflow_provider_llmq.core.adaptive import AdaptiveStats
+from airflow_provider_llmq.core.result import QueryResult
 
 Item = tuple[Any, Any]
 T = TypeVar("T")
@@ -60,3 +63,27 @@ def drain(inbox: queue.SimpleQueue[T]) -> list[T]:
             burst.append(inbox.get_nowait())
         except queue.Empty:
             return burst
+
+
+class QueryStream(Iterator[QueryResult]):
+    """A method's results as they come, plus :meth:`stats` of the client asking: the admitted rate,
+    the 429s so far and the time paused, for a progress line (``Progress.watch(stream.stats)``).
+
+    :param results: the method's lazy iterator; :meth:`close` closes it (stops the workers).
+    :param stats: reads the client's adaptive rate.
+    """
+
+    def __init__(self, results: Iterator[QueryResult], stats: Callable[[], AdaptiveStats]) -> None:
+        self._results = results
+        self.stats = stats
+
+    def __iter__(self) -> QueryStream:
+        return self
+
+    def __next__(self) -> QueryResult:
+        return next(self._results)
+
+    def close(self) -> None:
+        close = getattr(self._results, "close", None)
+        if close is not None:
+            close()

@@ -20,7 +20,7 @@ from typing import Any
 from airflow_provider_llmq.core.client import AsyncClient
 from airflow_provider_llmq.core.endpoint import EndpointConfig
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
-from airflow_provider_llmq.core.methods._read_ahead import Failed, Item, ReadAhead, drain
+from airflow_provider_llmq.core.methods._read_ahead import Failed, Item, QueryStream, ReadAhead, drain
 from airflow_provider_llmq.core.options import QueryOptions
 from airflow_provider_llmq.core.result import QueryResult
 
@@ -54,10 +54,11 @@ def _run_in_loop_thread(
     options: QueryOptions,
     concurrency: int,
     schedule: Schedule,
+    bursts: bool = False,
 ) -> Iterator[QueryResult]:
     """Checks the settings now (a bad option raises at the call), then streams lazily."""
-    client = AsyncClient(endpoint, options, concurrency=concurrency)  # no loop needed yet
-    return _stream(client, ReadAhead(rows, window=2 * concurrency), schedule)
+    client = AsyncClient(endpoint, options, concurrency=concurrency, bursts=bursts)  # no loop needed yet
+    return QueryStream(_stream(client, ReadAhead(rows, window=2 * concurrency), schedule), client.stats)
 
 
 def _stream(client: AsyncClient, ahead: ReadAhead, schedule: Schedule) -> Iterator[QueryResult]:
@@ -158,7 +159,9 @@ def query_async_batches(
                 batch.append(item)
             await _run_batch(client, batch, emit)
 
-    return _run_in_loop_thread(endpoint, rows, QueryOptions.of(options, **settings), batch_size, schedule)
+    return _run_in_loop_thread(
+        endpoint, rows, QueryOptions.of(options, **settings), batch_size, schedule, bursts=True
+    )
 
 
 async def _run_batch(client: AsyncClient, batch: list[Item], emit: Emit) -> None:
@@ -186,8 +189,9 @@ def query_async_limited(
     """Method 3: ``max_concurrency`` workers pulling from a bounded queue, never more in flight.
 
     Unlike the article's ``Semaphore`` version, no task is created per row up front, and each
-    result carries its own row id instead of being zipped with the ids by position. Combine with
-    ``requests_per_minute`` / ``tokens_per_minute`` for the quota.
+    result carries its own row id instead of being zipped with the ids by position. The rate
+    adapts to what the server allows; ``requests_per_minute`` / ``tokens_per_minute`` are ceilings
+    on top of it.
     """
     if max_concurrency < 1:
         raise LLMQueryConfigError(f"max_concurrency must be >= 1, got {max_concurrency}")

@@ -11,7 +11,7 @@ from typing import Any
 from airflow_provider_llmq.core.client import SyncClient
 from airflow_provider_llmq.core.endpoint import EndpointConfig
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
-from airflow_provider_llmq.core.methods._read_ahead import Failed, Item, ReadAhead, drain
+from airflow_provider_llmq.core.methods._read_ahead import Failed, Item, QueryStream, ReadAhead, drain
 from airflow_provider_llmq.core.options import QueryOptions
 from airflow_provider_llmq.core.result import QueryResult
 
@@ -26,7 +26,8 @@ def sync_client_for(
     endpoint: EndpointConfig, options: QueryOptions | None = None, **settings: Any
 ) -> SyncClient:
     """The process's pooled client for these settings: a Spark Python worker reuses one session
-    (and its TLS connections) across every row of every task it runs, instead of one per row."""
+    (and its TLS connections) across every row of every task it runs, instead of one per row, and
+    one adaptive rate: what it learned about the quota carries over to the worker's next task."""
     options = QueryOptions.of(options, **settings)
     key = (endpoint.cache_key(), endpoint.model, repr(options))  # params may be unhashable
     with _clients_lock:
@@ -49,7 +50,7 @@ def query_sync(
     at a time as results are taken.
     """
     client = sync_client_for(endpoint, options, **settings)
-    return (client.query(row_id, prompt) for row_id, prompt in rows)
+    return QueryStream((client.query(row_id, prompt) for row_id, prompt in rows), client.stats)
 
 
 def query_thread_pool(
@@ -69,7 +70,7 @@ def query_thread_pool(
     if max_workers < 1:
         raise LLMQueryConfigError(f"max_workers must be >= 1, got {max_workers}")
     client = SyncClient(endpoint, QueryOptions.of(options, **settings), pool_size=max_workers)
-    return _pooled(client, rows, max_workers)
+    return QueryStream(_pooled(client, rows, max_workers), client.stats)
 
 
 def _pooled(client: SyncClient, rows: Iterable[Item], max_workers: int) -> Iterator[QueryResult]:

@@ -20,6 +20,7 @@ from airflow_provider_llmq.core.batch_files import (
 )
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
 from airflow_provider_llmq.core.payload import TRANSIENT_ERROR_CODES
+from airflow_provider_llmq.core.progress import Tally
 from airflow_provider_llmq.core.result import QueryResult
 from airflow_provider_llmq.spark.batch_ledger import (
     FILES_DIR,
@@ -68,7 +69,7 @@ def write_request_files(
 def _record(work: Work, results: list[QueryResult]) -> int:
     if results:
         work.checkpoint.flush(results)
-        work.progress.add(len(results))
+        work.progress.add(len(results), Tally.of(results))
     return len(results)
 
 
@@ -144,7 +145,7 @@ class _Collector:
             return
         self.batch.results.append(self.work.checkpoint.flush(self.pending))
         self.batch.answered += len(self.pending)
-        self.work.progress.add(len(self.pending))
+        self.work.progress.add(len(self.pending), Tally.of(self.pending))
         self.pending = []
         if self.work.stop.is_set():
             raise PlacementStopped("stopped while collecting results; what was read is checkpointed")

@@ -38,13 +38,14 @@ class DriverPlacement:
         # again only what was still in flight after that.
         rows = _until_stopped(work.stop, stream_requests(work.pending, work.n_buckets))
         stream = self._ask(work.endpoint, rows, work.options)
+        work.progress.watch(getattr(stream, "stats", None))
         batch: list[QueryResult] = []
         flushed_at = time.monotonic()
         cut_at: float | None = None
         try:
             for result in stream:
                 batch.append(result)
-                work.progress.add(1)
+                work.progress.settled(result)
                 now = time.monotonic()
                 if work.stop.is_set():
                     cut_at = cut_at or now + STOP_GRACE_SECONDS

@@ -104,14 +104,14 @@ class ExecutorPlacement:
             started = time.monotonic()
             rows = bucket_of(work.pending, *group).repartition(share.partitions, F.col(KEY_COL))
             try:
-                work.checkpoint.write_frame(rows.mapInArrow(ask, _OUTPUT_DDL))
+                written = work.checkpoint.write_frame(rows.mapInArrow(ask, _OUTPUT_DDL))
             except Exception as exc:
                 if work.stop.is_set():
                     raise PlacementStopped("stopped: the running bucket job was cancelled") from None
                 raise unwrap_spark_error(exc) from None
             asked = sum(remaining.pop(bucket) for bucket in group)
             rate = asked / max(time.monotonic() - started, 1e-3)
-            work.progress.add(asked)
+            work.progress.add(asked, work.checkpoint.tally(written))
 
 
 def _partition_asker(

@@ -63,12 +63,12 @@ class UDFPlacement:
             rows = bucket_of(work.pending, bucket).repartition(partitions)
             answered = rows.select(KEY_COL, ask(F.col(KEY_COL), F.col(PROMPT_COL)).alias("r"))
             try:
-                work.checkpoint.write_frame(answered.select(KEY_COL, "r.*"))
+                written = work.checkpoint.write_frame(answered.select(KEY_COL, "r.*"))
             except Exception as exc:  # a Spark job failure wraps the executor's Python error
                 if work.stop.is_set():  # the job was cancelled by the stop
                     raise PlacementStopped("stopped: the running bucket job was cancelled") from None
                 raise unwrap_spark_error(exc) from None
-            work.progress.add(size)
+            work.progress.add(size, work.checkpoint.tally(written))
 
 
 def _query_udf(endpoint: EndpointConfig, options: QueryOptions, arrow: bool) -> Any:

@@ -40,6 +40,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slow-ms", type=float)
     p.add_argument("--content-filter-rate", type=float)
     p.add_argument("--deployments", help="comma-separated Azure deployments (default: accept any)")
+    p.add_argument(
+        "--quota",
+        help='a quota to enforce, as JSON: \'{"kind": "token_bucket", "rate": 100}\' (see quotas.py)',
+    )
     return p.parse_args(argv)
 
 
@@ -63,6 +67,8 @@ def build_config(args: argparse.Namespace) -> MockConfig:
             setattr(cfg, name, value)
     if args.deployments is not None:
         cfg.deployments = [d.strip() for d in args.deployments.split(",") if d.strip()]
+    if args.quota is not None:
+        cfg.quota = json.loads(args.quota)
     cfg.validate()
     return cfg
 

@@ -19,6 +19,7 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from .faults import ANSWER_KINDS, Fault, MockConfig, expected_answer, jitter_ms, plan, prompt_hash
+from .quotas import QuotaPolicy, build_policy
 
 STATE: web.AppKey[MockState] = web.AppKey("llmq_mock_state")
 _JSON = "application/json"
@@ -112,6 +113,14 @@ class MockState:
         self.rps_window = -1
         self.rps_count = 0
         self.reset_auth_fail()
+        self.reset_quota()
+
+    def reset_quota(self) -> None:
+        """A fresh policy from the config (its windows and schedule count from the next request)."""
+        self.policy: QuotaPolicy | None = build_policy(self.config.quota)
+        self.quota_throttled = 0  # 429s the quota answered
+        self.admitted_per_window: Counter[int] = Counter()  # requests the quota admitted, per second
+        self.admitted_tokens_per_window: Counter[int] = Counter()  # their cost in tokens, per second
 
     def reset_auth_fail(self) -> None:
         self.auth_fail_ok = 0
@@ -137,6 +146,23 @@ class MockState:
             "auth_failures": self.auth_failures,
             "prompt_tokens_total": self.prompt_tokens_total,
             "completion_tokens_total": self.completion_tokens_total,
+            "quota": self._quota_snapshot(),
+        }
+
+    def _quota_snapshot(self) -> dict[str, Any]:
+        """What the quota did: its 429s, and what it admitted in every second (gaps as zeros)."""
+        windows = sorted(self.admitted_per_window)
+        span = range(windows[0], windows[-1] + 1) if windows else range(0)
+        admitted = [self.admitted_per_window.get(w, 0) for w in span]
+        tokens = [self.admitted_tokens_per_window.get(w, 0) for w in span]
+        return {
+            "kind": (self.config.quota or {}).get("kind"),
+            "throttled": self.quota_throttled,
+            "admitted": sum(admitted),
+            "tokens_admitted": sum(tokens),
+            "admitted_per_second_counts": admitted,
+            "admitted_tokens_per_second_counts": tokens,
+            "max_admitted_per_second": max(admitted, default=0),
         }
 
     def finish(self, response: web.StreamResponse) -> web.StreamResponse:
@@ -244,6 +270,26 @@ async def _chat(request: web.Request, st: MockState) -> web.StreamResponse:
             400, "invalid_request_error", "you must provide a model parameter", type="invalid_request_error"
         )
     prompt = _content_text(user[-1].get("content"))
+    quota_headers: dict[str, str] = {}
+    if st.policy is not None:
+        # before anything else counts the request: a refused one costs the server nothing, as on
+        # the real services, and does not advance the prompt's fault plan
+        now = time.monotonic()
+        cost = _quota_cost(body, messages, model, system, prompt)
+        decision = st.policy.admit(now, cost)
+        if not decision.allowed:
+            st.quota_throttled += 1
+            return _error(
+                429,
+                "rate_limit_exceeded",
+                "Requests to this deployment have exceeded the rate limit of your current quota. "
+                "Please retry after the delay given in the retry headers.",
+                decision.headers,
+                type="requests",
+            )
+        st.admitted_per_window[int(now)] += 1
+        st.admitted_tokens_per_window[int(now)] += cost
+        quota_headers = decision.headers
     key = prompt_hash(prompt)
     st.per_prompt[key] += 1
     attempt = st.per_prompt[key]
@@ -271,7 +317,10 @@ async def _chat(request: web.Request, st: MockState) -> web.StreamResponse:
         if delay > 0:
             await asyncio.sleep(delay / 1000)
         if fault is not None and fault.kind not in ANSWER_KINDS:
-            return _fault_response(fault, cfg, request)
+            response = _fault_response(fault, cfg, request)
+            for name, value in quota_headers.items():  # rate headers come with every admitted answer
+                response.headers.setdefault(name, value)
+            return response
 
         system_prompt = _content_text(system.get("content")) if system else None
         params = {k: v for k, v in body.items() if k not in ("messages", "model", "stream")}
@@ -324,9 +373,24 @@ async def _chat(request: web.Request, st: MockState) -> web.StreamResponse:
         ).encode()
         if fault is not None and fault.kind == "drip":
             return await _drip(request, payload, fault.drip_ms or 0)
-        return web.Response(body=payload, content_type=_JSON)
+        return web.Response(body=payload, content_type=_JSON, headers=quota_headers or None)
     finally:
         st.in_flight -= 1
+
+
+def _quota_cost(
+    body: dict[str, Any], messages: list[Any], model: str, system: dict[str, Any] | None, prompt: str
+) -> int:
+    """Tokens a request costs against a tokens quota, charged before it is served as the real
+    services do: the prompt's tokens plus ``max_tokens`` when given, else the completion this
+    server is about to write (so the cost matches the usage it reports)."""
+    prompt_tokens = _tokens(sum(len(_content_text(m.get("content"))) for m in messages))
+    limit = body.get("max_tokens", body.get("max_completion_tokens"))
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0:
+        return prompt_tokens + limit
+    system_prompt = _content_text(system.get("content")) if system else None
+    params = {k: v for k, v in body.items() if k not in ("messages", "model", "stream")}
+    return prompt_tokens + _tokens(len(expected_answer(model, system_prompt, prompt, params)))
 
 
 async def _drip(request: web.Request, payload: bytes, ms_per_byte: int) -> web.StreamResponse:
@@ -440,6 +504,8 @@ def apply_config(st: MockState, changes: dict[str, Any]) -> None:
     st.config.update(**changes)
     if "auth_fail" in changes:
         st.reset_auth_fail()
+    if "quota" in changes:
+        st.reset_quota()
 
 
 def build_app(config: MockConfig) -> web.Application:

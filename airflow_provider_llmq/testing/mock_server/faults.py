@@ -15,6 +15,8 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .quotas import build_policy
+
 DEFAULT_FAULT_KINDS = ("500", "429", "reset", "malformed")
 #: 200 answers of unusual shapes, built around the prompt's normal answer:
 #: ``filtered`` (finish_reason content_filter, empty content), ``tool_calls`` (content null, one
@@ -75,6 +77,10 @@ class MockConfig:
     retry_after_ms: int = 200
     #: where a ``[[redirect]]`` answer points (its ``Location``); None: a path on this server
     redirect_url: str | None = None
+    #: a quota the server enforces, with its rate headers and 429s (``quotas.build_policy``), e.g.
+    #: ``{"kind": "token_bucket", "rate": 100}``; None: none. Its clock starts at the first request
+    #: after it is set or the stats are reset.
+    quota: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -91,6 +97,7 @@ class MockConfig:
                 raise ValueError(f"{name} must be within [0, 1]")
         if self.auth_fail is not None and not {"after", "count"} <= set(self.auth_fail):
             raise ValueError('auth_fail must look like {"after": N, "count": M}')
+        build_policy(self.quota)  # an unknown kind or field is refused now, not at the first request
 
     def update(self, **changes: Any) -> None:
         """Apply runtime changes; an unknown name is an error, not a silently ignored typo."""

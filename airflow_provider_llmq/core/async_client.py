@@ -1,0 +1,122 @@
+"""The ``aiohttp`` client: one session per event loop, its connector sized to the concurrency.
+
+It only performs the steps of the per-row policy (:mod:`.engine`). It sends each request once to
+the configured URL: redirects are never followed, the proxy is computed once (see
+:meth:`EndpointConfig.proxy_url`), and ``timeout`` is a deadline for the whole request
+(``ClientTimeout(total=...)``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import aiohttp
+
+from airflow_provider_llmq.core.endpoint import EndpointConfig
+from airflow_provider_llmq.core.engine import Acquire, ClientBase, Received, Sleep
+from airflow_provider_llmq.core.limits import AsyncLimiter
+from airflow_provider_llmq.core.options import QueryOptions
+from airflow_provider_llmq.core.result import QueryResult
+
+__all__ = ["AsyncClient"]
+
+
+def _aiohttp_proxy(proxy: str | None) -> tuple[str | None, dict[str, str] | None]:
+    """The proxy URL without its credentials, and those as a ``Proxy-Authorization`` header: the
+    form aiohttp keeps (credentials in the URL or ``proxy_auth`` are deprecated there)."""
+    if not proxy:
+        return None, None
+    parts = urlsplit(proxy)
+    if parts.username is None and parts.password is None:
+        return proxy, None
+    netloc = parts.hostname or ""
+    netloc = f"[{netloc}]" if ":" in netloc else netloc
+    if parts.port:
+        netloc += f":{parts.port}"
+    userinfo = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+    header = f"Basic {base64.b64encode(userinfo.encode('utf-8')).decode('ascii')}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", "")), {"Proxy-Authorization": header}
+
+
+class AsyncClient(ClientBase[AsyncLimiter]):
+    """One ``aiohttp.ClientSession`` per event loop, its connector sized to the concurrency.
+
+    Use as ``async with AsyncClient(endpoint, options, concurrency) as client``; ``bursts=True`` when
+    the caller sends its requests in batches (see :class:`~.engine.ClientBase`).
+    """
+
+    def __init__(
+        self,
+        endpoint: EndpointConfig,
+        options: QueryOptions | None = None,
+        concurrency: int = 32,
+        *,
+        bursts: bool = False,
+    ):
+        super().__init__(endpoint, options, AsyncLimiter, concurrency, bursts)
+        self._concurrency = max(1, concurrency)
+        self._session: aiohttp.ClientSession | None = None
+        self._proxy_url, self._proxy_headers = _aiohttp_proxy(self._proxy)
+
+    async def __aenter__(self) -> AsyncClient:
+        ssl_arg: Any = None
+        if self.endpoint.is_tls:
+            ssl_arg = self.endpoint.ssl_context() if self.endpoint.verify else False
+        connector = aiohttp.TCPConnector(limit=self._concurrency, ssl=ssl_arg)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            # total: connect, headers and body under one deadline
+            timeout=aiohttp.ClientTimeout(total=self.endpoint.timeout),
+            # no default headers: aiohttp copies a session's defaults into the CONNECT it sends a
+            # proxy, in clear text, and sends an Authorization header there as Proxy-Authorization
+            trust_env=False,  # the proxy comes from the endpoint; nothing else from the environment
+        )
+        return self
+
+    async def __aexit__(self, exc_type: object, *rest: object) -> None:
+        await self.close()
+        if exc_type is not None:
+            # requests cut mid-flight leave TLS transports closing: let them finish before the
+            # loop goes away, or they leak (ResourceWarning)
+            await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def query(self, row_id: Any, prompt: Any) -> QueryResult:
+        plan = self._plan(row_id, prompt)
+        received: Received | None = None
+        try:
+            while True:
+                step = plan.send(received)
+                received = None
+                if isinstance(step, Acquire):
+                    await self.limiter.acquire(step.tokens, self.rate.patience_exhausted)
+                elif isinstance(step, Sleep):
+                    await asyncio.sleep(step.seconds)
+                else:
+                    received = await self._post(step.body)
+        except StopIteration as done:
+            result: QueryResult = done.value
+            return result
+
+    async def _post(self, body: bytes) -> Received:
+        if self._session is None:
+            raise RuntimeError("AsyncClient used outside 'async with'")
+        try:
+            async with self._session.post(
+                self._url,
+                data=body,
+                headers=self._headers,
+                allow_redirects=False,
+                proxy=self._proxy_url,
+                proxy_headers=self._proxy_headers,
+            ) as response:
+                return response.status, response.headers, await response.read()
+        except Exception as exc:  # every transport error is classified, not raised
+            return exc

@@ -1,0 +1,272 @@
+"""The request engine: one row's attempts, limits and retries, shared by the sync and async clients.
+
+``_attempts`` is the whole policy for one row as a generator that yields the blocking steps it
+needs (take a slot from the limiter, send, sleep) and receives what the network answered. The
+clients (:mod:`.sync_client` with ``requests``, :mod:`.async_client` with ``aiohttp``) only perform
+those steps: they share every rule about payloads, errors, retries, pauses, limits and secrets, and
+differ only in I/O.
+
+Every answer is reported to the client's :class:`~.adaptive.AdaptiveRate`, which sets the rate of
+the limiter's pacer. A 429 is congestion, not a row failure: it does not spend the row's
+``max_retries``; the row asks again when the pacer lets it, until the client has been refused for
+``patience`` seconds without a single answer. Two exceptions keep a 429 final or counted: a server
+that says not to retry (``x-should-retry: false``), and a wait longer than ``max_retry_wait`` (the
+server wants more patience for one wait than the run grants, e.g. a daily quota: those spend a
+retry, as every other failure does). ``max_retries=0`` means one request, whatever comes back.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from airflow_provider_llmq.core.adaptive import AdaptiveRate, AdaptiveStats
+from airflow_provider_llmq.core.endpoint import EndpointConfig
+from airflow_provider_llmq.core.limits import AsyncLimiter, ThreadLimiter, estimate_request_tokens
+from airflow_provider_llmq.core.options import QueryOptions
+from airflow_provider_llmq.core.payload import (
+    EMPTY_PROMPT,
+    RATE_LIMITED,
+    Answer,
+    ChatRequest,
+    Failure,
+    classify_exception,
+    classify_response,
+)
+from airflow_provider_llmq.core.result import STATUS_ERROR, STATUS_OK, QueryResult
+from airflow_provider_llmq.core.retry import RetryPolicy
+from airflow_provider_llmq.core.secrets import Scrubber
+
+__all__ = ["Acquire", "ClientBase", "Received", "Send", "Sleep"]
+
+
+@dataclass(frozen=True)
+class Acquire:
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Send:
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Sleep:
+    seconds: float
+
+
+Step = Acquire | Send | Sleep
+# what a Send gets back: (status, headers, body) or the transport exception
+Received = tuple[int, Mapping[str, str], bytes] | BaseException
+Limiter = ThreadLimiter | AsyncLimiter
+L = TypeVar("L", ThreadLimiter, AsyncLimiter)
+
+
+@dataclass(frozen=True)
+class _RowPolicy:
+    """What one row's attempts follow, derived once per client from :class:`QueryOptions`."""
+
+    request: ChatRequest
+    retry: RetryPolicy
+    count_tokens: bool
+    scrubber: Scrubber
+
+    def estimated_tokens(self, prompt: str) -> int:
+        """What a request reserves against tokens/min before it is sent: prompt + max_tokens."""
+        text = (self.request.system_prompt or "") + prompt
+        return estimate_request_tokens(text, self.request.max_completion_tokens())
+
+
+def _is_empty(prompt: object) -> bool:
+    return not isinstance(prompt, str) or not prompt.strip()
+
+
+def _attempts(
+    row_id: Any, prompt: Any, policy: _RowPolicy, limiter: Limiter, rate: AdaptiveRate
+) -> Generator[Step, Received | None, QueryResult]:
+    """One row, start to end. Every result it returns and every exception it raises passes the
+    endpoint's scrubber here, the one place messages leave the engine."""
+    try:
+        result = yield from _row_attempts(row_id, prompt, policy, limiter, rate)
+    except Exception as exc:
+        clean = policy.scrubber.exception(exc)
+    else:
+        return policy.scrubber.result(result)
+    # raised outside the handler, so a stand-in does not carry the original as its context
+    raise clean
+
+
+def _row_attempts(
+    row_id: Any, prompt: Any, policy: _RowPolicy, limiter: Limiter, rate: AdaptiveRate
+) -> Generator[Step, Received | None, QueryResult]:
+    if _is_empty(prompt):
+        return QueryResult(
+            row_id, None, STATUS_ERROR, EMPTY_PROMPT, "prompt is null or empty: no request sent"
+        )
+    body = json.dumps(policy.request.body(prompt), ensure_ascii=False).encode("utf-8")
+    estimate = policy.estimated_tokens(prompt) if policy.count_tokens else 0
+    retry = policy.retry
+    clock = rate.clock
+    started = time.monotonic()
+    attempts = 0  # every request sent, 429s included
+    failures = 0  # the attempts that spend max_retries
+    throttled = 0  # this row's 429s, for the backoff of those without a usable hint
+
+    def ended(outcome: Failure, message: str | None = None) -> QueryResult:
+        return QueryResult(
+            row_id,
+            None,
+            STATUS_ERROR,
+            outcome.code,
+            message or outcome.message,
+            http_status=outcome.http_status,
+            attempts=attempts,
+            prompt_tokens=outcome.prompt_tokens,
+            completion_tokens=outcome.completion_tokens,
+            latency_ms=round((time.monotonic() - started) * 1000, 3),
+            finish_reason=outcome.finish_reason,
+            throttled=throttled,
+        )
+
+    while True:
+        yield Acquire(estimate)  # returns early once the run's patience is spent
+        if rate.patience_exhausted():
+            # every request refused for ``patience`` s: the rows still waiting end now, unsent,
+            # instead of each spending one more 429 at the slowest rate (rate_limited is asked
+            # again by the next try)
+            return QueryResult(
+                row_id,
+                None,
+                STATUS_ERROR,
+                RATE_LIMITED,
+                f"not sent: the server refused every request for {rate.patience:g} s without a single "
+                "answer, and the run's patience is spent",
+                http_status=429 if throttled else None,
+                attempts=attempts,
+                latency_ms=round((time.monotonic() - started) * 1000, 3),
+                throttled=throttled,
+            )
+        attempts += 1
+        sent = clock()
+        received = yield Send(body)
+        headers: Mapping[str, str] | None = None
+        if isinstance(received, BaseException):
+            outcome: Answer | Failure = classify_exception(received)
+        else:
+            assert received is not None
+            status, headers, raw = received
+            outcome = classify_response(status, headers, raw)
+        now = clock()
+        used = None
+        if outcome.prompt_tokens is not None:
+            used = outcome.prompt_tokens + (outcome.completion_tokens or 0)
+            if estimate:
+                # a 200 that is no usable answer (filtered, cut, a tool call) was billed all the same
+                limiter.adjust_tokens(estimate, used)
+        if isinstance(outcome, Answer) or outcome.http_status == 200:
+            # any 200 was admitted by the quota: it is what the rate learns from
+            rate.on_success(sent, now, headers, tokens=used)
+        if isinstance(outcome, Answer):
+            return QueryResult(
+                row_id,
+                outcome.content,
+                STATUS_OK,
+                http_status=200,
+                attempts=attempts,
+                prompt_tokens=outcome.prompt_tokens,
+                completion_tokens=outcome.completion_tokens,
+                latency_ms=round((time.monotonic() - started) * 1000, 3),
+                finish_reason=outcome.finish_reason,
+                throttled=throttled,
+            )
+        if outcome.code == RATE_LIMITED and outcome.http_status == 429:
+            throttled += 1
+            hint = outcome.retry_after
+            # the controller pauses the whole client for the hint (capped), and cuts its rate once
+            # per congestion episode; this row then simply waits for a slot again
+            wait = None if hint is None else min(hint, retry.max_retry_wait)
+            rate.on_throttled(sent, now, wait, headers)
+            if not outcome.retryable or retry.max_retries == 0:
+                return ended(outcome)
+            if hint is not None and hint > retry.max_retry_wait:
+                failures += 1
+                if not retry.should_retry(outcome, failures):
+                    return ended(outcome)
+            elif rate.patience_exhausted(now):
+                return ended(
+                    outcome,
+                    f"{outcome.message} (the server refused every request for {rate.patience:g} s "
+                    "without a single answer, and the run's patience is spent)",
+                )
+            if wait is None:
+                # no usable hint: the rate cut slows everyone; this row also backs off (jittered),
+                # so it does not ask again within milliseconds while the client's rate is high
+                yield Sleep(retry.delay(outcome, throttled))
+            continue
+        if outcome.http_status != 200:
+            rate.on_failure(sent, now, congestion=outcome.http_status == 503)
+        failures += 1
+        if not retry.should_retry(outcome, failures):
+            return ended(outcome)
+        yield Sleep(retry.delay(outcome, failures))
+
+
+class ClientBase(Generic[L]):
+    """What both clients derive from the endpoint and the options: URL, headers, proxy, row policy,
+    and the limiter with the adaptive rate that drives it.
+
+    :param concurrency: requests the client may have in flight (its pool or semaphore); it bounds
+        the rate the controller may learn (``concurrency / latency``), unless the caller sends in
+        bursts (``bursts=True``, the batch method: a batch must leave at once, not spread over a
+        round trip; the headroom over the answered rate still bounds it).
+    """
+
+    limiter: L
+
+    def __init__(
+        self,
+        endpoint: EndpointConfig,
+        options: QueryOptions | None,
+        limiter_class: type[L],
+        concurrency: int,
+        bursts: bool = False,
+    ) -> None:
+        self.options = options or QueryOptions()
+        self.endpoint = self.options.bind(endpoint)
+        self._policy = _RowPolicy(
+            request=self.options.chat_request(self.endpoint),
+            retry=self.options.retry_policy(),
+            count_tokens=self.options.tokens_per_minute is not None,
+            scrubber=Scrubber(self.endpoint.secrets()),
+        )
+        self._url = self.endpoint.url()
+        self._headers = self.endpoint.request_headers()
+        self._proxy = self.endpoint.proxy_url()
+        # tokens_per_minute stays the pacer's own schedule; the request rate is the controller's,
+        # under requests_per_minute as a ceiling
+        self.limiter = limiter_class(self.options.requests_per_minute, self.options.tokens_per_minute)
+        self.rate = AdaptiveRate(
+            self.options.requests_per_minute,
+            max_concurrency=None if bursts else max(1, concurrency),
+            adaptive=self.options.adaptive,
+            patience=self.options.patience,
+            clock=self.limiter.pacer.clock,
+        )
+        self.rate.bind(self.limiter.pacer)  # before any request waits on the pacer
+
+    @property
+    def scrubber(self) -> Scrubber:
+        return self._policy.scrubber
+
+    def stats(self) -> AdaptiveStats:
+        """The admitted rate, 429s, pauses so far: what a progress line shows."""
+        return self.rate.stats()
+
+    def _plan(self, row_id: Any, prompt: Any) -> Generator[Step, Received | None, QueryResult]:
+        return _attempts(row_id, prompt, self._policy, self.limiter, self.rate)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.endpoint!r})"
