@@ -7,7 +7,7 @@ CONSTRAINTS ?= constraints/constraints-3.11.txt
 PYTEST_ARGS ?=
 LINT_PATHS := $(wildcard airflow_provider_llmq tests dags benchmarks scripts)
 
-.PHONY: install test test-slow test-cluster test-oldest lint demo bench clean
+.PHONY: install test test-slow test-cluster test-browser test-oldest lint demo bench clean
 
 $(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,7 +23,7 @@ lint: install
 	$(PY) -m mypy
 
 test: lint
-	$(PY) -m pytest -m "not slow and not cluster" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not cluster and not browser" $(PYTEST_ARGS)
 
 test-slow: install
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
@@ -31,6 +31,14 @@ test-slow: install
 # a Spark standalone master + two workers and a Spark Connect server on 127.0.0.1 (minutes)
 test-cluster: install
 	$(PY) -m pytest -m cluster $(PYTEST_ARGS)
+
+# the Airflow UI in a real browser: airflow standalone + Debian's chromium driven by Playwright
+# (no browser download); screenshots in $$LLMQ_BROWSER_ARTIFACTS (default tests/browser/artifacts/)
+test-browser: install
+	test -x /usr/bin/chromium || { test "$$(id -u)" = 0 && apt-get update -qq && apt-get install -y -qq chromium chromium-driver; } \
+		|| { echo "install Debian's chromium: sudo apt-get install -y chromium chromium-driver"; exit 1; }
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[browser]'
+	$(PY) -m pytest -m browser tests/browser $(PYTEST_ARGS)
 
 # the oldest Spark llmq supports: a fresh venv with pyspark 4.0.1, everything else as constrained
 OLDEST_VENV ?= .venv-oldest
@@ -40,7 +48,7 @@ test-oldest:
 	grep -vE '^(pyspark|pyspark-client)==' $(CONSTRAINTS) > $(OLDEST_VENV)/constraints.txt
 	printf 'pyspark==4.0.1\npyspark-client==4.0.1\n' >> $(OLDEST_VENV)/constraints.txt
 	$(OLDEST_VENV)/bin/python -m pip install -q -c $(OLDEST_VENV)/constraints.txt -e '.[test]'
-	$(OLDEST_VENV)/bin/python -m pytest -m "not slow and not cluster" $(PYTEST_ARGS)
+	$(OLDEST_VENV)/bin/python -m pytest -m "not slow and not cluster and not browser" $(PYTEST_ARGS)
 
 demo: install
 	$(PY) scripts/demo.py
