@@ -69,9 +69,16 @@ def get_provider_info() -> dict[str, Any]:
                         "description": "Azure OpenAI api-version query parameter, e.g. 2024-06-01.",
                     },
                     "deployment": {
-                        "label": "Deployment (Azure) / model (OpenAI)",
+                        "label": "Deployment (Azure)",
                         "schema": string,
-                        "description": "Azure deployment name in the URL, or the OpenAI model in the body.",
+                        "description": "The Azure deployment name, sent in the URL (Azure's model name is "
+                        "the deployment's).",
+                    },
+                    "model": {
+                        "label": "Model (OpenAI)",
+                        "schema": string,
+                        "description": "The model sent in the request body, e.g. gpt-4o-mini; used when "
+                        "no deployment is set. The operators' model argument overrides both.",
                     },
                     "ca_cert": {
                         "label": "CA certificate",

@@ -69,7 +69,10 @@ class Progress:
         self.log, self.total, self.interval = log, total, interval
         self.done = 0
         self.tally = Tally()
-        self.started = self.last = time.monotonic()
+        # the clock starts at the first settled request, not at creation: reading the pending rows
+        # (a Spark job, a worker's start-up) would otherwise read as a slow rate and a huge ETA
+        self.started: float | None = None
+        self.last = 0.0
         self._stats: StatsSource | None = None
 
     def watch(self, stats: StatsSource | None) -> None:
@@ -90,15 +93,18 @@ class Progress:
         """``count`` requests settled elsewhere (a Spark job), with what they came to if known."""
         if tally is not None:
             self.tally.add(tally)
-        self.done += count
         now = time.monotonic()
+        if self.started is None:
+            self.started = self.last = now
+        self.done += count
         if now - self.last >= self.interval or self.done >= self.total:
             self.last = now
             self.log.info("llmq progress: %s", self.line(now))
 
     def line(self, now: float | None = None) -> str:
-        elapsed = max((time.monotonic() if now is None else now) - self.started, 1e-9)
-        rate = self.done / elapsed
+        now = time.monotonic() if now is None else now
+        elapsed = 0.0 if self.started is None else now - self.started
+        rate = self.done / elapsed if elapsed > 0 else 0.0
         eta = f"{(self.total - self.done) / rate:.0f} s" if rate else "unknown"
         percent = 100.0 * self.done / max(self.total, 1)
         parts = [f"{self.done}/{self.total} requests ({percent:.0f}%), {rate:.1f} requests/s, ETA {eta}"]

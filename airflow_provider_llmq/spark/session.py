@@ -3,8 +3,10 @@ hooks' business (``hooks.spark_session``); nothing here knows Airflow."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -34,7 +36,56 @@ def build_session(
             settings.setdefault(key, value)
     for key, value in settings.items():
         builder = builder.config(key, str(value))
+    if not remote:
+        _launch_driver_jvm({"spark.master": master or "local[*]", "spark.app.name": app_name, **settings})
     return builder.getOrCreate()
+
+
+JVM_LOGGER = "airflow_provider_llmq.spark.jvm"
+# printed by the JVM itself for the module Spark 4's launcher always adds; no flag turns it off
+_JVM_NOTICES = ("WARNING: Using incubator modules",)
+
+
+def _launch_driver_jvm(settings: dict[str, Any]) -> None:
+    """Starts the driver JVM the way pyspark would, but with its stderr read by a thread that hands
+    each line to the ``airflow_provider_llmq.spark.jvm`` logger: Airflow shows raw stderr lines as red
+    ERRORs in a task that succeeded, while logged ones keep their level (the JVM's own notices go to
+    DEBUG). Does nothing when this process already has a JVM, or is itself started by spark-submit."""
+    from pyspark import SparkConf, SparkContext
+    from pyspark.java_gateway import launch_gateway
+
+    if "PYSPARK_GATEWAY_PORT" in os.environ:
+        return
+    with SparkContext._lock:
+        if SparkContext._gateway is not None:
+            return
+        read_end, write_end = os.pipe()
+        # read from before the launch: a JVM that fails to start says why on stderr
+        stream = os.fdopen(read_end, encoding="utf-8", errors="replace")
+        reader = threading.Thread(target=_forward_jvm_stderr, args=(stream,), name="llmq-jvm-stderr")
+        reader.daemon = True
+        reader.start()
+        conf = SparkConf(loadDefaults=False).setAll([(key, str(value)) for key, value in settings.items()])
+        try:
+            gateway = launch_gateway(conf, popen_kwargs={"stderr": write_end})
+        finally:
+            os.close(write_end)  # the JVM holds its own copy; the reader ends when the JVM does
+        SparkContext._gateway = gateway
+        SparkContext._jvm = gateway.jvm
+
+
+def _forward_jvm_stderr(stream: Any) -> None:
+    log = logging.getLogger(JVM_LOGGER)
+    for raw in stream:
+        line = raw.rstrip()
+        if not line:
+            continue
+        if line.startswith(_JVM_NOTICES):
+            log.debug("%s", line)
+        elif " ERROR " in line or line.startswith(("Exception", "\tat ", "Caused by")):
+            log.error("%s", line)
+        else:
+            log.warning("%s", line)
 
 
 QUIET_DRIVER = {

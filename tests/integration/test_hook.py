@@ -161,6 +161,7 @@ def test_provider_info_declares_the_connection_form() -> None:
         "api_type",
         "api_version",
         "deployment",
+        "model",
         "ca_cert",
         "verify",
         "timeout",
@@ -168,6 +169,8 @@ def test_provider_info_declares_the_connection_form() -> None:
         "headers",
     } <= set(fields)
     assert None not in fields["api_type"]["schema"]["enum"]  # the UI would show a literal "null"
+    assert fields["verify"]["schema"]["type"][0] == "boolean"  # a switch
+    assert fields["timeout"]["schema"]["type"][0] == "number"  # a number box
     assert all("label" in f and "type" in f["schema"] for f in fields.values())
     assert conn_type["ui-field-behaviour"]["relabeling"]["password"] == "API key"
     hook_class = conn_type["hook-class-name"].rsplit(".", 1)[1]

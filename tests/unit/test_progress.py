@@ -50,3 +50,17 @@ def test_the_line_reads_done_total_rate_eta_errors_retries_and_429s() -> None:
 def test_a_stalled_start_has_no_eta() -> None:
     progress = Progress(Log(), total=5, interval=3600)
     assert "ETA unknown" in progress.line()
+
+
+def test_the_clock_starts_at_the_first_settled_request(monkeypatch: Any) -> None:
+    now = [100.0]
+    monkeypatch.setattr("airflow_provider_llmq.core.progress.time.monotonic", lambda: now[0])
+    log = Log()
+    progress = Progress(log, total=100, interval=10)
+    now[0] = 160.0  # a minute of Spark start-up before the first answer
+    progress.add(1)
+    assert log.lines == []  # the first line comes an interval after the first answer, not at once
+    now[0] = 170.0
+    progress.add(49)
+    [line] = log.lines
+    assert "50/100 requests (50%), 5.0 requests/s, ETA 10 s" in line, line
