@@ -31,6 +31,7 @@ EXPECTED_GRAPHS: dict[str, dict[str, set[str]]] = {
     "llmq_async_batch_example": {"sample_reviews": set(), "classify_reviews": {"sample_reviews"}},
     "llmq_rate_limited_example": {"sample_reviews": set(), "classify_reviews": {"sample_reviews"}},
     "llmq_thread_pool_example": {"sample_reviews": set(), "classify_reviews": {"sample_reviews"}},
+    "llmq_taskflow_example": {"sample_reviews": set(), "classify_category": {"sample_reviews"}},
 }
 SECRET_ARGUMENT = re.compile(r"\b(api_key|password)\s*=")
 SECRET_NAMES = {"api_key", "password"}
@@ -215,3 +216,34 @@ def test_pipeline_runs_against_the_mock_server(
     assert TEST_KEY not in text
     assert not SECRET_ARGUMENT.search(text)
     assert "{{" not in text
+
+
+@pytest.mark.spark
+def test_taskflow_example_queries_the_category_its_function_selects(
+    dagbag: Any,
+    data_dir: Path,
+    airflow_db: Path,
+    spark: Any,
+    server: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in llmq_connection_env(server).items():
+        monkeypatch.setenv(name, value)
+    dag = dagbag.dags["llmq_taskflow_example"]
+    for task in dag.tasks:
+        task.retries = 0
+    dagrun = dag.test(logical_date=None, run_conf={"category": "Home & Office"})
+
+    assert dagrun.state == "success", dagrun.state
+    [out] = [p for p in (data_dir / "llmq_taskflow_example").iterdir() if not p.name.startswith(".")]
+    reviews = spark.read.parquet(str(data_dir / "source" / "reviews"))
+    wanted = {row["review_id"]: row for row in reviews.where("category = 'Home & Office'").collect()}
+    rows = spark.read.parquet(str(out)).collect()
+    assert wanted and sorted(row["review_id"] for row in rows) == sorted(wanted)  # the templated param
+    classify = dag.get_task("classify_category")
+    for row in rows:
+        source = wanted[row["review_id"]]
+        prompt = f"Classify the sentiment of this review of {source['product']}: {source['review_text']}"
+        expected = expected_answer(DEPLOYMENT, classify.system_prompt, prompt, classify.request_params)
+        assert (row["llmq_status"], row["sentiment"]) == ("ok", expected), row
+    assert server.stats()["chat_requests"] == len(wanted)
