@@ -23,11 +23,11 @@ from airflow_provider_llmq.core.payload import DEFAULT_SYSTEM_PROMPT
 from airflow_provider_llmq.core.progress import Progress
 from airflow_provider_llmq.hooks.llmq import LLMQueryHook
 from airflow_provider_llmq.hooks.spark_session import get_spark_session
+from airflow_provider_llmq.operators.lineage import LineageMixin, task_asset
 from airflow_provider_llmq.operators.outcome import (
     LLMQueryConfigFailure,
     enforce_error_policy,
     log_interrupted,
-    static_asset,
 )
 from airflow_provider_llmq.spark.checkpoint import Checkpoint, checkpoint_location
 from airflow_provider_llmq.spark.lease import Lease, Owner
@@ -62,7 +62,7 @@ def _owner(context: Context, task_id: str) -> Owner:
     return Owner(task=f"{ti.dag_id}/{ti.task_id}/{ti.run_id}/{ti.map_index}", attempt=int(ti.try_number or 1))
 
 
-class LLMQueryBaseOperator(BaseOperator):
+class LLMQueryBaseOperator(LineageMixin, BaseOperator):
     """Reads prompts with Spark, asks the LLM for each row, writes every row back exactly once.
 
     :param llm_conn_id: the ``llmq`` connection (API base, key, api type, deployment, CA) (templated).
@@ -160,11 +160,9 @@ class LLMQueryBaseOperator(BaseOperator):
         progress_interval: float = 30.0,
         **kwargs: Any,
     ) -> None:
-        if not kwargs.get("outlets"):
-            static_output = static_asset(output_table, output_path)
-            if static_output is not None:
-                kwargs["outlets"] = [static_output]
         super().__init__(**kwargs)
+        if not self.outlets:
+            self.outlets = [task_asset(self.dag_id, self.task_id, output_table, output_path)]
         self.llm_conn_id = llm_conn_id
         self.spark_conn_id = spark_conn_id
         self.spark_conf = spark_conf
@@ -268,6 +266,7 @@ class LLMQueryBaseOperator(BaseOperator):
         seconds = time.monotonic() - started
         summary.update(timings(summary["rows"], asked, seconds, query_seconds))
         self.log.info("llmq summary: %s", summary)
+        self._record_lineage(context, spark, summary, endpoint.model)
         enforce_error_policy(summary, self.on_error, self.max_error_ratio)
         if not self.keep_checkpoint:
             checkpoint.delete()

@@ -1,12 +1,10 @@
-"""What a run reports back to Airflow: the errors that fail a task, the error policy and the
-output's Asset."""
+"""What a run reports back to Airflow: the errors that fail a task and the error policy (the
+output's Asset lives in :mod:`airflow_provider_llmq.operators.lineage`)."""
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any, Protocol
 
-from airflow.sdk import Asset
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_provider_llmq.core.errors import LLMQueryConfigError, LLMQueryError
@@ -44,17 +42,6 @@ def enforce_error_policy(summary: dict[str, Any], on_error: str, max_error_ratio
             f"{errors} of {rows} rows ended in error ({errors / rows:.1%} > max_error_ratio "
             f"{max_error_ratio:.1%}): {summary['errors_by_code']}"
         )
-
-
-def static_asset(output_table: str | None, output_path: str | None) -> Asset | None:
-    """A static output location as an Asset outlet; None when it is templated per run."""
-    target = output_table or output_path
-    if not target or "{{" in target or "{%" in target:
-        return None
-    if output_table:
-        return Asset(name=output_table, uri=f"table://{output_table}")
-    uri = target if "://" in target else "file://" + os.path.abspath(target)
-    return Asset(uri=uri)
 
 
 def log_interrupted(
