@@ -3,11 +3,14 @@
 extract_prompts >> query_llm >> join_answers >> report
 
 - ``extract_prompts`` (Spark): reads the reviews, builds one prompt per review, writes the prompts.
-- ``query_llm`` (``LLMQueryRateLimitedOperator``): asks every prompt within a request quota and
-  writes only ``review_id`` + the result columns (``include_source_columns=False``).
+- ``query_llm`` (``LLMQueryRateLimitedOperator``): asks every prompt within a request quota, with
+  structured output: each answer must be ``{"sentiment": "positive" | "neutral" | "negative"}``, and
+  the label lands in its own ``sentiment`` column (an answer outside the list is the row error
+  ``invalid_output``, its text kept in ``response_raw``). It writes only ``review_id`` + the result
+  columns (``include_source_columns=False``).
 - ``join_answers`` (Spark): ``join_results`` puts each answer back on its review (a review without
   an answer is kept, with ``llmq_error_code="missing_result"``) and writes the final dataset.
-- ``report``: counts by status and error code, tokens, rows/s, from the tasks' XCom.
+- ``report``: counts by status, error code and sentiment, tokens, rows/s, from the tasks' XCom.
 
 Tasks hand data to each other by path, in a folder per run. Settings (environment, read when the
 file is parsed):
@@ -25,6 +28,7 @@ The API key is not here: it lives in the ``llmq_default`` connection (see the RE
 from __future__ import annotations
 
 import json
+import logging
 import os
 from datetime import datetime, timedelta
 from typing import Any
@@ -36,6 +40,8 @@ from airflow_provider_llmq.sample_data import default_data_dir
 
 DATA_DIR = default_data_dir()
 SPARK_CONN_ID = os.environ.get("LLMQ_SPARK_CONN_ID") or None
+# the task log shows logged lines at once; print() output lands in a collapsed group at the end
+log = logging.getLogger(__name__)
 SOURCE_PATH = f"{DATA_DIR}/source/reviews"
 # One folder per run. A run triggered through the REST API with logical_date null has no data
 # interval (and no {{ ds }}): fall back to the time it was queued. ":" and "+" in run ids break
@@ -51,8 +57,14 @@ FINAL_PATH = f"{RUN_DIR}/classified_reviews"
 
 SYSTEM_PROMPT = (
     "You label customer reviews for an online shop. "
-    "Answer with exactly one word: positive, neutral or negative."
+    "Give the sentiment of the review: positive, neutral or negative."
 )
+# structured output: the label is a typed column, and the endpoint is held to the list
+SENTIMENT_SCHEMA = {
+    "type": "object",
+    "properties": {"sentiment": {"type": "string", "enum": ["positive", "neutral", "negative"]}},
+    "required": ["sentiment"],
+}
 PROMPT_FORMAT = "Classify the sentiment of this customer review of %s.\n\nTitle: %s\nReview: %s\n\nSentiment:"
 
 
@@ -83,7 +95,7 @@ def extract_prompts(source_path: str, prompts_path: str) -> dict[str, Any]:
     )
     prompts.write.mode("overwrite").parquet(prompts_path)
     rows = spark.read.parquet(prompts_path).count()
-    print(f"extract_prompts: {rows} prompts written to {prompts_path}")
+    log.info("extract_prompts: %d prompts written to %s", rows, prompts_path)
     return {"rows": rows, "path": prompts_path}
 
 
@@ -100,26 +112,36 @@ def join_answers(prompts_path: str, results_path: str, final_path: str) -> dict[
     final = spark.read.parquet(final_path)
     by_status = _counts(final, "llmq_status")
     by_error = _counts(final.where("llmq_status != 'ok'"), "llmq_error_code")
-    summary = {"rows": sum(by_status.values()), "by_status": by_status, "by_error_code": by_error}
-    print(f"join_answers: {summary['rows']} rows written to {final_path}: {by_status}")
+    by_sentiment = _counts(final.where("llmq_status = 'ok'"), "sentiment")
+    summary = {
+        "rows": sum(by_status.values()),
+        "by_status": by_status,
+        "by_error_code": by_error,
+        "by_sentiment": by_sentiment,
+    }
+    log.info("join_answers: %d rows written to %s: %s", summary["rows"], final_path, by_status)
     return {**summary, "path": final_path}
 
 
 @task
 def report(query: dict[str, Any], final: dict[str, Any], report_path: str) -> dict[str, Any]:
-    """Counts by status, tokens and speed of this run, printed and saved next to the output."""
+    """Counts by status, tokens and speed of this run, logged and saved next to the output."""
     rows = final["rows"]
     lines = [
         f"rows: {rows} (final dataset: {final['path']})",
         "by status: " + ", ".join(f"{k}={v}" for k, v in sorted(final["by_status"].items())),
         "errors by code: "
         + (", ".join(f"{k}={v}" for k, v in sorted(final["by_error_code"].items())) or "none"),
+        "by sentiment: " + ", ".join(f"{k}={v}" for k, v in sorted(final.get("by_sentiment", {}).items())),
         f"requests sent: {query['requests_sent']} (retries {query['retries']}, "
         f"resumed from checkpoint {query.get('resumed_requests', 0)})",
         f"tokens: prompt {query['prompt_tokens']}, completion {query['completion_tokens']}",
-        f"query time: {query['seconds']:.1f} s, {query['rows_per_second'] or 0:.1f} rows/s",
+        f"throttled (429): {query.get('throttled', 0)}",
+        # querying alone, without Spark's reading and writing, and the whole task
+        f"query time: {query['query_seconds']:.1f} s ({query['query_requests_per_second'] or 0:.1f} "
+        f"requests/s); whole task {query['seconds']:.1f} s",
     ]
-    print("llmq_pipeline report\n  " + "\n  ".join(lines))
+    log.info("llmq_pipeline report\n  %s", "\n  ".join(lines))
     data = {"query": query, "final": final}
     if "://" not in report_path:
         with open(report_path, "w") as stream:
@@ -150,7 +172,9 @@ with DAG(
         prompt_col="prompt",
         id_col="review_id",
         system_prompt=SYSTEM_PROMPT,
-        request_params={"temperature": 0, "max_tokens": 5},
+        request_params={"temperature": 0, "max_tokens": 20},
+        output_schema=SENTIMENT_SCHEMA,
+        flatten_output="",  # the schema's fields as top-level columns, unprefixed: `sentiment`
         include_source_columns=False,
         output_path=RESULTS_PATH,
         max_concurrency=16,

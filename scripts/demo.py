@@ -159,15 +159,15 @@ def show_results(report_path: Path) -> None:
     for row in sample:
         review = textwrap.shorten(row["review_text"], 90, placeholder="...")
         if row["llmq_status"] == "ok":
-            answer = f"answer: {row['response']!r} ({row['llmq_attempts']} attempt(s))"
+            answer = f"sentiment: {row['sentiment']} ({row['llmq_attempts']} attempt(s))"
         else:
             answer = f"ERROR {row['llmq_error_code']} (HTTP {row['llmq_http_status']}), row kept"
         print(f"    {row['review_id']}  {row['product']}, {row['rating']}*  [{row['expected_sentiment']}]")
         print(f"        {review}")
         print(f"        -> {answer}")
     print(
-        "\n    The mock server answers with a deterministic digest of the request; point llmq_default"
-        "\n    at a real Azure OpenAI / OpenAI deployment (README) for real labels."
+        "\n    The mock server picks a label from the schema, deterministically per request; point"
+        "\n    llmq_default at a real Azure OpenAI / OpenAI deployment (README) for real labels."
     )
 
 

@@ -7,7 +7,6 @@ Note: ``requests`` lets ``REQUESTS_CA_BUNDLE`` override ``Session.verify``, so e
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from airflow_provider_llmq.testing.mock_server import (
     plan,
     planned_fault,
 )
+from airflow_provider_llmq.testing.mock_server.tokens import count_messages, count_text
 
 KEY = "test-key"
 DEP = "gpt-test"
@@ -107,8 +107,9 @@ def test_answer_shape_on_both_routes(srv: MockServer, http: requests.Session) ->
     answer = choice["message"]["content"]
     assert answer == expected_answer(DEP, "Be brief.", "What is 2+2?", {"temperature": 0, "max_tokens": 50})
     usage = body["usage"]
-    assert usage["prompt_tokens"] == math.ceil(len("Be brief.What is 2+2?") / 4)
-    assert usage["completion_tokens"] == math.ceil(len(answer) / 4)
+    # word/punctuation tokens (tokens.py): Be brief . | What is 2 + 2 ? ; 3 per message + 3 priming
+    assert usage["prompt_tokens"] == 3 + 6 + 3 * 3 == count_messages(["Be brief.", "What is 2+2?"])
+    assert usage["completion_tokens"] == count_text(answer)
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
     r2 = openai(srv, http, "What is 2+2?", model="gpt-4o-mini")
@@ -125,8 +126,12 @@ def test_answer_shape_on_both_routes(srv: MockServer, http: requests.Session) ->
     assert r3.json()["choices"][0]["message"]["content"] == expected_answer("m", None, "q", None)
     stats = srv.stats()
     assert stats["requests_by_status"] == {"200": 3}
-    assert stats["prompt_tokens_total"] == usage["prompt_tokens"] + math.ceil(len("What is 2+2?") / 4) + 1
-    assert stats["completion_tokens_total"] >= 3 * math.ceil(len("answer:0123456789abcdef len=1") / 4)
+    assert stats["prompt_tokens_total"] == usage["prompt_tokens"] + count_messages(
+        ["What is 2+2?"]
+    ) + count_messages(["q"])
+    assert stats["completion_tokens_total"] == count_text(answer) + count_text(answer2) + count_text(
+        r3.json()["choices"][0]["message"]["content"]
+    )
 
 
 def test_system_prompt_params_and_last_user_message_decide_the_answer(

@@ -26,6 +26,7 @@ from airflow_provider_llmq.core.payload import (
 )
 from airflow_provider_llmq.core.result import STATUS_ERROR, STATUS_OK, QueryResult
 from airflow_provider_llmq.core.secrets import Scrubber
+from airflow_provider_llmq.core.structured import StructuredOutput
 
 NEVER_RAN_CODES = frozenset({BATCH_EXPIRED, BATCH_CANCELLED, BATCH_FAILED})
 # the batch status that left a request unrun -> the code it is recorded under
@@ -131,7 +132,7 @@ class LineOutcome:
     message: str | None = None
 
 
-def parse_result_line(raw: bytes, scrubber: Scrubber) -> LineOutcome:
+def parse_result_line(raw: bytes, scrubber: Scrubber, output: StructuredOutput | None = None) -> LineOutcome:
     """An output- or error-file line as the row's result. A line with a ``response`` is classified
     like a live answer of that status and body (and raises what a live answer raises: 401/403,
     404, ``insufficient_quota``); one with only an ``error`` is that error, or a never-ran request."""
@@ -139,7 +140,7 @@ def parse_result_line(raw: bytes, scrubber: Scrubber) -> LineOutcome:
     custom_id = str(data["custom_id"])
     response = data.get("response")
     if isinstance(response, dict) and response.get("status_code") is not None:
-        return LineOutcome(custom_id, _classified(custom_id, response, scrubber))
+        return LineOutcome(custom_id, _classified(custom_id, response, scrubber, output))
     error = data.get("error") if isinstance(data.get("error"), dict) else {}
     code = str(error.get("code") or "bad_response")[:100]
     message = scrubber.text(str(error.get("message") or "the batch returned no response for this request"))
@@ -148,11 +149,13 @@ def parse_result_line(raw: bytes, scrubber: Scrubber) -> LineOutcome:
     return LineOutcome(custom_id, QueryResult(custom_id, None, STATUS_ERROR, code, message[:500], attempts=1))
 
 
-def _classified(custom_id: str, response: dict[str, Any], scrubber: Scrubber) -> QueryResult:
+def _classified(
+    custom_id: str, response: dict[str, Any], scrubber: Scrubber, output: StructuredOutput | None
+) -> QueryResult:
     status = int(response["status_code"])
     body = response.get("body")
     raw = body.encode("utf-8") if isinstance(body, str) else json.dumps(body).encode("utf-8")
-    outcome = classify_response(status, {}, raw)
+    outcome = classify_response(status, {}, raw, output)  # structured answers are checked as live ones
     if isinstance(outcome, Answer):
         return QueryResult(
             custom_id,
@@ -166,7 +169,7 @@ def _classified(custom_id: str, response: dict[str, Any], scrubber: Scrubber) ->
         )
     result = QueryResult(
         custom_id,
-        None,
+        outcome.content,  # the raw text of an invalid_output answer; None for the other errors
         STATUS_ERROR,
         outcome.code,
         outcome.message,

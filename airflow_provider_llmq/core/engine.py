@@ -17,6 +17,7 @@ retry, as every other failure does). ``max_retries=0`` means one request, whatev
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Generator, Mapping
@@ -24,10 +25,13 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from airflow_provider_llmq.core.adaptive import AdaptiveRate, AdaptiveStats
+from airflow_provider_llmq.core.budget import Budget
+from airflow_provider_llmq.core.cost import Price, TokenCounter, completion_tokens_per_request, parse_prices
 from airflow_provider_llmq.core.endpoint import EndpointConfig
 from airflow_provider_llmq.core.limits import AsyncLimiter, ThreadLimiter, estimate_request_tokens
 from airflow_provider_llmq.core.options import QueryOptions
 from airflow_provider_llmq.core.payload import (
+    BUDGET_EXCEEDED,
     EMPTY_PROMPT,
     RATE_LIMITED,
     Answer,
@@ -73,11 +77,19 @@ class _RowPolicy:
     retry: RetryPolicy
     count_tokens: bool
     scrubber: Scrubber
+    price: Price | None = None  # the model's price: results then carry their cost
+    completion_estimate: int = 0  # completion tokens a budget reserves per request
 
     def estimated_tokens(self, prompt: str) -> int:
         """What a request reserves against tokens/min before it is sent: prompt + max_tokens."""
         text = (self.request.system_prompt or "") + prompt
         return estimate_request_tokens(text, self.request.max_completion_tokens())
+
+    def budget_estimate(self, prompt: str) -> tuple[int, int]:
+        """What a request reserves against the run's budget: (prompt, completion) tokens, counted
+        as the estimate before a run counts them (tiktoken when it loads)."""
+        counted = TokenCounter.shared().prompt_tokens(self.request.system_prompt, prompt)
+        return counted, self.completion_estimate
 
 
 def _is_empty(prompt: object) -> bool:
@@ -85,18 +97,55 @@ def _is_empty(prompt: object) -> bool:
 
 
 def _attempts(
-    row_id: Any, prompt: Any, policy: _RowPolicy, limiter: Limiter, rate: AdaptiveRate
+    row_id: Any,
+    prompt: Any,
+    policy: _RowPolicy,
+    limiter: Limiter,
+    rate: AdaptiveRate,
+    budget: Budget | None = None,
 ) -> Generator[Step, Received | None, QueryResult]:
     """One row, start to end. Every result it returns and every exception it raises passes the
     endpoint's scrubber here, the one place messages leave the engine."""
     try:
-        result = yield from _row_attempts(row_id, prompt, policy, limiter, rate)
+        result = yield from _within_budget(row_id, prompt, policy, limiter, rate, budget)
     except Exception as exc:
         clean = policy.scrubber.exception(exc)
     else:
         return policy.scrubber.result(result)
     # raised outside the handler, so a stand-in does not carry the original as its context
     raise clean
+
+
+def _within_budget(
+    row_id: Any,
+    prompt: Any,
+    policy: _RowPolicy,
+    limiter: Limiter,
+    rate: AdaptiveRate,
+    budget: Budget | None,
+) -> Generator[Step, Received | None, QueryResult]:
+    """The row's attempts inside the run's budget, and its cost at the run's price.
+
+    The reservation is taken before the row waits for its first slot, so rows waiting on the pacer
+    count as in flight; it holds through the row's retries and is replaced by the usage of its
+    result (also when the row ends in an exception: nothing billed is known then)."""
+    hold = None
+    if budget is not None and not _is_empty(prompt):
+        hold = budget.reserve(*policy.budget_estimate(prompt))
+        if hold is None:
+            return QueryResult(row_id, None, STATUS_ERROR, BUDGET_EXCEEDED, budget.refusal())
+    result: QueryResult | None = None
+    try:
+        result = yield from _row_attempts(row_id, prompt, policy, limiter, rate)
+    finally:
+        if hold is not None and budget is not None:
+            used = (result.prompt_tokens, result.completion_tokens) if result else (None, None)
+            budget.settle(hold, *used)
+    if policy.price is not None:
+        result = dataclasses.replace(
+            result, cost=policy.price.cost(result.prompt_tokens, result.completion_tokens)
+        )
+    return result
 
 
 def _row_attempts(
@@ -114,11 +163,12 @@ def _row_attempts(
     attempts = 0  # every request sent, 429s included
     failures = 0  # the attempts that spend max_retries
     throttled = 0  # this row's 429s, for the backoff of those without a usable hint
+    repaired = False  # the one repair request of an invalid structured answer was sent
 
     def ended(outcome: Failure, message: str | None = None) -> QueryResult:
         return QueryResult(
             row_id,
-            None,
+            outcome.content,  # an invalid structured answer keeps its text; None for every other error
             STATUS_ERROR,
             outcome.code,
             message or outcome.message,
@@ -158,7 +208,7 @@ def _row_attempts(
         else:
             assert received is not None
             status, headers, raw = received
-            outcome = classify_response(status, headers, raw)
+            outcome = classify_response(status, headers, raw, policy.request.output)
         now = clock()
         used = None
         if outcome.prompt_tokens is not None:
@@ -206,6 +256,11 @@ def _row_attempts(
                 # so it does not ask again within milliseconds while the client's rate is high
                 yield Sleep(retry.delay(outcome, throttled))
             continue
+        repair = None if repaired else policy.request.repair_body(prompt, outcome)
+        if repair is not None:  # repair_invalid_output: ask once more, its answer validated again
+            repaired = True
+            body = json.dumps(repair, ensure_ascii=False).encode("utf-8")
+            continue
         if outcome.http_status != 200:
             rate.on_failure(sent, now, congestion=outcome.http_status == 503)
         failures += 1
@@ -236,12 +291,22 @@ class ClientBase(Generic[L]):
     ) -> None:
         self.options = options or QueryOptions()
         self.endpoint = self.options.bind(endpoint)
+        request = self.options.chat_request(self.endpoint)
+        price = parse_prices(self.options.prices).get(self.endpoint.model or "")
         self._policy = _RowPolicy(
-            request=self.options.chat_request(self.endpoint),
+            request=request,
             retry=self.options.retry_policy(),
             count_tokens=self.options.tokens_per_minute is not None,
             scrubber=Scrubber(self.endpoint.secrets()),
+            price=price,
+            completion_estimate=completion_tokens_per_request(
+                request.max_completion_tokens(), self.options.expected_completion_tokens
+            )[0],
         )
+        # one budget per client: every thread or task of the client reserves against it
+        self.budget: Budget | None = None
+        if self.options.max_total_tokens is not None or self.options.max_cost is not None:
+            self.budget = Budget(self.options.max_total_tokens, self.options.max_cost, price)
         self._url = self.endpoint.url()
         self._headers = self.endpoint.request_headers()
         self._proxy = self.endpoint.proxy_url()
@@ -266,7 +331,7 @@ class ClientBase(Generic[L]):
         return self.rate.stats()
 
     def _plan(self, row_id: Any, prompt: Any) -> Generator[Step, Received | None, QueryResult]:
-        return _attempts(row_id, prompt, self._policy, self.limiter, self.rate)
+        return _attempts(row_id, prompt, self._policy, self.limiter, self.rate, self.budget)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.endpoint!r})"

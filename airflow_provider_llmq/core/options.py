@@ -14,10 +14,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from airflow_provider_llmq.core.cost import parse_prices
 from airflow_provider_llmq.core.endpoint import EndpointConfig
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
 from airflow_provider_llmq.core.payload import DEFAULT_SYSTEM_PROMPT, ChatRequest
 from airflow_provider_llmq.core.retry import RetryPolicy
+from airflow_provider_llmq.core.structured import StructuredOutput
 
 __all__ = ["QueryOptions"]
 
@@ -29,6 +31,9 @@ _NUMBERS: dict[str, type] = {
     "requests_per_minute": numbers.Real,
     "tokens_per_minute": numbers.Real,
     "patience": numbers.Real,
+    "max_total_tokens": numbers.Integral,
+    "max_cost": numbers.Real,
+    "expected_completion_tokens": numbers.Integral,
 }
 
 
@@ -54,6 +59,20 @@ class QueryOptions:
         ``requests_per_minute`` (unlimited when None) and only honours retry hints.
     :param patience: seconds a run keeps asking while every request is refused with a 429, without
         a single answer, before the refused rows end ``rate_limited`` (a 429 spends no retry).
+    :param output_schema: a JSON schema (an object at the root) every answer must follow: sent as a
+        strict ``json_schema`` ``response_format``; an answer that is not JSON following it is the
+        row error ``invalid_output``, with its text kept. None: free text.
+    :param output_check_schema: the schema answers are validated against, when stricter than the
+        one sent (the Spark layer adds its column types' bounds); None: ``output_schema``.
+    :param repair_invalid_output: after an ``invalid_output`` answer, send one more request with
+        the invalid text and the reason, and validate its answer again.
+    :param prices: model or deployment -> price per million tokens (``{"input": 0.15, "output":
+        0.6}`` or ``(0.15, 0.6)``): each result then carries its cost. No price table ships.
+    :param max_total_tokens: the tokens this run may spend (prompt + completion); a request that
+        would pass it is not sent (``budget_exceeded``), see :class:`~.budget.Budget`.
+    :param max_cost: the cost this run may spend, at ``prices`` (which must price the model).
+    :param expected_completion_tokens: the completion length to count per request before it is
+        sent, when it is better known than ``max_tokens`` (estimates and the budget's reservation).
     """
 
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
@@ -67,6 +86,13 @@ class QueryOptions:
     tokens_per_minute: float | None = None
     adaptive: bool = True
     patience: float = 1800.0
+    output_schema: Mapping[str, Any] | None = None
+    output_check_schema: Mapping[str, Any] | None = None
+    repair_invalid_output: bool = False
+    prices: Mapping[str, Any] | None = None
+    max_total_tokens: int | None = None
+    max_cost: float | None = None
+    expected_completion_tokens: int | None = None
 
     def __post_init__(self) -> None:
         # a wrong type is a configuration error like a wrong value, never a TypeError deep in a retry
@@ -86,8 +112,17 @@ class QueryOptions:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise LLMQueryConfigError(f"{name} must be positive, got {value!r}")
+        if not isinstance(self.repair_invalid_output, bool):
+            raise LLMQueryConfigError("repair_invalid_output must be True or False")
+        if self.output_schema is None and self.output_check_schema is not None:
+            raise LLMQueryConfigError("output_check_schema needs an output_schema")
+        for name in ("max_total_tokens", "max_cost", "expected_completion_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise LLMQueryConfigError(f"{name} must be >= 0, got {value!r}")
+        parse_prices(self.prices)  # validates the prices now
         self.retry_policy()  # validates the retry settings now, not at the first failure
-        ChatRequest(params=self.request_params)  # validates the body params now
+        ChatRequest(params=self.request_params, output=self.structured_output())  # validates the body now
 
     @classmethod
     def of(cls, options: QueryOptions | None = None, **settings: Any) -> QueryOptions:
@@ -109,6 +144,15 @@ class QueryOptions:
             system_prompt=self.system_prompt,
             model=bound.body_model() if bound.api_type == "openai" else None,
             params=self.request_params,
+            output=self.structured_output(),
+        )
+
+    def structured_output(self) -> StructuredOutput | None:
+        """The schema answers must follow, or None for free text."""
+        if self.output_schema is None:
+            return None
+        return StructuredOutput(
+            self.output_schema, self.output_check_schema, repair=self.repair_invalid_output
         )
 
     def retry_policy(self) -> RetryPolicy:

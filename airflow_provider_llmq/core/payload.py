@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from airflow_provider_llmq.core.errors import LLMQueryAuthError, LLMQueryConfigError, LLMQueryQuotaError
+from airflow_provider_llmq.core.structured import StructuredOutput
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -36,14 +37,20 @@ TOOL_CALLS = "tool_calls"
 LENGTH = "length"
 UNEXPECTED_REDIRECT = "unexpected_redirect"
 INSUFFICIENT_QUOTA = "insufficient_quota"
+# a 200 whose text is not JSON following the run's output schema: the model's answer to this
+# prompt, so neither retried nor asked again by a later try (the raw text stays on the row)
+INVALID_OUTPUT = "invalid_output"
 # Batch API: a request its batch never ran, recorded under these only when the run is over
 BATCH_EXPIRED = "batch_expired"
 BATCH_CANCELLED = "batch_cancelled"
 BATCH_FAILED = "batch_failed"
+BUDGET_EXCEEDED = "budget_exceeded"  # not sent: the run's token or cost budget was spent
 
 # recorded errors that a later try asks again: the row may well succeed then. Every other code is
 # the answer to that exact request (a filter, a refusal, a redirect) and would come back the same.
-TRANSIENT_ERROR_CODES = frozenset({RATE_LIMITED, SERVER_ERROR, TIMEOUT, CONNECTION_ERROR, BAD_RESPONSE})
+TRANSIENT_ERROR_CODES = frozenset(
+    {RATE_LIMITED, SERVER_ERROR, TIMEOUT, CONNECTION_ERROR, BAD_RESPONSE, BUDGET_EXCEEDED}
+)
 
 _RESERVED_PARAMS = frozenset({"messages", "stream", "n"})
 
@@ -55,11 +62,13 @@ class ChatRequest:
     :param system_prompt: the system message; None or "" sends none.
     :param model: the OpenAI model for the body (the Azure deployment is in the URL).
     :param params: extra body fields (temperature, max_tokens, response_format, ...).
+    :param output: the JSON schema answers must follow (sent as ``response_format``); None: free text.
     """
 
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
     model: str | None = None
     params: Mapping[str, Any] | None = None
+    output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         bad = _RESERVED_PARAMS.intersection(self.params or {})
@@ -67,13 +76,39 @@ class ChatRequest:
             raise LLMQueryConfigError(
                 f"request_params may not set {sorted(bad)}: one prompt gets one non-streamed answer"
             )
+        if self.output is not None and "response_format" in (self.params or {}):
+            raise LLMQueryConfigError(
+                "give either output_schema or request_params['response_format'], not both: "
+                "output_schema is sent as the response_format"
+            )
 
     def body(self, prompt: str) -> dict[str, Any]:
         messages = []
         if self.system_prompt:
             messages.append({"role": "system", "content": self.system_prompt})
         messages.append({"role": "user", "content": prompt})
+        return self._with_params(messages)
+
+    def repair_body(self, prompt: str, failure: Failure) -> dict[str, Any] | None:
+        """The repair request after an ``invalid_output`` answer, when the run asks for one: the
+        conversation so far, the invalid answer and what is wrong with it. None otherwise."""
+        if failure.code != INVALID_OUTPUT or self.output is None or not self.output.repair:
+            return None
+        messages = self.body(prompt)["messages"]
+        messages.append({"role": "assistant", "content": failure.content or ""})
+        messages.append(
+            {
+                "role": "user",
+                "content": f"That answer is invalid: {failure.message}. Answer again with JSON that "
+                "follows the schema exactly.",
+            }
+        )
+        return self._with_params(messages)
+
+    def _with_params(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
         body: dict[str, Any] = {"messages": messages, **dict(self.params or {})}
+        if self.output is not None:
+            body["response_format"] = self.output.response_format()
         if self.model:
             body["model"] = self.model
         return body
@@ -107,6 +142,7 @@ class Failure:
     prompt_tokens: int | None = None  # billed even for a 200 that gave no usable answer
     completion_tokens: int | None = None
     finish_reason: str | None = None
+    content: str | None = None  # the answer text a 200 carried, kept on the row (invalid_output)
 
 
 def _error_fields(body: bytes) -> tuple[str | None, str]:
@@ -168,24 +204,29 @@ def _should_retry_hint(headers: Mapping[str, str]) -> bool | None:
     return None
 
 
-def classify_response(status: int, headers: Mapping[str, str], body: bytes) -> Answer | Failure:
+def classify_response(
+    status: int, headers: Mapping[str, str], body: bytes, output: StructuredOutput | None = None
+) -> Answer | Failure:
     """What an HTTP answer means for the row. Raises for answers no retry can fix (auth, 404, quota).
 
+    With ``output``, a 200's text must be JSON following its schema, else it is ``invalid_output``.
     A server's ``x-should-retry`` overrides whether a row failure is retried, either way, as the
     openai SDK does; it cannot turn a refused key, a missing deployment, an exhausted quota or a
-    redirect into something worth asking again.
+    redirect into something worth asking again, nor judge an answer's content (``invalid_output``).
     """
-    outcome = _classify(status, headers, body)
-    if isinstance(outcome, Failure) and outcome.code != UNEXPECTED_REDIRECT:
+    outcome = _classify(status, headers, body, output)
+    if isinstance(outcome, Failure) and outcome.code not in (UNEXPECTED_REDIRECT, INVALID_OUTPUT):
         hint = _should_retry_hint(headers)
         if hint is not None and hint != outcome.retryable:
             outcome = replace(outcome, retryable=hint)
     return outcome
 
 
-def _classify(status: int, headers: Mapping[str, str], body: bytes) -> Answer | Failure:
+def _classify(
+    status: int, headers: Mapping[str, str], body: bytes, output: StructuredOutput | None
+) -> Answer | Failure:
     if status == 200:
-        return _parse_success(body)
+        return _parse_success(body, output)
     if 300 <= status < 400:
         return _redirect(status, headers)
     code, message = _error_fields(body)
@@ -279,7 +320,7 @@ def _tool_names(message: Mapping[str, Any]) -> list[str]:
     return names
 
 
-def _parse_success(body: bytes) -> Answer | Failure:
+def _parse_success(body: bytes, output: StructuredOutput | None = None) -> Answer | Failure:
     try:
         data = json.loads(body)
         choice = data["choices"][0]
@@ -316,6 +357,11 @@ def _parse_success(body: bytes) -> Answer | Failure:
         return failed(LENGTH, "the answer was cut by max_tokens before any text (finish_reason length)")
     if content is None:
         return failed(BAD_RESPONSE, "answer has no message content", retryable=True)
+    problem = output.problem(content) if output is not None else None
+    if problem is not None:
+        if finish_reason == LENGTH:
+            problem += " (finish_reason length: max_tokens cut the answer)"
+        return replace(failed(INVALID_OUTPUT, problem), content=content)
     return Answer(content, finish_reason, prompt_tokens, completion_tokens)
 
 

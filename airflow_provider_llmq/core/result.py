@@ -25,6 +25,10 @@ class QueryResult:
     :param completion_tokens: tokens the API billed for the answer.
     :param latency_ms: wall time from the first request to the final outcome, retries included.
     :param finish_reason: the API's ``finish_reason`` (``stop``, ``length``, ...).
+    :param cost: what the row's request cost at the run's ``prices`` (its reported usage); None
+        without a price for the model.
+    :param cached: the result was copied from the cross-run answer cache, not asked by this run (its
+        usage and cost are those of the run that asked it).
     """
 
     row_id: Any
@@ -39,6 +43,8 @@ class QueryResult:
     latency_ms: float | None = None
     finish_reason: str | None = None
     throttled: int = 0
+    cost: float | None = None
+    cached: bool = False
 
     @property
     def ok(self) -> bool:

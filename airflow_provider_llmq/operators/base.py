@@ -19,7 +19,7 @@ from airflow.sdk import BaseOperator
 
 from airflow_provider_llmq.core.errors import LLMQueryConfigError, LLMQueryError
 from airflow_provider_llmq.core.options import QueryOptions
-from airflow_provider_llmq.core.payload import DEFAULT_SYSTEM_PROMPT
+from airflow_provider_llmq.core.payload import BUDGET_EXCEEDED, DEFAULT_SYSTEM_PROMPT
 from airflow_provider_llmq.core.progress import Progress
 from airflow_provider_llmq.hooks.llmq import LLMQueryHook
 from airflow_provider_llmq.hooks.spark_session import get_spark_session
@@ -29,19 +29,28 @@ from airflow_provider_llmq.operators.outcome import (
     enforce_error_policy,
     log_interrupted,
 )
+from airflow_provider_llmq.spark.cache import AnswerCache
 from airflow_provider_llmq.spark.checkpoint import Checkpoint, checkpoint_location
+from airflow_provider_llmq.spark.estimate import estimate
 from airflow_provider_llmq.spark.lease import Lease, Owner
 from airflow_provider_llmq.spark.placements import Placement, Work
-from airflow_provider_llmq.spark.plan import materialize_input, pending_requests, requests_frame
-from airflow_provider_llmq.spark.schema import LLMQ_ROW_ID
+from airflow_provider_llmq.spark.plan import (
+    materialize_input,
+    pending_requests,
+    request_fingerprint,
+    requests_frame,
+)
+from airflow_provider_llmq.spark.schema import LLMQ_ROW_ID, PROMPT_COL
 from airflow_provider_llmq.spark.session import cancel_tagged_jobs, require_shared_paths
 from airflow_provider_llmq.spark.sink import attach_results, write_output
 from airflow_provider_llmq.spark.source import check_one_source, read_source, validate_source
+from airflow_provider_llmq.spark.structured import OutputSpec, output_spec
 from airflow_provider_llmq.spark.summary import rate, summarize, timings
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
     from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql.types import StructType
 
     from airflow_provider_llmq.core.endpoint import EndpointConfig
 
@@ -103,6 +112,26 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
         key resumes instead of asking again.
     :param keep_checkpoint: keep the checkpoint after a successful write.
     :param progress_interval: seconds between progress lines in the log.
+    :param prices: model or deployment -> input and output price per million tokens
+        (``{"gpt-4o-mini": {"input": 0.15, "output": 0.6}}``); each row then carries its cost
+        (``llmq_cost``) and the summary the total. No price table ships.
+    :param max_total_tokens: tokens (prompt + completion) this try may spend; a request that would
+        pass it is not sent and its row ends ``budget_exceeded`` (asked again by a later run).
+    :param max_cost: cost this try may spend at ``prices``.
+    :param expected_completion_tokens: completion tokens to count per request before it is sent
+        (estimate and budget), when better known than ``max_tokens``.
+    :param estimate_only: count the pending requests' tokens and cost, send nothing, and return
+        the estimate.
+    :param cache_path: a cross-run answer cache (a folder or URI): pending requests answered by an
+        earlier run with the same request are copied from it, and this run's answers are added.
+    :param output_schema: structured output: a Spark DDL string (``"label string, score int"``), a
+        ``StructType`` or a JSON schema (dict) every answer must follow; the answers become the
+        struct column ``response_col`` (raw text in ``<response_col>_raw``), and an answer that does
+        not follow it is the row error ``invalid_output``. None: free text.
+    :param flatten_output: with ``output_schema``, the struct's fields as top-level columns named
+        ``<response_col>_<field>`` (True) or ``<prefix><field>`` (a string prefix).
+    :param repair_invalid_output: with ``output_schema``, follow an invalid answer with one more
+        request that shows the model its invalid text and the reason.
     """
 
     template_fields: Sequence[str] = (
@@ -117,6 +146,7 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
         "output_path",
         "checkpoint_dir",
         "checkpoint_key",
+        "cache_path",
     )  # not prompt_template: Jinja would eat its {{ }} literal braces
     template_ext: Sequence[str] = (".sql",)
     template_fields_renderers = {"sql": "sql"}
@@ -158,6 +188,15 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
         checkpoint_key: str = DEFAULT_CHECKPOINT_KEY,
         keep_checkpoint: bool = False,
         progress_interval: float = 30.0,
+        prices: dict[str, Any] | None = None,
+        max_total_tokens: int | None = None,
+        max_cost: float | None = None,
+        expected_completion_tokens: int | None = None,
+        estimate_only: bool = False,
+        cache_path: str | None = None,
+        output_schema: str | StructType | dict[str, Any] | None = None,
+        flatten_output: bool | str = False,
+        repair_invalid_output: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -196,6 +235,15 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
         self.checkpoint_key = checkpoint_key
         self.keep_checkpoint = keep_checkpoint
         self.progress_interval = progress_interval
+        self.prices = prices
+        self.max_total_tokens = max_total_tokens
+        self.max_cost = max_cost
+        self.expected_completion_tokens = expected_completion_tokens
+        self.estimate_only = estimate_only
+        self.cache_path = cache_path
+        self.output_schema = output_schema
+        self.flatten_output = flatten_output
+        self.repair_invalid_output = repair_invalid_output
 
     @cached_property
     def hook(self) -> LLMQueryHook:
@@ -216,7 +264,22 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
             retry_backoff=self.retry_backoff,
             adaptive=self.adaptive,
             patience=self.patience,
+            output_schema=self._output.schema if self._output else None,
+            output_check_schema=self._output.check_schema if self._output else None,
+            repair_invalid_output=self.repair_invalid_output,
+            prices=self.prices,
+            max_total_tokens=self.max_total_tokens,
+            max_cost=self.max_cost,
+            expected_completion_tokens=self.expected_completion_tokens,
         )
+
+    @cached_property
+    def _output(self) -> OutputSpec | None:
+        """``output_schema`` as JSON schemas and a Spark type; None: free text. Spark's own parser reads
+        a DDL string, so the session starts here then (the same session ``execute`` gets)."""
+        app_name = f"llmq-{self.task_id}"
+        session = partial(get_spark_session, self.spark_conn_id, self.spark_conf, app_name=app_name)
+        return output_spec(self.output_schema, self.flatten_output, session)
 
     def execute(self, context: Context) -> dict[str, Any]:
         self._stopping = threading.Event()
@@ -268,7 +331,15 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
         self.log.info("llmq summary: %s", summary)
         self._record_lineage(context, spark, summary, endpoint.model)
         enforce_error_policy(summary, self.on_error, self.max_error_ratio)
-        if not self.keep_checkpoint:
+        unsent = summary.get("errors_by_code", {}).get(BUDGET_EXCEEDED, 0)
+        if unsent:  # kept, so that a run given this checkpoint_key and a larger budget asks them
+            self.log.warning(
+                "llmq: %d rows were not sent (budget_exceeded); the checkpoint %s is kept: a run with "
+                "the same checkpoint_key and a larger budget asks exactly those",
+                unsent,
+                checkpoint.uri,
+            )
+        elif not self.keep_checkpoint:
             checkpoint.delete()
             summary["checkpoint"] = None
         return summary
@@ -297,10 +368,14 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
             fingerprint=self._fingerprint(source, endpoint),
         )
         results_before = set(checkpoint.result_names())
-        pending = pending_requests(
-            requests_frame(materialized, manifest.n_buckets), checkpoint.read_results(spark)
-        )
+        requests = requests_frame(materialized, manifest.n_buckets)
+        pending = pending_requests(requests, checkpoint.read_results(spark))
         to_ask = pending.count() if results_before else manifest.total_requests  # a new run asks all
+        cache = self._answer_cache(endpoint, options)
+        if cache is not None and to_ask and cache.copy_hits(spark, pending, checkpoint) is not None:
+            pending = pending_requests(requests, checkpoint.read_results(spark))
+            hits, to_ask = to_ask - (left := pending.count()), left
+            self.log.info("llmq: %d requests answered from the cache at %s", hits, cache.uri)
         already = manifest.total_requests - to_ask
         self.log.info(
             "llmq: %d rows, %d distinct requests, %d to ask (%s), checkpoint %s",
@@ -312,6 +387,8 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
         )
         if resumed:
             self.log.info("resumed %d rows from checkpoint", already)
+        if self.estimate_only:
+            return self._estimate(pending, manifest.total_rows, options, endpoint), 0, 0.0
 
         query_started = time.monotonic()
         progress = Progress(self.log, to_ask, self.progress_interval)
@@ -333,6 +410,9 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
                 log_interrupted(self.log, spark, checkpoint, manifest.total_requests, exc)
                 raise
         query_seconds = time.monotonic() - query_started
+        if cache is not None:
+            added = cache.add(spark, requests, checkpoint)
+            self.log.info("llmq: %d answers added to the cache at %s", added, cache.uri)
 
         output = attach_results(
             materialized,
@@ -340,6 +420,8 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
             id_col=self.id_col or LLMQ_ROW_ID,
             response_col=self.response_col,
             include_source_columns=self.include_source_columns,
+            output_type=self._output.spark_type if self._output else None,
+            flatten_output=self.flatten_output,
         )
         location = self.output_table or self.output_path
         self.log.info("llmq: writing %d rows to %s (mode %s)", manifest.total_rows, location, self.mode)
@@ -352,12 +434,38 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
             checkpoint=checkpoint,
         )
         new_results = self._new_result_names(checkpoint, results_before)
-        summary = summarize(output, checkpoint.read_results(spark, new_results) if new_results else None)
+        summary = summarize(
+            output,
+            checkpoint.read_results(spark, new_results) if new_results else None,
+            checkpoint.read_results(spark) if self.prices else None,
+        )
         if self.keep_checkpoint:
             checkpoint.compact(spark)
         summary.update(rate(progress.rate_stats()))
         summary.update(resumed_requests=already if resumed else 0, output=location, checkpoint=checkpoint.uri)
         return summary, to_ask, query_seconds
+
+    def _answer_cache(self, endpoint: EndpointConfig, options: QueryOptions) -> AnswerCache | None:
+        if not self.cache_path:
+            return None
+        return AnswerCache(self.cache_path, request_fingerprint(endpoint, options))
+
+    def _estimate(
+        self, pending: DataFrame, rows: int, options: QueryOptions, endpoint: EndpointConfig
+    ) -> dict[str, Any]:
+        """``estimate_only``: what the pending requests would cost; nothing is sent or written."""
+        found = estimate(
+            pending,
+            prompt_col=PROMPT_COL,
+            system_prompt=options.system_prompt,
+            model=endpoint.model,
+            max_tokens=options.chat_request(endpoint).max_completion_tokens(),
+            expected_completion_tokens=self.expected_completion_tokens,
+            prices=self.prices,
+            dedupe=False,  # one row per request already
+        )
+        self.log.info("llmq estimate (nothing sent): %s", found.to_dict())
+        return {"estimate_only": True, "rows": rows, "errors": 0, "errors_by_code": {}, **found.to_dict()}
 
     def _new_result_names(self, checkpoint: Checkpoint, before: set[str]) -> list[str]:
         """The result files this try added: what the summary counts as asked."""
@@ -419,6 +527,8 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
             "api_version": endpoint.api_version,
             "request_params": dict(self.request_params or {}),
             "dedupe": self.dedupe,
+            # only when set: checkpoints of free-text runs made before it existed still resume
+            **({"output_schema": self._output.schema} if self._output else {}),
         }
 
 

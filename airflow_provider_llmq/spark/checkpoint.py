@@ -36,8 +36,12 @@ from airflow_provider_llmq.core.progress import Tally
 from airflow_provider_llmq.core.result import STATUS_OK, QueryResult
 from airflow_provider_llmq.spark.schema import (
     ATTEMPTS_COL,
+    CACHED_COL,
+    COMPLETION_TOKENS_COL,
+    COST_COL,
     ERROR_CODE_COL,
     KEY_COL,
+    PROMPT_TOKENS_COL,
     RESULT_ARROW_FIELDS,
     RESULT_DDL,
     STATUS_COL,
@@ -216,6 +220,20 @@ class Checkpoint:
             tally.throttled += throttled or 0
             tally.retries += max((attempts or 0) - 1 - (throttled or 0), 0)
         return tally
+
+    def spent(self, names: Sequence[str]) -> tuple[int, float]:
+        """Tokens and cost the given result files' requests used (cache hits excluded: not sent),
+        read with pyarrow: how the driver tracks a budget between Spark jobs."""
+        tokens, cost = 0, 0.0
+        columns = [PROMPT_TOKENS_COL, COMPLETION_TOKENS_COL, COST_COL, CACHED_COL]
+        for name in names:
+            path = self._path("results", name)
+            table = pq.read_table(path, filesystem=self.fs, columns=columns).to_pydict()
+            for prompt, completion, row_cost, cached in zip(*table.values(), strict=True):
+                if not cached:
+                    tokens += (prompt or 0) + (completion or 0)
+                    cost += row_cost or 0.0
+        return tokens, cost
 
     def compact(self, spark: SparkSession) -> None:
         """Rewrites the settled results as one result file, once a run is complete, so that a kept

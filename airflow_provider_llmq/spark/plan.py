@@ -7,6 +7,7 @@ recomputed or a task is retried.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,9 @@ from airflow_provider_llmq.spark.source import render_prompt
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
+    from airflow_provider_llmq.core.endpoint import EndpointConfig
+    from airflow_provider_llmq.core.options import QueryOptions
+
 BUCKET_COL = "__llmq_bucket"  # a request's hash bucket: what the driver streams, and a UDF job asks
 
 
@@ -27,6 +31,23 @@ def canonical(fingerprint: dict[str, Any]) -> dict[str, Any]:
     resume compares like with like."""
     result: dict[str, Any] = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
     return result
+
+
+def request_fingerprint(endpoint: EndpointConfig, options: QueryOptions) -> str:
+    """What an answer depends on besides its prompt text: the cross-run cache's key is this digest
+    with the prompt's hash. Model or deployment, API type, system prompt, request params and the
+    output schema (structured output); not the host, so one deployment's answers are shared by the
+    runs that reach it under any URL, nor retry or rate settings, which do not change an answer."""
+    bound = options.bind(endpoint)
+    request = {
+        "model": bound.model,
+        "api_type": bound.api_type,
+        "system_prompt": options.system_prompt or None,
+        "request_params": dict(options.request_params or {}),
+        "output_schema": getattr(options, "output_schema", None),
+    }
+    text = json.dumps(canonical(request), sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def materialize_input(

@@ -18,6 +18,8 @@ ATTEMPTS_COL = "llmq_attempts"
 PROMPT_TOKENS_COL = "llmq_prompt_tokens"
 COMPLETION_TOKENS_COL = "llmq_completion_tokens"
 THROTTLED_COL = "llmq_throttled"
+COST_COL = "llmq_cost"
+CACHED_COL = "llmq_cached"
 MISSING_RESULT = "missing_result"
 
 # (name, Spark SQL type, pyarrow type, QueryResult field)
@@ -33,8 +35,11 @@ _RESULT_FIELDS: tuple[tuple[str, str, pa.DataType, str], ...] = (
     ("llmq_latency_ms", "double", pa.float64(), "latency_ms"),
     ("llmq_finish_reason", "string", pa.string(), "finish_reason"),
     (THROTTLED_COL, "int", pa.int32(), "throttled"),
+    (COST_COL, "double", pa.float64(), "cost"),
+    (CACHED_COL, "boolean", pa.bool_(), "cached"),
 )
 RESULT_COLUMNS: tuple[str, ...] = tuple(name for name, *_ in _RESULT_FIELDS)
+RESULT_SQL_TYPES: dict[str, str] = {name: sql_type for name, sql_type, *_ in _RESULT_FIELDS}
 RESULT_DDL = ", ".join(f"`{name}` {sql_type}" for name, sql_type, *_ in _RESULT_FIELDS)
 RESULT_ARROW_FIELDS: tuple[tuple[str, pa.DataType], ...] = tuple(
     (name, arrow) for name, _, arrow, _ in _RESULT_FIELDS

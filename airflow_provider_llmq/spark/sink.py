@@ -16,12 +16,16 @@ from airflow_provider_llmq.spark.schema import (
     MISSING_RESULT,
     PROMPT_COL,
     RESPONSE_COL,
+    RESULT_COLUMNS,
+    RESULT_SQL_TYPES,
     STATUS_COL,
     output_columns,
 )
+from airflow_provider_llmq.spark.structured import raw_col, typed_columns
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql.types import StructType
 
 
 def attach_results(
@@ -31,8 +35,16 @@ def attach_results(
     id_col: str,
     response_col: str,
     include_source_columns: bool,
+    output_type: StructType | None = None,
+    flatten_output: bool | str = False,
 ) -> DataFrame:
-    """Every materialized row once, with the result of its request key (left join)."""
+    """Every materialized row once, with the result of its request key (left join).
+
+    :param output_type: the structured output's struct: the raw answers (kept as text in the
+        checkpoint) are parsed into it here, so a change of parsing never asks again.
+    :param flatten_output: with ``output_type``, its fields as top-level columns (see
+        :func:`~airflow_provider_llmq.spark.structured.typed_columns`).
+    """
     joined = materialized.join(results.drop(WRITTEN_COL), on=KEY_COL, how="left")
     joined = _mark_missing(joined)
     if response_col != RESPONSE_COL:
@@ -42,6 +54,11 @@ def attach_results(
         keep = [c for c in materialized.columns if c not in (PROMPT_COL, KEY_COL)]
     else:
         keep = [id_col]
+    if output_type is not None:
+        others = keep + [c for c in result_cols if c != response_col]
+        joined, typed = typed_columns(joined, response_col, output_type, flatten_output, others)
+        at = result_cols.index(response_col)
+        result_cols = result_cols[:at] + typed + result_cols[at + 1 :]
     return joined.select(*[f"`{c}`" for c in keep], *[f"`{c}`" for c in result_cols])
 
 
@@ -65,22 +82,31 @@ def join_results(
 ) -> DataFrame:
     """Left-joins results (``include_source_columns=False`` output: id + result columns) onto the
     source by ``id_col``. Every source row comes out once; one with no result gets
-    ``llmq_status="error"``, ``llmq_error_code="missing_result"``, never dropped."""
+    ``llmq_status="error"``, ``llmq_error_code="missing_result"``, never dropped. The typed columns
+    of a structured output (``<response_col>_raw``, flattened fields) come along: every results
+    column the source does not have."""
     for name, frame in (("source", source_df), ("results", results_df)):
         if id_col not in frame.columns:
             raise LLMQueryConfigError(f"id_col {id_col!r} is not a column of the {name}: {frame.columns}")
     result_cols = output_columns(response_col)
-    missing = [c for c in result_cols if c not in results_df.columns]
+    flattened = response_col not in results_df.columns and raw_col(response_col) in results_df.columns
+    needed = [c for c in (response_col, STATUS_COL, ERROR_CODE_COL) if not (flattened and c == response_col)]
+    missing = [c for c in needed if c not in results_df.columns]
     if missing:
         raise LLMQueryConfigError(f"the results lack column(s) {missing}: are they an llmq output?")
+    from pyspark.sql import functions as F
+
+    # results written by an earlier llmq lack the newer columns: they come out null, not refused
+    older = {c: F.lit(None).cast(RESULT_SQL_TYPES[c]) for c in RESULT_COLUMNS if c not in results_df.columns}
+    older.pop(RESPONSE_COL, None)
+    results_df = results_df.withColumns(older)
     clash = [c for c in result_cols if c in source_df.columns]
     if clash:
         raise LLMQueryConfigError(f"the source already has result column(s) {clash}")
-    results = results_df.select(f"`{id_col}`", *[f"`{c}`" for c in result_cols]).dropDuplicates([id_col])
+    carried = [c for c in results_df.columns if c != id_col and c not in source_df.columns]
+    results = results_df.select(f"`{id_col}`", *[f"`{c}`" for c in carried]).dropDuplicates([id_col])
     joined = source_df.join(results, on=id_col, how="left")
-    return _mark_missing(joined).select(
-        *[f"`{c}`" for c in source_df.columns], *[f"`{c}`" for c in result_cols]
-    )
+    return _mark_missing(joined).select(*[f"`{c}`" for c in source_df.columns], *[f"`{c}`" for c in carried])
 
 
 def write_output(

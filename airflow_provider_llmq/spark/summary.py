@@ -8,7 +8,9 @@ from airflow_provider_llmq.core.adaptive import AdaptiveStats
 from airflow_provider_llmq.core.result import STATUS_OK
 from airflow_provider_llmq.spark.schema import (
     ATTEMPTS_COL,
+    CACHED_COL,
     COMPLETION_TOKENS_COL,
+    COST_COL,
     ERROR_CODE_COL,
     PROMPT_TOKENS_COL,
     STATUS_COL,
@@ -19,15 +21,21 @@ if TYPE_CHECKING:
     from pyspark.sql import DataFrame
 
 # the summary's keys and meanings: raised when one changes, so downstream tasks can check it
-SCHEMA_VERSION = 3  # 3: throttled, admitted_requests_per_second
+SCHEMA_VERSION = 4  # 3: throttled, admitted_requests_per_second; 4: cost, cost_this_try, cache_hits
 
 _SENT = ("requests_sent", "retries", "throttled", "prompt_tokens", "completion_tokens", "requests_answered")
 
 
-def summarize(output: DataFrame, new_results: DataFrame | None) -> dict[str, Any]:
-    """Rows and errors from the output; requests and tokens from the results this try
-    checkpointed (each request once, however many rows it fanned out to)."""
+def summarize(
+    output: DataFrame, new_results: DataFrame | None, all_results: DataFrame | None = None
+) -> dict[str, Any]:
+    """Rows and errors from the output; requests, tokens and this try's cost from the results this
+    try checkpointed (each request once, however many rows it fanned out to; cache hits apart, as
+    they were not sent); the run's ``cost`` from every result of the checkpoint (``all_results``),
+    None when no result carries a cost (no ``prices``)."""
     from pyspark.sql import functions as F
+
+    cached = F.coalesce(F.col(CACHED_COL), F.lit(False))
 
     by_status = {
         (row[STATUS_COL], row[ERROR_CODE_COL]): int(row["n"])
@@ -38,8 +46,11 @@ def summarize(output: DataFrame, new_results: DataFrame | None) -> dict[str, Any
     errors_by_code = {
         str(code): n for (status, code), n in sorted(by_status.items(), key=str) if status != STATUS_OK
     }
-    sent = dict.fromkeys(_SENT, 0)
+    sent: dict[str, Any] = dict.fromkeys(_SENT, 0)
+    extra: dict[str, Any] = {"cost": None, "cost_this_try": None, "cache_hits": 0}
     if new_results is not None:
+        hits = new_results.where(cached).count()
+        new_results = new_results.where(~cached)
         totals = new_results.agg(
             F.sum(ATTEMPTS_COL).alias("requests_sent"),
             # a 429 is congestion, not a retry: counted apart
@@ -50,11 +61,22 @@ def summarize(output: DataFrame, new_results: DataFrame | None) -> dict[str, Any
             F.sum(PROMPT_TOKENS_COL).alias("prompt_tokens"),
             F.sum(COMPLETION_TOKENS_COL).alias("completion_tokens"),
             F.count(F.lit(1)).alias("requests_answered"),
+            F.sum(COST_COL).alias("cost"),
         ).first()
         assert totals is not None
         sent = {name: int(totals[name] or 0) for name in _SENT}
+        extra.update(cache_hits=hits, cost_this_try=_rounded(totals["cost"]))
+    if all_results is not None:
+        total = all_results.agg(F.sum(COST_COL).alias("cost")).first()
+        extra["cost"] = _rounded(total["cost"] if total is not None else None)
+    if extra["cost"] is not None and extra["cost_this_try"] is None:
+        extra["cost_this_try"] = 0.0
     counts = {"rows": rows, "ok": ok, "errors": rows - ok, "errors_by_code": errors_by_code, **sent}
-    return {"schema_version": SCHEMA_VERSION, **counts}
+    return {"schema_version": SCHEMA_VERSION, **counts, **extra}
+
+
+def _rounded(cost: float | None) -> float | None:
+    return None if cost is None else round(float(cost), 9)
 
 
 def timings(rows: int, requests: int, seconds: float, query_seconds: float) -> dict[str, Any]:

@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 
+from airflow_provider_llmq.core.options import QueryOptions
 from airflow_provider_llmq.testing.mock_server import MockConfig, expected_answer, planned_fault
+from airflow_provider_llmq.testing.mock_server.structured import expected_structured_answer
 from tests.conftest import DAGS_FOLDER, DEPLOYMENT, TEST_KEY, llmq_connection_env
 
 REPO_DAGS = Path(__file__).resolve().parents[2] / "dags"
@@ -190,16 +192,22 @@ def test_pipeline_runs_against_the_mock_server(
     assert sorted(row["review_id"] for row in rows) == source_ids  # every source row, each once
 
     config = MockConfig(api_key="unused", **faults)
-    params = dict(query.request_params)
+    output = QueryOptions(output_schema=query.output_schema).structured_output()
+    assert output is not None
+    params = {**query.request_params, "response_format": output.response_format()}
     recovered = 0
     for row in rows:
         fate = planned_fault(row["prompt"], config)
         if fate == "content_filter":
             assert (row["llmq_status"], row["llmq_error_code"]) == ("error", "content_filter"), row
-            assert row["response"] is None
+            assert row["response_raw"] is None and row["sentiment"] is None
             continue
         assert row["llmq_status"] == "ok", row
-        assert row["response"] == expected_answer(DEPLOYMENT, query.system_prompt, row["prompt"], params)
+        raw = expected_structured_answer(DEPLOYMENT, query.system_prompt, row["prompt"], params)
+        assert row["response_raw"] == raw
+        # the label is a typed column of its own, one of the schema's enum
+        assert row["sentiment"] == json.loads(raw or "")["sentiment"]
+        assert row["sentiment"] in ("positive", "neutral", "negative")
         recovered += fate is not None and row["llmq_attempts"] > 1
     assert recovered > 0, "the fault rate should have made some rows recover after a retry"
 
@@ -207,6 +215,7 @@ def test_pipeline_runs_against_the_mock_server(
     errors = sum(1 for row in rows if row["llmq_status"] != "ok")
     assert report["final"]["rows"] == SAMPLE_ROWS
     assert report["final"]["by_status"] == {"ok": SAMPLE_ROWS - errors, "error": errors}
+    assert sum(report["final"]["by_sentiment"].values()) == SAMPLE_ROWS - errors
     assert report["query"]["requests_sent"] == server.stats()["chat_requests"]
 
     rendered = _rendered_fields("llmq_pipeline", dagrun.run_id)

@@ -264,3 +264,29 @@ def test_each_api_form_has_its_request_limit_per_file(api_type: str, limit: int)
 
     with BatchApiClient(_endpoint(api_type)) as client:
         assert client.max_requests == limit
+
+
+def test_a_structured_batch_answer_is_checked_like_a_live_one() -> None:
+    from airflow_provider_llmq.testing.mock_server.batch_lines import result_line
+
+    output = QueryOptions(
+        output_schema={
+            "type": "object",
+            "properties": {"label": {"type": "string", "enum": ["a", "b"]}},
+            "required": ["label"],
+        }
+    ).structured_output()
+    assert output is not None
+
+    def body(content: str) -> dict[str, Any]:
+        message = {"role": "assistant", "content": content}
+        usage = {"prompt_tokens": 3, "completion_tokens": 2}
+        return {"choices": [{"message": message, "finish_reason": "stop"}], "usage": usage}
+
+    good = parse_result_line(result_line("k1", 200, body('{"label": "a"}')), Scrubber(), output).result
+    bad = parse_result_line(result_line("k2", 200, body('{"label": "c"}')), Scrubber(), output).result
+    free = parse_result_line(result_line("k3", 200, body('{"label": "c"}')), Scrubber()).result
+    assert good is not None and good.ok and good.response == '{"label": "a"}'
+    assert bad is not None and (bad.status, bad.error_code) == ("error", "invalid_output")
+    assert bad.response == '{"label": "c"}'  # the raw text is kept
+    assert free is not None and free.ok  # without a schema any text is an answer

@@ -23,16 +23,27 @@ _SHARED_POOL_SIZE = 64
 
 
 def sync_client_for(
-    endpoint: EndpointConfig, options: QueryOptions | None = None, **settings: Any
+    endpoint: EndpointConfig,
+    options: QueryOptions | None = None,
+    *,
+    scope: str | None = None,
+    **settings: Any,
 ) -> SyncClient:
     """The process's pooled client for these settings: a Spark Python worker reuses one session
     (and its TLS connections) across every row of every task it runs, instead of one per row, and
-    one adaptive rate: what it learned about the quota carries over to the worker's next task."""
+    one adaptive rate: what it learned about the quota carries over to the worker's next task.
+
+    :param scope: what a budget is counted for (a UDF job): clients of another scope are dropped,
+        so a budget never carries over to the next job (a job's budget is its own share).
+    """
     options = QueryOptions.of(options, **settings)
-    key = (endpoint.cache_key(), endpoint.model, repr(options))  # params may be unhashable
+    key = (endpoint.cache_key(), endpoint.model, repr(options), scope)  # params may be unhashable
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
+            if scope is not None:  # one budgeted job at a time per worker: drop the earlier ones' clients
+                for old in [k for k in _clients if k[3] is not None]:
+                    _clients.pop(old).close()
             client = _clients[key] = SyncClient(endpoint, options, pool_size=_SHARED_POOL_SIZE)
         return client
 
@@ -49,8 +60,19 @@ def query_sync(
     Settings (``options``, or its fields as keywords) are checked at the call; rows are pulled one
     at a time as results are taken.
     """
-    client = sync_client_for(endpoint, options, **settings)
+    options = QueryOptions.of(options, **settings)
+    if options.max_total_tokens is not None or options.max_cost is not None:
+        # a budget is this call's own: a client of its own, not the process's shared one
+        own = SyncClient(endpoint, options, pool_size=1)
+        return QueryStream(_one_by_one(own, rows), own.stats)
+    client = sync_client_for(endpoint, options)
     return QueryStream((client.query(row_id, prompt) for row_id, prompt in rows), client.stats)
+
+
+def _one_by_one(client: SyncClient, rows: Iterable[Item]) -> Iterator[QueryResult]:
+    with client:
+        for row_id, prompt in rows:
+            yield client.query(row_id, prompt)
 
 
 def query_thread_pool(

@@ -55,6 +55,25 @@ class Placement(Protocol):
         ...
 
 
+def job_share(options: QueryOptions, spent: tuple[int, float], partitions: int) -> QueryOptions:
+    """The budget of one partition of the next Spark job (UDF, executors): an equal share of what
+    this try has left after the jobs before it (``spent``, read from their result files).
+
+    Each partition's client keeps its own share, so a job spends at most what was left, plus what
+    its requests in flight used beyond their reservation; a share too small for a request ends
+    that partition's remaining rows ``budget_exceeded`` while another partition may still send,
+    so a run can stop with up to ``partitions`` reservations of its budget unspent. A job whose
+    share is 0 sends nothing: its rows all end ``budget_exceeded``."""
+    if options.max_total_tokens is None and options.max_cost is None:
+        return options
+    parts = max(1, partitions)
+    tokens = None
+    if options.max_total_tokens is not None:
+        tokens = max(0, options.max_total_tokens - spent[0]) // parts
+    cost = None if options.max_cost is None else max(0.0, options.max_cost - spent[1]) / parts
+    return dataclasses.replace(options, max_total_tokens=tokens, max_cost=cost)
+
+
 def portable(endpoint: EndpointConfig) -> EndpointConfig:
     """The endpoint as executors need it: a CA given as a driver-side path travels as its PEM text."""
     ca = endpoint.ca_cert

@@ -90,6 +90,7 @@ class _Collector:
         self.work, self.client, self.file, self.batch, self.last_try = work, client, file, batch, last_try
         self.pending: list[QueryResult] = []
         self.seen: set[str] = set()
+        self.output = work.options.structured_output()
 
     def collect(self) -> None:
         batch, last_try = self.batch, self.last_try
@@ -99,7 +100,7 @@ class _Collector:
             for file_id in (batch.output_file_id, batch.error_file_id):
                 for raw in self.client.file_lines(file_id) if file_id else ():
                     try:
-                        outcome = parse_result_line(raw, self.client.scrubber)
+                        outcome = parse_result_line(raw, self.client.scrubber, self.output)
                     except (ValueError, KeyError, TypeError):
                         raise LLMQueryBatchError(
                             f"a line of result file {file_id} could not be read"

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
-from airflow_provider_llmq.spark.placements.base import PlacementStopped, Work, portable
+from airflow_provider_llmq.spark.placements.base import PlacementStopped, Work, job_share, portable
 from airflow_provider_llmq.spark.placements.driver import QueryMethod
 from airflow_provider_llmq.spark.placements.udf import unwrap_spark_error
 from airflow_provider_llmq.spark.plan import bucket_of, bucket_sizes, job_groups
@@ -97,21 +97,36 @@ class ExecutorPlacement:
         # that much work (a job's results are committed when it ends).
         remaining = bucket_sizes(work.pending)
         rate = 0.0
+        written: list[str] = []
         while remaining:
             if work.stop.is_set():
                 raise PlacementStopped("stopped between two bucket jobs")
+            if work.options.max_total_tokens is not None or work.options.max_cost is not None:
+                # a budget: each partition of the next job gets its share of what is left
+                shared = job_share(work.options, work.checkpoint.spent(written), share.partitions)
+                ask = _partition_asker(
+                    self.method,
+                    portable(work.endpoint),
+                    dataclasses.replace(
+                        shared,
+                        requests_per_minute=share.requests_per_minute,
+                        tokens_per_minute=share.tokens_per_minute,
+                    ),
+                    {self.concurrency_arg: share.concurrency},
+                )
             group = job_groups(remaining, rate * JOB_SECONDS)[0]
             started = time.monotonic()
             rows = bucket_of(work.pending, *group).repartition(share.partitions, F.col(KEY_COL))
             try:
-                written = work.checkpoint.write_frame(rows.mapInArrow(ask, _OUTPUT_DDL))
+                written_file = work.checkpoint.write_frame(rows.mapInArrow(ask, _OUTPUT_DDL))
             except Exception as exc:
                 if work.stop.is_set():
                     raise PlacementStopped("stopped: the running bucket job was cancelled") from None
                 raise unwrap_spark_error(exc) from None
+            written.append(written_file)
             asked = sum(remaining.pop(bucket) for bucket in group)
             rate = asked / max(time.monotonic() - started, 1e-3)
-            work.progress.add(asked, work.checkpoint.tally(written))
+            work.progress.add(asked, work.checkpoint.tally(written_file))
 
 
 def _partition_asker(

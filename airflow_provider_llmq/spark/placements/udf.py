@@ -3,12 +3,13 @@ job's results committed to the checkpoint when it succeeds."""
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_llmq.core.errors import LLMQueryConfigError, LLMQueryError
 from airflow_provider_llmq.core.methods import sync_client_for
-from airflow_provider_llmq.spark.placements.base import PlacementStopped, Work, portable
+from airflow_provider_llmq.spark.placements.base import PlacementStopped, Work, job_share, portable
 from airflow_provider_llmq.spark.plan import bucket_of, bucket_sizes
 from airflow_provider_llmq.spark.schema import KEY_COL, PROMPT_COL, RESULT_DDL, result_values
 from airflow_provider_llmq.spark.session import default_parallelism
@@ -41,34 +42,39 @@ class UDFPlacement:
 
     def run(self, work: Work) -> None:
         threaded = self.requests_per_worker > 1
-        ask = _query_udf(portable(work.endpoint), work.options, arrow=threaded)
         partitions = self.num_partitions or default_parallelism(work.spark)
         previous = work.spark.conf.get(_ARROW_CONCURRENCY, None)
         if threaded:
             work.spark.conf.set(_ARROW_CONCURRENCY, str(self.requests_per_worker))
         try:
-            self._ask_buckets(work, ask, partitions)
+            self._ask_buckets(work, portable(work.endpoint), threaded, partitions)
         finally:  # the user's session keeps its own setting
             if previous is None:
                 work.spark.conf.unset(_ARROW_CONCURRENCY)
             else:
                 work.spark.conf.set(_ARROW_CONCURRENCY, previous)
 
-    def _ask_buckets(self, work: Work, ask: Any, partitions: int) -> None:
+    def _ask_buckets(self, work: Work, endpoint: EndpointConfig, threaded: bool, partitions: int) -> None:
         from pyspark.sql import functions as F
 
+        # a budget: each job's Python workers (at most as many as run at once) share what is left
+        workers = min(partitions, default_parallelism(work.spark))
+        written: list[str] = []
         for bucket, size in sorted(bucket_sizes(work.pending).items()):
             if work.stop.is_set():
                 raise PlacementStopped("stopped between two bucket jobs")
+            options = job_share(work.options, work.checkpoint.spent(written), workers)
+            ask = _query_udf(endpoint, options, arrow=threaded)
             rows = bucket_of(work.pending, bucket).repartition(partitions)
             answered = rows.select(KEY_COL, ask(F.col(KEY_COL), F.col(PROMPT_COL)).alias("r"))
             try:
-                written = work.checkpoint.write_frame(answered.select(KEY_COL, "r.*"))
+                name = work.checkpoint.write_frame(answered.select(KEY_COL, "r.*"))
             except Exception as exc:  # a Spark job failure wraps the executor's Python error
                 if work.stop.is_set():  # the job was cancelled by the stop
                     raise PlacementStopped("stopped: the running bucket job was cancelled") from None
                 raise unwrap_spark_error(exc) from None
-            work.progress.add(size, work.checkpoint.tally(written))
+            written.append(name)
+            work.progress.add(size, work.checkpoint.tally(name))
 
 
 def _query_udf(endpoint: EndpointConfig, options: QueryOptions, arrow: bool) -> Any:
@@ -76,8 +82,12 @@ def _query_udf(endpoint: EndpointConfig, options: QueryOptions, arrow: bool) -> 
     column as a struct. Each Python worker reuses one pooled client across rows and tasks."""
     from pyspark.sql import functions as F
 
+    # a budget is this job's own (a worker's share): its clients are not reused by the next job
+    budgeted = options.max_total_tokens is not None or options.max_cost is not None
+    scope = uuid.uuid4().hex if budgeted else None
+
     def ask(key: str, prompt: str | None) -> tuple[Any, ...]:
-        return result_values(sync_client_for(endpoint, options).query(key, prompt))
+        return result_values(sync_client_for(endpoint, options, scope=scope).query(key, prompt))
 
     return F.udf(ask, RESULT_DDL, useArrow=arrow).asNondeterministic()
 

@@ -20,6 +20,8 @@ from aiohttp import web
 
 from .faults import ANSWER_KINDS, Fault, MockConfig, expected_answer, jitter_ms, plan, prompt_hash
 from .quotas import QuotaPolicy, build_policy
+from .structured import expected_structured_answer
+from .tokens import count_messages, count_text
 
 STATE: web.AppKey[MockState] = web.AppKey("llmq_mock_state")
 _JSON = "application/json"
@@ -77,8 +79,14 @@ def _rate_limited(
     )
 
 
-def _tokens(text_len: int) -> int:
-    return math.ceil(text_len / 4)
+def _tokens(text: str) -> int:
+    """The completion's tokens: the word/punctuation count of :mod:`.tokens`."""
+    return count_text(text)
+
+
+def _prompt_tokens(messages: list[Any]) -> int:
+    """The prompt's tokens: each message's text and its chat framing (see :mod:`.tokens`)."""
+    return count_messages(_content_text(m.get("content")) for m in messages if isinstance(m, dict))
 
 
 def _content_text(content: Any) -> str:
@@ -324,9 +332,12 @@ async def _chat(request: web.Request, st: MockState) -> web.StreamResponse:
 
         system_prompt = _content_text(system.get("content")) if system else None
         params = {k: v for k, v in body.items() if k not in ("messages", "model", "stream")}
-        answer = expected_answer(model, system_prompt, prompt, params)
-        p_tok = _tokens(sum(len(_content_text(m.get("content"))) for m in messages))
-        c_tok = _tokens(len(answer))
+        # a json_schema request gets JSON built from its schema (or broken as its prompt's marker says)
+        answer = expected_structured_answer(model, system_prompt, prompt, params)
+        if answer is None:
+            answer = expected_answer(model, system_prompt, prompt, params)
+        p_tok = _prompt_tokens(messages)
+        c_tok = _tokens(answer)
         st.prompt_tokens_total += p_tok
         st.completion_tokens_total += c_tok
         st.ok_per_window[int(time.monotonic())] += 1
@@ -384,13 +395,13 @@ def _quota_cost(
     """Tokens a request costs against a tokens quota, charged before it is served as the real
     services do: the prompt's tokens plus ``max_tokens`` when given, else the completion this
     server is about to write (so the cost matches the usage it reports)."""
-    prompt_tokens = _tokens(sum(len(_content_text(m.get("content"))) for m in messages))
+    prompt_tokens = _prompt_tokens(messages)
     limit = body.get("max_tokens", body.get("max_completion_tokens"))
     if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0:
         return prompt_tokens + limit
     system_prompt = _content_text(system.get("content")) if system else None
     params = {k: v for k, v in body.items() if k not in ("messages", "model", "stream")}
-    return prompt_tokens + _tokens(len(expected_answer(model, system_prompt, prompt, params)))
+    return prompt_tokens + _tokens(expected_answer(model, system_prompt, prompt, params))
 
 
 async def _drip(request: web.Request, payload: bytes, ms_per_byte: int) -> web.StreamResponse:

@@ -16,12 +16,13 @@ from typing import Any
 
 from . import app
 from .faults import ANSWER_KINDS, Fault, MockConfig, expected_answer, plan
+from .structured import expected_structured_answer
 
 
 def tokens(body: dict[str, Any]) -> int:
     """The prompt tokens a line enqueues: what the chat route bills for its messages."""
     messages = body.get("messages") or []
-    return app._tokens(sum(len(app._content_text(m.get("content"))) for m in messages if isinstance(m, dict)))
+    return app._prompt_tokens(messages)
 
 
 def check_line(line: Any, url: str) -> str | None:
@@ -50,8 +51,11 @@ def answer(body: dict[str, Any], config: MockConfig) -> tuple[int, Any]:
     model = str(body["model"])
     system_prompt = app._content_text(system.get("content")) if system else None
     params = {k: v for k, v in body.items() if k not in ("messages", "model", "stream")}
-    text = expected_answer(model, system_prompt, prompt, params)
-    p_tok, c_tok = tokens(body), app._tokens(len(text))
+    # as a live request: a json_schema request gets JSON built from its schema
+    text = expected_structured_answer(model, system_prompt, prompt, params)
+    if text is None:
+        text = expected_answer(model, system_prompt, prompt, params)
+    p_tok, c_tok = tokens(body), app._tokens(text)
     message: dict[str, Any] = {"role": "assistant", "content": text}
     finish_reason = "stop"
     kind = fault.kind if fault is not None else None

@@ -1,0 +1,104 @@
+"""The cross-run answer cache: a Parquet dataset of answers keyed by the full request.
+
+A scheduled DAG over a growing table asks only the prompts never answered before: before a run
+asks, its pending requests found in the cache are copied into its checkpoint as results (marked
+``llmq_cached``, with the usage and cost of the run that asked them); after it asked, its new
+answers and permanent errors are added. Transient errors (and ``budget_exceeded``) never are.
+
+Layout: the cache is laid out like a checkpoint's results (:class:`~.checkpoint.Checkpoint`) under
+``cache_path/results``, the request key column holding the **cache key**: sha256 of the request
+fingerprint (:func:`~.plan.request_fingerprint`) and the prompt's sha256. Each addition is one
+Spark folder under a unique name, committed by a marker written after it (no folder is ever
+renamed, so object stores work), so runs writing the same cache at once never corrupt it; a key
+added twice is one entry on read (an answer wins, else the newest), as in a checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from airflow_provider_llmq.spark.checkpoint import WRITTEN_COL, Checkpoint, settled
+from airflow_provider_llmq.spark.schema import (
+    ATTEMPTS_COL,
+    CACHED_COL,
+    KEY_COL,
+    PROMPT_COL,
+    RESULT_COLUMNS,
+    THROTTLED_COL,
+)
+
+if TYPE_CHECKING:
+    from pyspark.sql import Column, DataFrame, SparkSession
+
+_CACHE_KEY = "__llmq_cache_key"
+
+
+class AnswerCache:
+    """The cache at ``location`` (a local path or any URI pyarrow and Spark both reach).
+
+    :param location: the cache folder, shared by every run that should reuse answers.
+    :param fingerprint: the run's request fingerprint (:func:`~.plan.request_fingerprint`).
+    """
+
+    def __init__(self, location: str, fingerprint: str) -> None:
+        self.store = Checkpoint(location)
+        self.fingerprint = fingerprint
+
+    @property
+    def uri(self) -> str:
+        return self.store.uri
+
+    def _key(self, prompt: Column) -> Column:
+        from pyspark.sql import functions as F
+
+        return F.sha2(F.concat(F.lit(self.fingerprint + "\n"), F.sha2(prompt, 256)), 256)
+
+    def copy_hits(self, spark: SparkSession, pending: DataFrame, checkpoint: Checkpoint) -> str | None:
+        """Copies the cached results of ``pending`` requests into ``checkpoint`` as one result file
+        (attempts 0: this run sent nothing for them); returns its name, None when nothing was there."""
+        from pyspark.sql import functions as F
+
+        names = self.store.result_names()
+        if not names:
+            return None
+        cached = (
+            self.store.read_results(spark, names).drop(WRITTEN_COL).withColumnRenamed(KEY_COL, _CACHE_KEY)
+        )
+        asked = pending.where(F.col(PROMPT_COL).isNotNull()).select(
+            KEY_COL, self._key(F.col(PROMPT_COL)).alias(_CACHE_KEY)
+        )
+        hits = asked.join(cached, on=_CACHE_KEY, how="inner").select(
+            KEY_COL,
+            *[
+                F.lit(0).alias(name)
+                if name in (ATTEMPTS_COL, THROTTLED_COL)
+                else F.lit(True).alias(name)
+                if name == CACHED_COL
+                else F.col(name)
+                for name in RESULT_COLUMNS
+            ],
+        )
+        if hits.isEmpty():
+            return None
+        return checkpoint.write_frame(hits)
+
+    def add(self, spark: SparkSession, requests: DataFrame, checkpoint: Checkpoint) -> int:
+        """Adds the checkpoint's settled results that this run asked (not its cache hits) and the
+        cache does not hold yet, as one committed folder; returns how many."""
+        from pyspark.sql import functions as F
+
+        results = settled(checkpoint.read_results(spark)).where(~F.coalesce(F.col(CACHED_COL), F.lit(False)))
+        prompts = requests.where(F.col(PROMPT_COL).isNotNull()).select(KEY_COL, PROMPT_COL)
+        entries = (
+            results.join(prompts, on=KEY_COL, how="inner")
+            .withColumn(KEY_COL, self._key(F.col(PROMPT_COL)))
+            .select(KEY_COL, *RESULT_COLUMNS)
+        )
+        names = self.store.result_names()
+        if names:
+            held = self.store.read_results(spark, names).select(KEY_COL)
+            entries = entries.join(held, on=KEY_COL, how="left_anti")
+        if entries.isEmpty():
+            return 0
+        name = self.store.write_frame(entries)  # no UDF here: evaluating it again is harmless
+        return spark.read.parquet(f"{self.store.results_uri}/{name}").count()

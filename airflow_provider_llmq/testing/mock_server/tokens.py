@@ -1,0 +1,46 @@
+"""The mock server's token count: deterministic, word and punctuation based, like a BPE tokenizer.
+
+Real tokenizers (tiktoken's ``cl100k_base`` / ``o200k_base``) give a common English word one token
+(its leading space included), split long or rare words, give each punctuation mark a token and
+split numbers into groups of up to three digits. This count does the same with fixed rules, so the
+server's ``usage`` is realistic without a tokenizer file (these machines are offline), and a client's
+estimate can be measured against it rather than against its own formula:
+
+- a run of ASCII letters: one token per 8 letters, started (``"classification"`` is 2);
+- digits: one token per group of up to 3 (``"2024"`` is 2);
+- any other non-space character: one token (punctuation; a non-ASCII letter, so other scripts
+  count high, as they do in a real tokenizer);
+- a chat request bills each message's text plus 3 tokens per message and 3 for the reply's priming
+  (OpenAI's published framing).
+
+"The quick brown fox jumps over the lazy dog." is 10 tokens, as in ``cl100k_base``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+__all__ = ["MESSAGE_TOKENS", "count_messages", "count_text"]
+
+MESSAGE_TOKENS = 3
+_PIECE = re.compile(r"[A-Za-z]+|[0-9]{1,3}|[^\sA-Za-z0-9]")
+_LETTERS_PER_TOKEN = 8
+
+
+def count_text(text: str) -> int:
+    """Tokens of a text (no chat framing)."""
+    count = 0
+    for piece in _PIECE.findall(text):
+        if piece[0].isascii() and piece[0].isalpha():
+            count += -(-len(piece) // _LETTERS_PER_TOKEN)
+        else:
+            count += 1
+    return count
+
+
+def count_messages(texts: Iterable[str]) -> int:
+    """What a chat request bills as ``prompt_tokens``: each message's text and framing, and the
+    reply's priming."""
+    texts = list(texts)
+    return sum(count_text(text) for text in texts) + MESSAGE_TOKENS * (len(texts) + 1)
