@@ -25,8 +25,9 @@ lint: install
 test: lint
 	$(PY) -m pytest -m "not slow and not cluster and not browser" $(PYTEST_ARGS)
 
+# scale, soak and kill tests (minutes); CI runs them after the default suite
 test-slow: install
-	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -m "slow and not cluster and not browser" $(PYTEST_ARGS)
 
 # a Spark standalone master + two workers and a Spark Connect server on 127.0.0.1 (minutes)
 test-cluster: install

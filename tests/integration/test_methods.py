@@ -132,8 +132,10 @@ def check_every_row(
 SIZES = [
     pytest.param("sync", 500, id="sync-500"),
     pytest.param("sync", 5000, id="sync-5000", marks=pytest.mark.slow),
-    pytest.param("async_batches", 5000, id="async_batches-5000"),
-    pytest.param("async_limited", 5000, id="async_limited-5000"),
+    pytest.param("async_batches", 1000, id="async_batches-1000"),
+    pytest.param("async_batches", 5000, id="async_batches-5000", marks=pytest.mark.slow),
+    pytest.param("async_limited", 1000, id="async_limited-1000"),
+    pytest.param("async_limited", 5000, id="async_limited-5000", marks=pytest.mark.slow),
     pytest.param("thread_pool", 1000, id="thread_pool-1000"),
     pytest.param("thread_pool", 5000, id="thread_pool-5000", marks=pytest.mark.slow),
 ]

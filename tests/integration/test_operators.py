@@ -18,7 +18,7 @@ OPERATORS = {
     "thread_pool": ("LLMQueryThreadPoolOperator", {"max_workers": 32}),
 }
 SYSTEM_PROMPT = "Classify the review as positive, negative or mixed."
-N_ROWS = 2000
+N_ROWS = 1000
 
 DAG_TEMPLATE = """
 import json
@@ -77,7 +77,7 @@ def _reviews(n: int) -> list[tuple[int, str, int, str | None]]:
     rows: list[tuple[int, str, int, str | None]] = []
     for i in range(n):
         text: str | None = f"Review {i}: the {products[i % 5]} is {'great' if i % 3 else 'disappointing'}."
-        if i in (7, 1234):
+        if i in (7, 734):
             text = None if i == 7 else "   "
         rows.append((1_000_000 + i, products[i % 5], 1 + i % 5, text))
     return rows

@@ -234,6 +234,7 @@ KILL_CASES = {
 }
 
 
+@pytest.mark.slow  # about 50 s each: CI runs them with make test-slow
 @pytest.mark.parametrize("case", sorted(KILL_CASES))
 def test_sigterm_stops_within_seconds_and_a_rerun_asks_only_the_rest(
     airflow_db: Path, spark: Any, llm: Any, tmp_path: Path, case: str
