@@ -149,7 +149,11 @@ def show_results(report_path: Path) -> None:
     print(f"    errors by code: {by_error}")
     print(f"    requests sent: {query['requests_sent']}, of which retries: {query['retries']}")
     print(f"    tokens: prompt {query['prompt_tokens']}, completion {query['completion_tokens']}")
-    print(f"    query task: {query['seconds']:.1f} s, {query['rows_per_second'] or 0:.0f} rows/s")
+    print(
+        f"    querying: {query['query_seconds']:.1f} s, {query['query_requests_per_second'] or 0:.0f} "
+        f"requests/s (the whole query task: {query['seconds']:.1f} s, Spark's reading and writing "
+        f"included); 429s: {query.get('throttled', 0)}"
+    )
 
     table = ds.dataset(final["path"], format="parquet").to_table().to_pylist()
     table.sort(key=lambda row: row["review_id"])
