@@ -164,6 +164,10 @@ def _row_attempts(
     failures = 0  # the attempts that spend max_retries
     throttled = 0  # this row's 429s, for the backoff of those without a usable hint
     repaired = False  # the one repair request of an invalid structured answer was sent
+    # usage over every attempt that reported one (a retried 200, an answer before its repair): each
+    # was billed, so the row's tokens, cost and budget count them all
+    billed_prompt: int | None = None
+    billed_completion: int | None = None
 
     def ended(outcome: Failure, message: str | None = None) -> QueryResult:
         return QueryResult(
@@ -174,8 +178,8 @@ def _row_attempts(
             message or outcome.message,
             http_status=outcome.http_status,
             attempts=attempts,
-            prompt_tokens=outcome.prompt_tokens,
-            completion_tokens=outcome.completion_tokens,
+            prompt_tokens=billed_prompt,
+            completion_tokens=billed_completion,
             latency_ms=round((time.monotonic() - started) * 1000, 3),
             finish_reason=outcome.finish_reason,
             throttled=throttled,
@@ -213,6 +217,8 @@ def _row_attempts(
         used = None
         if outcome.prompt_tokens is not None:
             used = outcome.prompt_tokens + (outcome.completion_tokens or 0)
+            billed_prompt = (billed_prompt or 0) + outcome.prompt_tokens
+            billed_completion = (billed_completion or 0) + (outcome.completion_tokens or 0)
             if estimate:
                 # a 200 that is no usable answer (filtered, cut, a tool call) was billed all the same
                 limiter.adjust_tokens(estimate, used)
@@ -226,8 +232,8 @@ def _row_attempts(
                 STATUS_OK,
                 http_status=200,
                 attempts=attempts,
-                prompt_tokens=outcome.prompt_tokens,
-                completion_tokens=outcome.completion_tokens,
+                prompt_tokens=billed_prompt,
+                completion_tokens=billed_completion,
                 latency_ms=round((time.monotonic() - started) * 1000, 3),
                 finish_reason=outcome.finish_reason,
                 throttled=throttled,
@@ -299,8 +305,13 @@ class ClientBase(Generic[L]):
             count_tokens=self.options.tokens_per_minute is not None,
             scrubber=Scrubber(self.endpoint.secrets()),
             price=price,
+            # the budget reserves the cap when there is one, never a smaller expectation: the
+            # budget is then passed only by prompts larger than their estimate
             completion_estimate=completion_tokens_per_request(
-                request.max_completion_tokens(), self.options.expected_completion_tokens
+                request.max_completion_tokens(),
+                None
+                if request.max_completion_tokens() is not None
+                else self.options.expected_completion_tokens,
             )[0],
         )
         # one budget per client: every thread or task of the client reserves against it

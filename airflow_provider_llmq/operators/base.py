@@ -309,7 +309,11 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
         spark = get_spark_session(self.spark_conn_id, self.spark_conf, app_name=f"llmq-{self.task_id}")
         location = checkpoint_location(spark, self.checkpoint_dir, self.output_path, self.checkpoint_key)
         require_shared_paths(
-            spark, source_path=self.source_path, output_path=self.output_path, checkpoint=location
+            spark,
+            source_path=self.source_path,
+            output_path=self.output_path,
+            checkpoint=location,
+            cache_path=self.cache_path,
         )
         source = self._read_source(spark)
         checkpoint = Checkpoint(location)
@@ -330,6 +334,8 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
         summary.update(timings(summary["rows"], asked, seconds, query_seconds))
         self.log.info("llmq summary: %s", summary)
         self._record_lineage(context, spark, summary, endpoint.model)
+        if summary.get("estimate_only"):
+            return summary  # nothing was asked: the checkpoint (answers already paid for) stays
         enforce_error_policy(summary, self.on_error, self.max_error_ratio)
         unsent = summary.get("errors_by_code", {}).get(BUDGET_EXCEEDED, 0)
         if unsent:  # kept, so that a run given this checkpoint_key and a larger budget asks them
@@ -453,7 +459,8 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
     def _estimate(
         self, pending: DataFrame, rows: int, options: QueryOptions, endpoint: EndpointConfig
     ) -> dict[str, Any]:
-        """``estimate_only``: what the pending requests would cost; nothing is sent or written."""
+        """``estimate_only``: what the pending requests would cost; nothing is sent (the input stays in
+        the checkpoint, so a run with the same ``checkpoint_key`` resumes from it)."""
         found = estimate(
             pending,
             prompt_col=PROMPT_COL,

@@ -92,6 +92,14 @@ class LLMQueryBatchAPIOperator(LLMQueryBaseOperator):
         return self.execute(context)
 
     def _placement(self) -> Placement:
+        # a batch is sent whole and answered at once: nothing to stop in time or to ask again
+        unsupported = [n for n in ("max_total_tokens", "max_cost") if getattr(self, n) is not None]
+        unsupported += ["repair_invalid_output"] if self.repair_invalid_output else []
+        if unsupported:
+            raise LLMQueryConfigError(
+                f"{', '.join(unsupported)} cannot apply to the Batch API (a batch is sent whole); use "
+                "estimate_only=True first, or a live operator"
+            )
         if not self.poll_interval > 0:
             raise LLMQueryConfigError(f"poll_interval must be positive, got {self.poll_interval!r}")
         if self.max_requests_per_file is not None and self.max_requests_per_file < 1:

@@ -17,14 +17,37 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from airflow_provider_llmq.core.payload import (
+    CONTENT_FILTER,
+    CONTEXT_LENGTH,
+    EMPTY_PROMPT,
+    INVALID_OUTPUT,
+    LENGTH,
+    REFUSAL,
+    TOOL_CALLS,
+)
+from airflow_provider_llmq.core.result import STATUS_OK
 from airflow_provider_llmq.spark.checkpoint import WRITTEN_COL, Checkpoint, settled
 from airflow_provider_llmq.spark.schema import (
     ATTEMPTS_COL,
     CACHED_COL,
+    ERROR_CODE_COL,
     KEY_COL,
     PROMPT_COL,
     RESULT_COLUMNS,
+    STATUS_COL,
     THROTTLED_COL,
+)
+
+# the errors a prompt gets whatever endpoint or run asks it: the only ones the cache keeps
+PROMPT_ERROR_CODES = (
+    CONTENT_FILTER,
+    CONTEXT_LENGTH,
+    REFUSAL,
+    TOOL_CALLS,
+    LENGTH,
+    INVALID_OUTPUT,
+    EMPTY_PROMPT,
 )
 
 if TYPE_CHECKING:
@@ -87,7 +110,14 @@ class AnswerCache:
         cache does not hold yet, as one committed folder; returns how many."""
         from pyspark.sql import functions as F
 
-        results = settled(checkpoint.read_results(spark)).where(~F.coalesce(F.col(CACHED_COL), F.lit(False)))
+        results = (
+            settled(checkpoint.read_results(spark))
+            .where(~F.coalesce(F.col(CACHED_COL), F.lit(False)))
+            # only what the prompt itself decides: an answer, or an error any run would get again;
+            # never what the endpoint, a proxy or a batch decided (bad_request from an api-version,
+            # an expired batch, a redirect): those would poison every later run
+            .where((F.col(STATUS_COL) == F.lit(STATUS_OK)) | F.col(ERROR_CODE_COL).isin(*PROMPT_ERROR_CODES))
+        )
         prompts = requests.where(F.col(PROMPT_COL).isNotNull()).select(KEY_COL, PROMPT_COL)
         entries = (
             results.join(prompts, on=KEY_COL, how="inner")

@@ -44,7 +44,13 @@ def request_fingerprint(endpoint: EndpointConfig, options: QueryOptions) -> str:
         "api_type": bound.api_type,
         "system_prompt": options.system_prompt or None,
         "request_params": dict(options.request_params or {}),
-        "output_schema": getattr(options, "output_schema", None),
+        "output_schema": options.output_schema,
+        # the bounds answers are checked against (tinyint vs bigint send the same schema) and the
+        # repair: both decide whether an answer is ok
+        "output_check_schema": options.output_check_schema,
+        "repair_invalid_output": options.repair_invalid_output,
+        # an Azure api-version decides which features exist (json_schema needs a recent one)
+        "api_version": bound.api_version,
     }
     text = json.dumps(canonical(request), sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()

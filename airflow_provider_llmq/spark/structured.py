@@ -226,9 +226,11 @@ def _with_bounds(node: dict[str, Any], dtype: DataType) -> dict[str, Any]:
     elif kind in _FLOAT_MAX:
         low, high = -_FLOAT_MAX[kind], _FLOAT_MAX[kind]
     elif isinstance(dtype, T.DecimalType):
-        # the largest value with (precision - scale) integer digits
-        high = float(10 ** (dtype.precision - dtype.scale)) - 10.0 ** (-dtype.scale)
-        low = -high
+        # fewer than (precision - scale) integer digits; an exact int bound, as a float loses the
+        # last unit at 10**18 and above
+        limit = 10 ** (dtype.precision - dtype.scale)
+        node["exclusiveMaximum"] = min(node.get("exclusiveMaximum", limit), limit)
+        node["exclusiveMinimum"] = max(node.get("exclusiveMinimum", -limit), -limit)
     if low is not None and high is not None:
         node["minimum"] = max(node.get("minimum", low), low)
         node["maximum"] = min(node.get("maximum", high), high)

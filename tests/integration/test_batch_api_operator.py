@@ -443,3 +443,15 @@ def test_on_kill_cancels_the_live_batches_only_when_asked(
     else:
         assert stats["batches_by_status"] == {"in_progress": 2} or "validating" in stats["batches_by_status"]
     assert batch_mock.stats()["batches_created"] == 2
+
+
+@pytest.mark.parametrize(
+    "setting", [{"max_cost": 1.0}, {"max_total_tokens": 1000}, {"repair_invalid_output": True}]
+)
+def test_a_budget_or_a_repair_is_refused_for_a_batch(setting: dict[str, Any]) -> None:
+    from airflow_provider_llmq.core.errors import LLMQueryConfigError
+    from airflow_provider_llmq.operators.batch_api import LLMQueryBatchAPIOperator
+
+    op = LLMQueryBatchAPIOperator(task_id="batch", source_path="/x", output_path="/y", **setting)
+    with pytest.raises(LLMQueryConfigError, match=next(iter(setting))):
+        op._placement()

@@ -121,7 +121,11 @@ def test_repair_asks_once_more_with_the_reason_and_checks_the_new_answer(server:
         assert results[i].status == "ok", (i, results[i].error_message)
         assert results[i].attempts == (2 if i in MARKERS else 1)
         assert json.loads(results[i].response or "")["label"] in ("positive", "neutral", "negative")
-    assert server.stats()["chat_requests"] == len(rows) + len(MARKERS)
+    stats = server.stats()
+    assert stats["chat_requests"] == len(rows) + len(MARKERS)
+    # the invalid answer before a repair was billed too: each row counts every attempt's usage
+    assert sum(r.prompt_tokens or 0 for r in results.values()) == stats["prompt_tokens_total"]
+    assert sum(r.completion_tokens or 0 for r in results.values()) == stats["completion_tokens_total"]
 
 
 DAG = """

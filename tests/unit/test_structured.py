@@ -384,3 +384,14 @@ def test_a_marker_makes_the_mock_answer_wrongly(marker: str, words: list[str]) -
         assert problem is not None
         for word in words:
             assert word in problem, problem
+
+
+def test_a_wide_decimal_bound_is_exact() -> None:
+    # float(10**18) - 0.01 == 1e18: a float bound would let 10**18 into a decimal(20,2)
+    from pyspark.sql import types as T
+
+    spec = resolve_output_schema(T.StructType([T.StructField("amount", T.DecimalType(20, 2))]))
+    output = StructuredOutput(spec.schema, spec.check_schema)
+    assert output.problem(json.dumps({"amount": 10**18 - 1})) is None
+    problem = output.problem(json.dumps({"amount": 10**18}))
+    assert problem is not None and "$.amount" in problem, problem
