@@ -20,7 +20,7 @@ from aiohttp import web
 
 from .faults import ANSWER_KINDS, Fault, MockConfig, expected_answer, jitter_ms, plan, prompt_hash
 from .quotas import QuotaPolicy, build_policy
-from .structured import expected_structured_answer
+from .structured import answer_text
 from .tokens import count_messages, count_text
 
 STATE: web.AppKey[MockState] = web.AppKey("llmq_mock_state")
@@ -332,10 +332,7 @@ async def _chat(request: web.Request, st: MockState) -> web.StreamResponse:
 
         system_prompt = _content_text(system.get("content")) if system else None
         params = {k: v for k, v in body.items() if k not in ("messages", "model", "stream")}
-        # a json_schema request gets JSON built from its schema (or broken as its prompt's marker says)
-        answer = expected_structured_answer(model, system_prompt, prompt, params)
-        if answer is None:
-            answer = expected_answer(model, system_prompt, prompt, params)
+        answer = answer_text(model, system_prompt, prompt, params)
         p_tok = _prompt_tokens(messages)
         c_tok = _tokens(answer)
         st.prompt_tokens_total += p_tok

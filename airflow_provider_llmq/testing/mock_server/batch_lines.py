@@ -15,8 +15,8 @@ import uuid
 from typing import Any
 
 from . import app
-from .faults import ANSWER_KINDS, Fault, MockConfig, expected_answer, plan
-from .structured import expected_structured_answer
+from .faults import ANSWER_KINDS, Fault, MockConfig, plan
+from .structured import answer_text
 
 
 def tokens(body: dict[str, Any]) -> int:
@@ -51,10 +51,7 @@ def answer(body: dict[str, Any], config: MockConfig) -> tuple[int, Any]:
     model = str(body["model"])
     system_prompt = app._content_text(system.get("content")) if system else None
     params = {k: v for k, v in body.items() if k not in ("messages", "model", "stream")}
-    # as a live request: a json_schema request gets JSON built from its schema
-    text = expected_structured_answer(model, system_prompt, prompt, params)
-    if text is None:
-        text = expected_answer(model, system_prompt, prompt, params)
+    text = answer_text(model, system_prompt, prompt, params)  # as a live request answers
     p_tok, c_tok = tokens(body), app._tokens(text)
     message: dict[str, Any] = {"role": "assistant", "content": text}
     finish_reason = "stop"

@@ -21,7 +21,7 @@ import json
 import random
 from typing import Any
 
-from .faults import normalise_params
+from .faults import expected_answer, normalise_params
 
 __all__ = ["MARKERS", "expected_structured_answer", "output_schema_of"]
 
@@ -38,6 +38,13 @@ def output_schema_of(params: dict[str, Any] | None) -> dict[str, Any] | None:
     spec = response_format.get("json_schema")
     schema = spec.get("schema") if isinstance(spec, dict) else None
     return schema if isinstance(schema, dict) else None
+
+
+def answer_text(model: str | None, system_prompt: str | None, prompt: str, params: dict[str, Any]) -> str:
+    """What the chat route and a batch line answer: JSON built from the schema for a ``json_schema``
+    request (or broken as the prompt's marker says), else the plain expected answer."""
+    answer = expected_structured_answer(model, system_prompt, prompt, params)
+    return expected_answer(model, system_prompt, prompt, params) if answer is None else answer
 
 
 def expected_structured_answer(
