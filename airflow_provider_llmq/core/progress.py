@@ -44,10 +44,16 @@ class Tally:
         return tally
 
     def count(self, result: QueryResult) -> None:
-        if not result.ok:
-            self.errors_by_code[str(result.error_code)] += 1
-        self.throttled += result.throttled
-        self.retries += max(result.attempts - 1 - result.throttled, 0)  # a 429 is no retry
+        self.count_row(result.ok, result.error_code, result.attempts, result.throttled)
+
+    def count_row(
+        self, ok: bool, error_code: str | None, attempts: int | None, throttled: int | None
+    ) -> None:
+        """One result given by its columns (a result file read back); nulls count as zero."""
+        if not ok:
+            self.errors_by_code[str(error_code)] += 1
+        self.throttled += throttled or 0
+        self.retries += max((attempts or 0) - 1 - (throttled or 0), 0)  # a 429 is no retry
 
     def add(self, other: Tally) -> None:
         self.errors_by_code.update(other.errors_by_code)

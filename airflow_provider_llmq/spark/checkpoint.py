@@ -215,10 +215,7 @@ class Checkpoint:
         table = pq.read_table(self._path("results", name), filesystem=self.fs, columns=columns)
         tally = Tally()
         for status, code, attempts, throttled in zip(*table.to_pydict().values(), strict=True):
-            if status != STATUS_OK:
-                tally.errors_by_code[str(code)] += 1
-            tally.throttled += throttled or 0
-            tally.retries += max((attempts or 0) - 1 - (throttled or 0), 0)
+            tally.count_row(status == STATUS_OK, code, attempts, throttled)
         return tally
 
     def spent(self, names: Sequence[str]) -> tuple[int, float]:
