@@ -406,19 +406,31 @@ class AdaptiveRate:
         now: float | None = None,
         retry_after: float | None = None,
         headers: Mapping[str, str] | None = None,
-    ) -> None:
+    ) -> float | None:
         """A 429 to a request sent at ``sent_at``; ``retry_after``: the server's hint in seconds, parsed
-        (``retry-after-ms`` first) and capped by the caller, or None when it sent none."""
+        (``retry-after-ms`` first) and capped by the caller, or None when it sent none.
+
+        Returns how long the refused row itself waits before it asks for a slot again: None when
+        the server gave no hint (the row backs off by its own retry policy), 0 when the whole client
+        pauses for the hint."""
         with self._lock:
             self._throttled += 1
             self._congestion(sent_at, self.clock() if now is None else now, retry_after, headers)
+            return None if retry_after is None else 0.0
 
-    def on_failure(self, sent_at: float, now: float | None = None, *, congestion: bool = False) -> None:
-        """Any other failed attempt (5xx, timeout, connection error); ``congestion=True`` treats it as
-        a 429 without a hint (e.g. a 503 'overloaded') without counting it as one."""
+    def on_failure(
+        self,
+        sent_at: float,
+        now: float | None = None,
+        *,
+        status: int | None = None,
+        congestion: bool = False,
+    ) -> None:
+        """Any other failed attempt (5xx, timeout, connection error: ``status`` None);
+        ``congestion=True`` treats it as a 429 without a hint without counting it as one."""
         with self._lock:
             self._failures += 1
-            if congestion:
+            if congestion or status == 503:
                 self._congestion(sent_at, self.clock() if now is None else now, None, None)
 
     # -- what the client asks -------------------------------------------------------------------

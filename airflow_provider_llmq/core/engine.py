@@ -241,10 +241,11 @@ def _row_attempts(
         if outcome.code == RATE_LIMITED and outcome.http_status == 429:
             throttled += 1
             hint = outcome.retry_after
-            # the controller pauses the whole client for the hint (capped), and cuts its rate once
-            # per congestion episode; this row then simply waits for a slot again
+            # the controller decides what the refusal says: a quota (it pauses the whole client for
+            # the hint and cuts its rate once per episode) or noise (only this row waits); it
+            # answers how long this row itself waits before it asks for a slot again
             wait = None if hint is None else min(hint, retry.max_retry_wait)
-            rate.on_throttled(sent, now, wait, headers)
+            row_wait = rate.on_throttled(sent, now, wait, headers)
             if not outcome.retryable or retry.max_retries == 0:
                 return ended(outcome)
             if hint is not None and hint > retry.max_retry_wait:
@@ -257,10 +258,12 @@ def _row_attempts(
                     f"{outcome.message} (the server refused every request for {rate.patience:g} s "
                     "without a single answer, and the run's patience is spent)",
                 )
-            if wait is None:
-                # no usable hint: the rate cut slows everyone; this row also backs off (jittered),
-                # so it does not ask again within milliseconds while the client's rate is high
+            if row_wait is None:
+                # no usable hint: this row backs off (jittered), so it does not ask again within
+                # milliseconds while the client's rate is high
                 yield Sleep(retry.delay(outcome, throttled))
+            elif row_wait > 0:
+                yield Sleep(row_wait)
             continue
         repair = None if repaired else policy.request.repair_body(prompt, outcome)
         if repair is not None:  # repair_invalid_output: ask once more, its answer validated again
@@ -268,7 +271,8 @@ def _row_attempts(
             body = json.dumps(repair, ensure_ascii=False).encode("utf-8")
             continue
         if outcome.http_status != 200:
-            rate.on_failure(sent, now, congestion=outcome.http_status == 503)
+            # 5xx, resets and timeouts: the controller tells an overloaded server from noise
+            rate.on_failure(sent, now, status=outcome.http_status)
         failures += 1
         if not retry.should_retry(outcome, failures):
             return ended(outcome)
