@@ -7,7 +7,7 @@ CONSTRAINTS ?= constraints/constraints-3.11.txt
 PYTEST_ARGS ?=
 LINT_PATHS := $(wildcard airflow_provider_llmq tests dags benchmarks scripts)
 
-.PHONY: install test test-slow test-cluster test-browser test-oldest lint demo bench clean
+.PHONY: install test test-slow test-cluster test-browser test-oldest test-wheel test-preinstalled-spark lint demo bench clean
 
 $(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -51,6 +51,29 @@ test-oldest:
 	$(OLDEST_VENV)/bin/python -m pip install -q -c $(OLDEST_VENV)/constraints.txt -e '.[test]'
 	$(OLDEST_VENV)/bin/python -m pytest -m "not slow and not cluster and not browser" $(PYTEST_ARGS)
 
+# the package as a user installs it: sdist and wheel built, the wheel installed into a fresh venv with
+# no constraints and not editable (pip picks the newest releases the ranges allow), one operator run
+# with dag.test() against the mock server (scripts/install_smoke.py prints what pip resolved)
+WHEEL_VENV ?= .venv-wheel
+test-wheel:
+	rm -rf $(WHEEL_VENV) dist && python3 -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install -q --upgrade pip build
+	$(WHEEL_VENV)/bin/python -m build -q --outdir dist .
+	$(WHEEL_VENV)/bin/python -m pip install -q "$$(ls dist/*.whl)[testing]"
+	cd /tmp && $(CURDIR)/$(WHEEL_VENV)/bin/python $(CURDIR)/scripts/install_smoke.py
+
+# the same next to a Spark that was there first, as on a cluster image: llmq must keep pyspark 4.0.x
+PREINSTALLED_VENV ?= .venv-preinstalled
+PREINSTALLED_PYSPARK ?= 4.0.1
+test-preinstalled-spark:
+	rm -rf $(PREINSTALLED_VENV) dist && python3 -m venv $(PREINSTALLED_VENV)
+	$(PREINSTALLED_VENV)/bin/python -m pip install -q --upgrade pip build
+	$(PREINSTALLED_VENV)/bin/python -m pip install -q 'pyspark[connect]==$(PREINSTALLED_PYSPARK)'
+	$(PREINSTALLED_VENV)/bin/python -m build -q --outdir dist .
+	$(PREINSTALLED_VENV)/bin/python -m pip install -q "$$(ls dist/*.whl)[testing]"
+	cd /tmp && $(CURDIR)/$(PREINSTALLED_VENV)/bin/python $(CURDIR)/scripts/install_smoke.py \
+		--expect-pyspark $(PREINSTALLED_PYSPARK)
+
 demo: install
 	$(PY) scripts/demo.py
 
@@ -58,4 +81,4 @@ bench: install
 	$(PY) benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) $(OLDEST_VENV) .demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(OLDEST_VENV) $(WHEEL_VENV) $(PREINSTALLED_VENV) dist .demo .pytest_cache .mypy_cache .ruff_cache

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlsplit
 
-from airflow.sdk import BaseHook
+from airflow.sdk import BaseHook, Connection
 
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
 from airflow_provider_llmq.spark.session import build_session
@@ -23,10 +24,7 @@ def get_spark_session(
         return build_session(conf=spark_conf, app_name=app_name)
     conn = BaseHook.get_connection(spark_conn_id)
     if conn.conn_type == "spark_connect":
-        from airflow.providers.apache.spark.hooks.spark_connect import SparkConnectHook
-
-        remote = SparkConnectHook(conn_id=spark_conn_id).get_connection_url()
-        return build_session(remote=remote, conf=spark_conf, app_name=app_name)
+        return build_session(remote=spark_connect_url(conn), conf=spark_conf, app_name=app_name)
     if conn.conn_type == "spark":
         master = conn.host or "local[*]"
         if conn.port and "://" in master:
@@ -36,3 +34,29 @@ def get_spark_session(
         f"connection {spark_conn_id!r} has type {conn.conn_type!r}: "
         "use a 'spark' or 'spark_connect' connection"
     )
+
+
+def spark_connect_url(conn: Connection) -> str:
+    """``sc://host:port/;user_id=...;token=...;use_ssl=...`` from a ``spark_connect`` connection,
+    read as the apache-spark provider's ``SparkConnectHook.get_connection_url`` reads it.
+
+    Not imported from the provider: it requires ``pyspark-client``, which pip pairs with any pyspark
+    version into one folder, so llmq does not depend on it (see setup.cfg)."""
+    host = conn.host or ""
+    if "://" not in host:
+        host = f"sc://{host}"
+    if conn.port:
+        host = f"{host}:{conn.port}"
+    parts = urlsplit(host)
+    if parts.path.strip("/"):
+        raise LLMQueryConfigError("a spark_connect connection's host must not carry a path")
+    params = []
+    if conn.login:
+        params.append(f"user_id={quote(conn.login)}")
+    if conn.password:
+        params.append(f"token={quote(conn.password)}")
+    use_ssl = conn.extra_dejson.get("use_ssl")
+    if use_ssl is not None:
+        params.append(f"use_ssl={quote(str(use_ssl))}")
+    url = f"sc://{parts.netloc}/"
+    return f"{url};{';'.join(params)}" if params else url
