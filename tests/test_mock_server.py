@@ -464,6 +464,40 @@ def test_fault_rate_is_deterministic_and_planned_fault_agrees(
     assert [planned_fault(p, other_seed) for p in prompts] != list(planned.values())
 
 
+def test_noise_refuses_a_share_of_every_request_on_top_of_a_quota(
+    srv: MockServer, http: requests.Session
+) -> None:
+    srv.configure(
+        seed=3,
+        noise={"429": 0.1, "429_no_hint": 0.1, "503": 0.1},
+        quota={"kind": "token_bucket", "rate": 1000},
+    )
+    cfg = MockConfig(api_key=KEY, seed=3, noise={"429": 0.1, "429_no_hint": 0.1, "503": 0.1})
+    seen: dict[str, int] = {}
+    for i in range(200):
+        prompt = f"noisy {i}"
+        _, fault = plan(prompt, 1, cfg)
+        r = azure(srv, http, prompt)
+        kind = "ok" if r.status_code == 200 else str(r.status_code)
+        if r.status_code == 429:
+            kind += "+hint" if "retry-after-ms" in r.headers else ""
+            assert (
+                "Retry-After" in r.headers
+                if "retry-after-ms" in r.headers
+                else "Retry-After" not in r.headers
+            )
+        seen[kind] = seen.get(kind, 0) + 1
+        # the draw is the planned one, per request: a second attempt draws again
+        assert (fault is None) == (r.status_code == 200)
+    assert set(seen) == {"ok", "429+hint", "429", "503"}
+    assert 100 <= seen["ok"] <= 180  # 70 % expected
+    assert srv.stats()["quota"]["throttled"] == 0  # admitted by the quota, refused by the noise
+    with pytest.raises(ValueError, match="noise"):
+        MockConfig(noise={"explode": 0.1})
+    with pytest.raises(ValueError, match="add up"):
+        MockConfig(noise={"429": 0.6, "500": 0.6})
+
+
 def test_config_validation(srv: MockServer, http: requests.Session) -> None:
     with pytest.raises(ValueError):
         srv.configure(not_a_field=1)

@@ -44,6 +44,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--quota",
         help='a quota to enforce, as JSON: \'{"kind": "token_bucket", "rate": 100}\' (see quotas.py)',
     )
+    p.add_argument(
+        "--noise",
+        help='refusals on every request whatever the rate, as JSON shares: \'{"429": 0.02, "500": 0.01}\' '
+        "(kinds 429, 429_no_hint, 5xx, reset; on top of any --quota)",
+    )
     return p.parse_args(argv)
 
 
@@ -69,6 +74,8 @@ def build_config(args: argparse.Namespace) -> MockConfig:
         cfg.deployments = [d.strip() for d in args.deployments.split(",") if d.strip()]
     if args.quota is not None:
         cfg.quota = json.loads(args.quota)
+    if args.noise is not None:
+        cfg.noise = json.loads(args.noise)
     cfg.validate()
     return cfg
 

@@ -31,6 +31,8 @@ ANSWER_KINDS = frozenset({"filtered", "tool_calls", "refusal", "length", "length
 #: header, secrets included, as some gateways do
 PERMANENT_KINDS = frozenset({"content_filter", "context_length", "redirect", "quota", "echo"}) | ANSWER_KINDS
 _NAMED_KINDS = frozenset({"reset", "malformed", "empty"}) | PERMANENT_KINDS
+#: kinds of ``MockConfig.noise`` besides the 5xx statuses
+NOISE_KINDS = frozenset({"429", "429_no_hint", "reset"})
 #: ms per byte of a ``drip`` answer without a value
 DEFAULT_DRIP_MS = 1000
 
@@ -81,6 +83,11 @@ class MockConfig:
     #: ``{"kind": "token_bucket", "rate": 100}``; None: none. Its clock starts at the first request
     #: after it is set or the stats are reset.
     quota: dict[str, Any] | None = None
+    #: noise on every request, on top of any quota: the share of requests answered with each kind,
+    #: drawn per request (prompt and attempt), so a retry can meet it again as on a real gateway.
+    #: Kinds: ``"429"`` (with ``retry_after_ms``), ``"429_no_hint"``, a 5xx such as ``"500"`` or
+    #: ``"503"``, ``"reset"``; e.g. ``{"429": 0.02, "500": 0.02}``
+    noise: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -97,6 +104,14 @@ class MockConfig:
                 raise ValueError(f"{name} must be within [0, 1]")
         if self.auth_fail is not None and not {"after", "count"} <= set(self.auth_fail):
             raise ValueError('auth_fail must look like {"after": N, "count": M}')
+        noise = self.noise or {}
+        for kind, share in noise.items():
+            if kind not in NOISE_KINDS and not re.fullmatch(r"5\d\d", str(kind)):
+                raise ValueError(f"unknown noise kind {kind!r} (429, 429_no_hint, 5xx, reset)")
+            if not 0.0 <= float(share) <= 1.0:
+                raise ValueError(f"noise share of {kind!r} must be within [0, 1]")
+        if sum(float(share) for share in noise.values()) > 1.0:
+            raise ValueError("noise shares add up to more than 1")
         build_policy(self.quota)  # an unknown kind or field is refused now, not at the first request
 
     def update(self, **changes: Any) -> None:
@@ -238,8 +253,24 @@ def plan(prompt: str, attempt: int, config: MockConfig) -> tuple[float, Fault | 
         and (rate_kind in PERMANENT_KINDS or attempt <= config.fault_attempts)
     ):
         fault = _make_fault(rate_kind, None, None, config)
+    if fault is None and config.noise:
+        fault = _noise(prompt, attempt, config)
     if fault is not None:
         headers = header_markers(prompt)
         if headers:
             fault = dataclasses.replace(fault, headers=headers)
     return delay, fault
+
+
+def _noise(prompt: str, attempt: int, config: MockConfig) -> Fault | None:
+    """The noise this request meets, if any: a draw fixed by (seed, prompt, attempt)."""
+    h = int(hashlib.sha256(f"noise|{config.seed}|{attempt}|{prompt}".encode()).hexdigest()[:16], 16)
+    u = h / float(1 << 64)
+    edge = 0.0
+    for kind, share in sorted((config.noise or {}).items()):
+        edge += float(share)
+        if u < edge:
+            if kind == "429_no_hint":
+                return Fault("429")
+            return _make_fault(kind, None, None, config)
+    return None
