@@ -96,6 +96,17 @@ METHODS: dict[str, tuple[str, str, str | None]] = {
         "article.async_limited",
     ),
     "llmq.thread_pool": ("llmq", "query_thread_pool(max_workers={c})", "article.thread_pool"),
+    "llmq.async_limited.fixed": (
+        "llmq",
+        "query_async_limited(max_concurrency={c}, adaptive=False)",
+        "article.async_limited",
+    ),
+    "llmq.thread_pool.fixed": (
+        "llmq",
+        "query_thread_pool(max_workers={c}, adaptive=False)",
+        "article.thread_pool",
+    ),
+    "bare_aiohttp": ("bare", "bare aiohttp: one keep-alive session + Semaphore({c}), no retries", None),
     "article.udf": ("article", "article UDF query_gpt4 x {c} threads (emulated)", None),
     "article.async_batches": ("article", "article async_batch_method(api_call_batch_size={c})", None),
     "article.async_limited": ("article", "article async_semaphore_method(max_concurrent_requests={c})", None),
@@ -104,6 +115,22 @@ METHODS: dict[str, tuple[str, str, str | None]] = {
 }
 LLMQ_METHODS = ["llmq.sync", "llmq.async_batches", "llmq.async_limited", "llmq.thread_pool"]
 ARTICLE_METHODS = ["article.udf", "article.async_batches", "article.async_limited", "article.thread_pool"]
+NOISE_METHODS = [
+    "llmq.async_limited",
+    "llmq.thread_pool",
+    "llmq.async_limited.fixed",
+    "llmq.thread_pool.fixed",
+    "openai_sdk",
+    "bare_aiohttp",
+]
+#: issue 21: refusals and faults that are not a quota, on a server with no quota at all
+NOISE_CASES: dict[str, dict[str, float]] = {
+    "noise-clean": {},
+    "noise-429-hint-2pct": {"429": 0.02},
+    "noise-429-nohint-5pct": {"429_no_hint": 0.05},
+    "noise-500-2pct": {"500": 0.02},
+    "noise-reset-1pct": {"reset": 0.01},
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -127,6 +154,7 @@ class Scenario:
     processes: int = 1
     llmq_options: dict[str, Any] = field(default_factory=dict)
     mixed_lengths: bool = False
+    noise: dict[str, float] | None = None  # the mock's noise on top of the quota (noise.py)
     target: Target | None = None
     blurb: str = ""
 
@@ -152,6 +180,8 @@ class Scenario:
                 f"{told}; the cap: {self.limit_rows_per_s:,.1f} rows/s"
             )
         limit = f"server limit {self.server_rps:g} req/s (429 beyond), " if self.server_rps else ""
+        if self.noise is not None:
+            limit = f"{self.blurb}, "
         jitter = f" + 0-{self.jitter_ms:g} ms per prompt (mean used below)" if self.jitter_ms else ""
         rpm = f", llmq methods given requests_per_minute={self.client_rpm:g}" if self.client_rpm else ""
         return (
@@ -285,6 +315,9 @@ def run_llmq(spec: dict[str, Any], rows: list[tuple[int, str]]) -> Output:
     if spec["client_rpm"] and spec["method"] != "llmq.async_limited.no_rpm":
         options["requests_per_minute"] = spec["client_rpm"]
     method = spec["method"]
+    if method.endswith(".fixed"):
+        options["adaptive"] = False
+        method = method.removesuffix(".fixed")
     if method == "llmq.sync":
         return _partitions(rows, c, lambda part: _llmq_output(query_sync(endpoint, part, **options)))
     if method == "llmq.async_batches":
@@ -369,6 +402,49 @@ def run_openai_sdk(spec: dict[str, Any], rows: list[tuple[int, str]]) -> Output:
     return asyncio.run(main())
 
 
+def run_bare_aiohttp(spec: dict[str, Any], rows: list[tuple[int, str]]) -> Output:
+    """The floor of client cost: one keep-alive aiohttp session, a semaphore, the body built and the
+    answer parsed, nothing else (no retries, no limits): what any client must at least spend."""
+    import aiohttp
+
+    c = spec["concurrency"]
+    url = f"{spec['base_url']}/openai/deployments/{DEPLOYMENT}/chat/completions?api-version={API_VERSION}"
+    headers = {"api-key": os.environ[KEY_ENV], "Content-Type": "application/json"}
+    ssl_context = ssl.create_default_context(cafile=spec["ca_path"])
+
+    async def main() -> Output:
+        out: Output = []
+        source = iter(rows)
+        connector = aiohttp.TCPConnector(limit=c, ssl=ssl_context)
+        async with aiohttp.ClientSession(connector=connector) as session:
+
+            async def worker() -> None:
+                for row_id, prompt in source:
+                    body = json.dumps(
+                        {
+                            "messages": [
+                                {"role": "system", "content": SYSTEM_PROMPT},
+                                {"role": "user", "content": prompt},
+                            ]
+                        }
+                    )
+                    try:
+                        async with session.post(url, data=body, headers=headers) as response:
+                            payload = await response.read()
+                        if response.status != 200:
+                            out.append((row_id, None, True))
+                            continue
+                        answer = json.loads(payload)["choices"][0]["message"]["content"]
+                        out.append((row_id, answer, False))
+                    except Exception:
+                        out.append((row_id, None, True))
+
+            await asyncio.gather(*(worker() for _ in range(c)))
+        return out
+
+    return asyncio.run(main())
+
+
 def _rss_kb() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
@@ -400,7 +476,8 @@ def worker_main(spec_path: str) -> int:
     rows = prompts_for(
         spec["scenario"], spec["method"], spec["rows"], spec.get("process", 0), spec.get("mixed", False)
     )
-    runner = run_openai_sdk if family == "openai" else run_article if family == "article" else run_llmq
+    runners = {"openai": run_openai_sdk, "article": run_article, "bare": run_bare_aiohttp}
+    runner = runners.get(family, run_llmq)
     out: Output = []
     try:
         # imports happen before the clock and the memory baseline, for every family alike;
@@ -778,7 +855,7 @@ def markdown(
     return "\n".join(parts)
 
 
-FAMILY_COLORS = {"llmq": "#1f77b4", "article": "#d62728", "openai": "#7f7f7f"}
+FAMILY_COLORS = {"llmq": "#1f77b4", "article": "#d62728", "openai": "#7f7f7f", "bare": "#2ca02c"}
 
 
 def chart(scenarios: list[Scenario], results: dict[str, list[Measurement]], path: Path) -> None:
@@ -904,6 +981,19 @@ def build_scenarios(args: argparse.Namespace) -> list[Scenario]:
         )
     if args.quotas and args.quota_rows > 0:
         scenarios += [quota_scenario(case, args) for case in CASES]
+    if args.noise:
+        scenarios += [
+            Scenario(
+                name,
+                args.quota_rows,
+                args.noise_latency_ms,
+                args.concurrency,
+                methods=list(NOISE_METHODS),
+                noise=noise,
+                blurb=f"no quota; noise {noise or 'none'}",
+            )
+            for name, noise in NOISE_CASES.items()
+        ]
     if args.scenarios:
         names = set(args.scenarios.split(","))
         unknown = names - {s.name for s in scenarios}
@@ -982,6 +1072,13 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="run the quota scenarios of issue 11 (default: yes)",
     )
+    p.add_argument(
+        "--noise",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the noise scenarios of issue 21: random 429s, 5xx, resets, no quota (default: yes)",
+    )
+    p.add_argument("--noise-latency-ms", type=float, default=200.0, help="latency of the noise scenarios")
     p.add_argument("--scenarios", help="comma-separated scenario names to run, e.g. bucket-100,drop-200-80")
     p.add_argument("--only", help="comma-separated method keys to run, e.g. llmq.sync,article.udf")
     p.add_argument("--timeout", type=float, default=None, help="seconds per method before it is killed")
@@ -1029,6 +1126,7 @@ def main(argv: list[str] | None = None) -> int:
                 latency_jitter_ms=scenario.jitter_ms,
                 rps=scenario.server_rps,
                 quota=scenario.quota,
+                noise=scenario.noise,
             )
             print(f"\n== {scenario.name}: {scenario.describe()}", flush=True)
             ideal = scenario.rows * scenario.processes / scenario.limit_rows_per_s

@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROWS = 40
 
-DAG_FILE = '''
+DAG_FILE = """
 import os
 from datetime import datetime, timedelta
 
@@ -48,7 +48,7 @@ with DAG("llmq_install_smoke", start_date=datetime(2026, 1, 1), schedule=None, c
 if __name__ == "__main__":
     run = dag.test()
     print("STATE", run.state)
-'''
+"""
 
 
 def _version(name: str) -> str | None:
@@ -103,9 +103,11 @@ def main() -> None:
         SMOKE_SOURCE=str(source),
         SMOKE_OUTPUT=str(output),
     )
-    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True)
+    migrate = [sys.executable, "-m", "airflow", "db", "migrate"]
+    subprocess.run(migrate, env=env, check=True, capture_output=True)
     key = "sk-install-smoke"
-    with MockServerProcess(MockConfig(api_key=key, latency_ms=5), tls=True, cert_dir=str(work / "ca")) as server:
+    config = MockConfig(api_key=key, latency_ms=5)
+    with MockServerProcess(config, tls=True, cert_dir=str(work / "ca")) as server:
         env["AIRFLOW_CONN_LLMQ_DEFAULT"] = json.dumps(
             {
                 "conn_type": "llmq",
