@@ -40,7 +40,12 @@ How the rate moves (TCP's congestion control, on a rate instead of a window):
   ``remaining`` and from retry hints, the rest of a window's budget is spread over the rest of the
   window, and an exhausted window pauses until it ends). Token ceilings become request ceilings through
   the average tokens an answer used.
-- **Retry hints** (``retry-after-ms`` / ``Retry-After``, parsed by the caller) pause the whole client.
+- **A single 429 is evidence, not a verdict** (:mod:`.refusal_evidence`): slow start ends on a share
+  of refusals, not on one; later, a cut needs more refusals than the noise floor explains; the cut
+  that ends slow start is tested, and undone when the refusals go on as before it (noise).
+- **Retry hints** (``retry-after-ms`` / ``Retry-After``, parsed by the caller) pause the whole client
+  when they come with quota evidence (rate headers at zero, a cluster of refusals); an isolated one
+  delays only its own row.
 - **Ceilings:** ``requests_per_minute`` is never exceeded (the pacer's rate never goes above it);
   ``tokens_per_minute`` stays the pacer's own token schedule; ``max_concurrency`` is the caller's
   semaphore, and bounds the rate here. ``adaptive=False`` pins the rate to ``requests_per_minute``
@@ -63,6 +68,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from airflow_provider_llmq.core.limits import Pacer
+from airflow_provider_llmq.core.refusal_evidence import RefusalEvidence, Verdict
 
 __all__ = [
     "AdaptiveRate",
@@ -183,6 +189,8 @@ class AdaptiveStats:
     failures: int  # other failed answers
     episodes: int  # congestion episodes (rate cuts)
     paused_seconds: float  # time held by retry hints and exhausted quota windows so far
+    spurious_cuts: int = 0  # cuts undone: the refusals went on as before them (noise, not a quota)
+    noise_floor: float = 0.0  # the share of refusals taken for noise
 
     @property
     def requests_per_minute(self) -> float | None:
@@ -330,6 +338,7 @@ class AdaptiveRate:
         self._limit_ceiling: dict[str, float] = {}  # OpenAI: units/s per kind
         self._windows: dict[str, _WindowQuota] = {}  # Azure: per kind
 
+        self._evidence = RefusalEvidence()
         self._successes = self._throttled = self._failures = self._episodes = 0
         self._throttled_since: float | None = None
         self._pause_end = -math.inf
@@ -387,6 +396,9 @@ class AdaptiveRate:
                 )
             if not self.adaptive:
                 return
+            verdict = self._evidence.record(sent_at, refused=False)
+            if verdict is not None:
+                self._judged(verdict, now)
             if self._probe_at is not None:
                 self._remeasure(sent_at, now)
             self._read_headers(sent_at, headers)
@@ -394,7 +406,11 @@ class AdaptiveRate:
             if stated is not None:
                 # the server states its budget: the learned rate follows it, should the headers stop
                 self._rate = max(self.settings.min_rate, min(stated, ceiling, self._ceiling))
-            elif sent_at >= self._last_cut and min(ceiling, self._ceiling) >= 0.98 * self._rate:
+            elif (
+                sent_at >= self._last_cut
+                and min(ceiling, self._ceiling) >= 0.98 * self._rate
+                and not self._evidence.testing()  # a cut under test holds its rate (see refusal_evidence)
+            ):
                 # answers to requests sent before a cut say nothing new, and a rate held down by a
                 # ceiling has not been tried: neither may grow it
                 self._grow(now)
@@ -411,12 +427,12 @@ class AdaptiveRate:
         (``retry-after-ms`` first) and capped by the caller, or None when it sent none.
 
         Returns how long the refused row itself waits before it asks for a slot again: None when
-        the server gave no hint (the row backs off by its own retry policy), 0 when the whole client
-        pauses for the hint."""
+        it backs off by its own retry policy (no usable hint: a server answering ``Retry-After: 0``
+        must not get its retries within milliseconds), 0 when the whole client pauses for the hint,
+        else the hint: an isolated refusal delays only its own row."""
         with self._lock:
             self._throttled += 1
-            self._congestion(sent_at, self.clock() if now is None else now, retry_after, headers)
-            return None if retry_after is None else 0.0
+            return self._refused(sent_at, self.clock() if now is None else now, retry_after, headers)
 
     def on_failure(
         self,
@@ -431,7 +447,7 @@ class AdaptiveRate:
         with self._lock:
             self._failures += 1
             if congestion or status == 503:
-                self._congestion(sent_at, self.clock() if now is None else now, None, None)
+                self._refused(sent_at, self.clock() if now is None else now, None, None)
 
     # -- what the client asks -------------------------------------------------------------------
 
@@ -453,28 +469,84 @@ class AdaptiveRate:
                 failures=self._failures,
                 episodes=self._episodes,
                 paused_seconds=self._paused_total - max(0.0, self._pause_end - now),
+                spurious_cuts=self._evidence.undone,
+                noise_floor=self._evidence.floor,
             )
 
     # -- internals (the lock is held) ---------------------------------------------------------------
 
-    def _congestion(
+    def _refused(
         self, sent_at: float, now: float, retry_after: float | None, headers: Mapping[str, str] | None
-    ) -> None:
+    ) -> float | None:
+        """A refusal (429, or a 503): what it says, and how long its row waits (see on_throttled)."""
         if self._throttled_since is None:
             self._throttled_since = now
-        if retry_after is not None and retry_after > 0:
-            self._pause(now, now + retry_after)
+        hinted = retry_after is not None and retry_after > 0
         if not self.adaptive:
-            return
+            if hinted:
+                assert retry_after is not None
+                self._pause(now, now + retry_after)
+            return None if retry_after is None else 0.0
         self._read_headers(sent_at, headers)
-        if retry_after is not None and retry_after > 0:
+        verdict = self._evidence.record(sent_at, refused=True)
+        if verdict is not None:
+            self._judged(verdict, now)
+        latency = self._latency or 0.0
+        exhausted = self._exhausted(headers)
+        if self._phase == SLOW_START:
+            quota = exhausted or self._evidence.ends_slow_start(latency)
+        else:
+            quota = exhausted or self._evidence.says_quota(now, latency)
+        # a hint pauses everyone only with quota evidence: headers at zero or a cluster of refusals
+        pause = hinted and (
+            exhausted or (quota and (self._evidence.floor == 0 or self._evidence.clustered(now, latency)))
+        )
+        if pause:
+            assert retry_after is not None
+            self._pause(now, now + retry_after)
             for window in self._windows.values():
                 if window.last_remaining is not None and window.last_remaining < 1.0 + 0.1 * window.peak:
                     window.window_ends_at(now + retry_after)  # an exhausted window: the hint is its end
         # an episode's later 429s answer requests sent before its cut took effect (one round trip)
-        if sent_at > self._last_cut + (self._latency or 0.0):
+        if quota and sent_at > self._last_cut + latency:
+            self._evidence.end_test()  # a cut under test that was not deep enough stands
+            before = (
+                self._rate,
+                self._phase,
+                self._step_scale,
+                self._cut_from,
+                self._since_cut,
+                self._last_cut,
+            )
+            ended_slow_start = self._phase == SLOW_START
             self._cut(now)
+            if ended_slow_start:
+                # the cut that ends slow start is tested (see refusal_evidence): at the start of a run
+                # few outcomes tell noise from a quota, and noise taken for one would hold it down
+                self._evidence.start_test(now, latency, before)
         self._push(now, force=True)
+        if retry_after is None:
+            return None  # no usable hint: the row backs off by its own policy, noise or quota
+        return 0.0 if pause else retry_after
+
+    def _judged(self, verdict: Verdict, now: float) -> None:
+        """A cut's test is over: a spurious one is undone (the rate and phase it interrupted)."""
+        if not verdict.spurious:
+            return
+        rate, phase, step_scale, cut_from, since_cut, last_cut = verdict.before
+        self._rate = max(self._rate, rate)
+        self._phase, self._step_scale, self._cut_from = phase, step_scale, cut_from
+        self._since_cut += since_cut
+        self._last_cut, self._probe_at = last_cut, None
+        self._push(now, force=True)
+
+    def _exhausted(self, headers: Mapping[str, str] | None) -> bool:
+        """Whether the rate headers show a budget at zero (this refusal's, or a window's latest)."""
+        for name, value in (headers or {}).items():
+            lowered = name.lower()
+            if lowered.startswith("x-ratelimit-remaining-") and (_number({lowered: value}, lowered) or 0) < 1:
+                return True
+        return any(w.last_remaining is not None and w.last_remaining < 1.0 for w in self._windows.values())
 
     def _answered_rate(self, now: float) -> float | None:
         """Answers/s lately, or None when too few came lately to tell (at the start, after a pause).

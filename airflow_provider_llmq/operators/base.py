@@ -25,7 +25,9 @@ from airflow_provider_llmq.hooks.llmq import LLMQueryHook
 from airflow_provider_llmq.hooks.spark_session import get_spark_session
 from airflow_provider_llmq.operators.lineage import LineageMixin, task_asset
 from airflow_provider_llmq.operators.outcome import (
+    DEFAULT_MAX_ERROR_RATIO,
     LLMQueryConfigFailure,
+    LLMQueryFailedRowsError,
     enforce_error_policy,
     log_interrupted,
 )
@@ -104,7 +106,12 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
         is answered; then the waiting rows end ``rate_limited`` (a 429 spends no retry).
     :param on_error: "record" keeps going and records errors on rows; "fail" fails the task
         after the output is written when any row ended in error.
-    :param max_error_ratio: fail the task (after writing) when more than this fraction of rows failed.
+    :param max_error_ratio: fail the task (after writing) when more than this fraction of the rows
+        asked failed (rows with a null or empty prompt and rows the budget held back are not asked),
+        once at least 10 rows were asked; None: never. Whatever it is, a run that asked rows and got
+        no answer at all fails.
+    :param fail_on_empty: fail the task when the input has no rows; False: a warning and a summary
+        of 0 rows.
     :param dedupe: send identical prompts once and fan the answer out to every row asking it.
     :param chunk_size: requests per checkpointed chunk.
     :param checkpoint_dir: where checkpoints live; default: ``.llmq_checkpoints`` beside the output.
@@ -181,7 +188,8 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
         adaptive: bool = True,
         patience: float = 1800.0,
         on_error: str = "record",
-        max_error_ratio: float | None = None,
+        max_error_ratio: float | None = DEFAULT_MAX_ERROR_RATIO,
+        fail_on_empty: bool = False,
         dedupe: bool = True,
         chunk_size: int = 1000,
         checkpoint_dir: str | None = None,
@@ -229,6 +237,7 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
         self.patience = patience
         self.on_error = on_error
         self.max_error_ratio = max_error_ratio
+        self.fail_on_empty = fail_on_empty
         self.dedupe = dedupe
         self.chunk_size = chunk_size
         self.checkpoint_dir = checkpoint_dir
@@ -336,6 +345,10 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
         self._record_lineage(context, spark, summary, endpoint.model)
         if summary.get("estimate_only"):
             return summary  # nothing was asked: the checkpoint (answers already paid for) stays
+        if not summary["rows"]:
+            if self.fail_on_empty:
+                raise LLMQueryFailedRowsError("the input has no rows and fail_on_empty=True")
+            self.log.warning("llmq: the input has no rows: nothing was asked, the output is empty")
         enforce_error_policy(summary, self.on_error, self.max_error_ratio)
         unsent = summary.get("errors_by_code", {}).get(BUDGET_EXCEEDED, 0)
         if unsent:  # kept, so that a run given this checkpoint_key and a larger budget asks them

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_provider_llmq.core.errors import LLMQueryConfigError, LLMQueryError
+from airflow_provider_llmq.core.payload import BUDGET_EXCEEDED, EMPTY_PROMPT
 from airflow_provider_llmq.spark.placements import PlacementStopped
 
 if TYPE_CHECKING:
@@ -29,18 +30,35 @@ class LLMQueryConfigFailure(AirflowFailException, LLMQueryConfigError):
     without using its retries, since no retry can fix it."""
 
 
+#: rows a run must have asked before ``max_error_ratio`` may fail it: one bad row of three is no verdict
+MIN_ROWS_FOR_ERROR_RATIO = 10
+DEFAULT_MAX_ERROR_RATIO = 0.5
+# row codes that are not failures of the asking: nothing was asked (a null or empty prompt), or the
+# run's budget held it back (asked by a later run)
+_NOT_ASKED = (EMPTY_PROMPT, BUDGET_EXCEEDED)
+
+
 def enforce_error_policy(summary: dict[str, Any], on_error: str, max_error_ratio: float | None) -> None:
-    """Fails the task (after the output is written) as ``on_error`` / ``max_error_ratio`` ask."""
-    rows, errors = summary["rows"], summary["errors"]
+    """Fails the task (after the output is written) as ``on_error`` / ``max_error_ratio`` ask, and
+    whenever rows were asked and none was answered: green must mean answered. A failed task emits no
+    Asset event, so nothing downstream runs on it; its retry asks only the failed rows again."""
+    rows, errors, codes = summary["rows"], summary["errors"], summary["errors_by_code"]
     if on_error == "fail" and errors:
         raise LLMQueryFailedRowsError(
-            f"{errors} of {rows} rows ended in error {summary['errors_by_code']} and on_error='fail'; "
+            f"{errors} of {rows} rows ended in error {codes} and on_error='fail'; "
             "the output and the checkpoint are written"
         )
-    if max_error_ratio is not None and rows and errors / rows > max_error_ratio:
+    failed = errors - sum(codes.get(code, 0) for code in _NOT_ASKED)
+    asked = summary["ok"] + failed
+    if asked and not summary["ok"]:
         raise LLMQueryFailedRowsError(
-            f"{errors} of {rows} rows ended in error ({errors / rows:.1%} > max_error_ratio "
-            f"{max_error_ratio:.1%}): {summary['errors_by_code']}"
+            f"none of the {asked} rows asked was answered: {codes}; the output and the checkpoint are "
+            "written, and a retry of this task asks these rows again"
+        )
+    if max_error_ratio is not None and asked >= MIN_ROWS_FOR_ERROR_RATIO and failed / asked > max_error_ratio:
+        raise LLMQueryFailedRowsError(
+            f"{failed} of {asked} rows asked ended in error ({failed / asked:.1%} > max_error_ratio "
+            f"{max_error_ratio:.1%}): {codes}"
         )
 
 

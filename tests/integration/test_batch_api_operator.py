@@ -23,6 +23,7 @@ from airflow_provider_llmq.core.batch_api import BatchApiClient
 from airflow_provider_llmq.core.batch_files import LineBuilder
 from airflow_provider_llmq.core.options import QueryOptions
 from airflow_provider_llmq.operators.batch_api import LLMQueryBatchAPIOperator
+from airflow_provider_llmq.operators.outcome import LLMQueryFailedRowsError
 from airflow_provider_llmq.spark.placements import PlacementStopped
 from airflow_provider_llmq.testing.mock_server.batch_lines import tokens
 from tests.conftest import (
@@ -436,10 +437,10 @@ def test_on_kill_cancels_the_live_batches_only_when_asked(
     assert len(raised) == 1 and isinstance(raised[0], PlacementStopped)
     stats = batch_mock.stats()
     assert stats["cancel_requests"] == (2 if cancel_on_kill else 0)
-    if cancel_on_kill:  # what a cancelled batch never ran is recorded by the last try
-        summary = LLMQueryBatchAPIOperator(**args).execute({})
-        assert summary["rows"] == 10 and set(summary["errors_by_code"]) <= {"batch_cancelled"}
-        assert summary["batch_api"]["batch_states"] == {"cancelled": 2}
+    if cancel_on_kill:  # what a cancelled batch never ran is recorded by the last try...
+        with pytest.raises(LLMQueryFailedRowsError, match=r"none of the 10 rows asked.*batch_cancelled"):
+            LLMQueryBatchAPIOperator(**args).execute({})  # ...which answered nothing: not green
+        assert batch_mock.stats()["batches_by_status"] == {"cancelled": 2}
     else:
         assert stats["batches_by_status"] == {"in_progress": 2} or "validating" in stats["batches_by_status"]
     assert batch_mock.stats()["batches_created"] == 2

@@ -142,6 +142,55 @@ def test_empty_source_writes_an_empty_output_with_the_full_schema(
     assert llm.stats()["chat_requests"] == 0
 
 
+def test_empty_source_warns_or_fails_when_asked_to(
+    llm: Any, spark: Any, tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    path = str(tmp_path / "empty")
+    spark.createDataFrame([], "id long, prompt string").write.parquet(path)
+    out = str(tmp_path / "out")
+    assert _run(source_path=path, id_col="id", output_path=out)["rows"] == 0
+    captured = capfd.readouterr()  # the task logger writes through structlog, or to logging
+    assert "the input has no rows" in captured.out + captured.err + caplog.text
+    with pytest.raises(LLMQueryFailedRowsError, match="no rows and fail_on_empty=True"):
+        _run(source_path=path, id_col="id", output_path=out, fail_on_empty=True, checkpoint_key="e")
+
+
+def test_a_server_that_is_down_fails_the_task_not_green(
+    llm: Any, spark: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing answered is no success: every row ``connection_error``, the output written, the task
+    failed (so Airflow emits no Asset event) with the error kinds in its message."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = llmq_connection_env(llm)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value.replace(llm.base_url, f"https://127.0.0.1:{port}"))
+    path = str(tmp_path / "src")
+    spark.createDataFrame([(i, f"down {i}") for i in range(12)], "id int, prompt string").write.parquet(path)
+    out = str(tmp_path / "out")
+    with pytest.raises(
+        LLMQueryFailedRowsError, match=r"none of the 12 rows asked was answered.*connection_error"
+    ):
+        _run(source_path=path, id_col="id", output_path=out, max_retries=1)
+    assert spark.read.parquet(out).count() == 12  # written before failing: errors are data
+
+
+def test_the_error_ratio_counts_only_rows_asked(llm: Any, spark: Any, tmp_path: Path) -> None:
+    """Null prompts are not asked: 10 asked, 2 failed, 20 null is 20 % of the rows asked, not 73 %."""
+    rows = [(i, f"q{i}" + (" [[content_filter]]" if i < 2 else "")) for i in range(10)]
+    rows += [(100 + i, None) for i in range(20)]
+    path = str(tmp_path / "src")
+    spark.createDataFrame(rows, "id int, prompt string").write.parquet(path)
+    out = str(tmp_path / "out")
+    summary = _run(source_path=path, id_col="id", output_path=out)  # the default max_error_ratio 0.5
+    assert summary["ok"] == 8 and summary["errors_by_code"]["empty_prompt"] == 20
+    with pytest.raises(LLMQueryFailedRowsError, match="2 of 10 rows asked"):
+        _run(source_path=path, id_col="id", output_path=out, max_error_ratio=0.1, checkpoint_key="r")
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

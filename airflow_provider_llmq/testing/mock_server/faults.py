@@ -44,10 +44,14 @@ _MARKER = re.compile(
     r"(?::(?:(ms|s)=)?(\d+))?(?:x(\d+))?\]\]"
 )
 # headers a prompt asks its fault answers to carry, verbatim: [[retry-after=0]],
-# [[retry-after-ms=-250]], [[retry-after=Wed, 21 Oct 2015 07:28:00 GMT]], [[x-should-retry=false]].
+# [[retry-after-ms=-250]], [[retry-after=Wed, 21 Oct 2015 07:28:00 GMT]], [[x-should-retry=false]],
+# [[x-ratelimit-remaining-requests=0]] (a quota's bucket at zero: evidence for the client's limiter).
 # A retry-after marker replaces the fault's own wait headers (a 429 sends none but those given).
-HEADER_MARKERS = ("retry-after", "retry-after-ms", "x-should-retry")
-_HEADER_MARKER = re.compile(r"\[\[(retry-after-ms|retry-after|x-should-retry)=([^\]]*)\]\]", re.IGNORECASE)
+HEADER_MARKERS = ("retry-after", "retry-after-ms", "x-should-retry", "x-ratelimit-remaining-requests")
+_HEADER_MARKER = re.compile(
+    r"\[\[(retry-after-ms|retry-after|x-should-retry|x-ratelimit-remaining-requests)=([^\]]*)\]\]",
+    re.IGNORECASE,
+)
 
 
 @dataclass
