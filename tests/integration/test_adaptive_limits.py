@@ -37,10 +37,12 @@ QUOTAS: dict[str, dict[str, Any]] = {
     "cap_drops": {"kind": "schedule", "steps": [[0, 200], [1.5, 80]]},
 }
 # a short run's slow start overshoots once, into a burst of 429s that is a bigger part of 300 rows
-# than of 2,000 (the benchmark's 2 %; 0-2.5 % measured here, 5-6 % with the drop 1.5 s in); without
-# the limiter it was over 90 %
-MAX_429_SHARE = 0.10
+# than of 2,000 (the benchmark's 2 %). Slow start ends on a share of refusals, not on the first one
+# (refusal_evidence), so the burst is about one round trip longer: up to 12 % measured here on a
+# loaded 2-core machine, 5-8 % with the drop 1.5 s in; without the limiter it was over 90 %
+MAX_429_SHARE = 0.2
 MAX_429_SHARE_AROUND_A_DROP = 0.15
+MAX_429_SHARE_TOKENS = 0.25
 
 
 def run(
@@ -151,7 +153,9 @@ def test_tokens_per_minute_quota_with_mixed_prompt_lengths(server: MockServer) -
     results, _ = run("async_limited", make_endpoint(server, "azure"), rows)
     assert_every_row_answered(results, rows)
     share, stats = share_429(server)
-    assert share <= MAX_429_SHARE, share
+    # a tokens quota is learned in requests, and 300 rows are mostly the start: 4-11 % measured, over
+    # 10 % on a loaded 2-core machine (the figure lives in the benchmark); no limiter: over 90 %
+    assert share <= MAX_429_SHARE_TOKENS, share
     per_second = stats["quota"]["admitted_tokens_per_second_counts"]
     assert max(per_second) <= tpm / 60 * 2, per_second  # a second's refill + the one-second bucket
 
