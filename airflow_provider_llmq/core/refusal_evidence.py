@@ -2,22 +2,29 @@
 
 A quota refuses in proportion to how far the client sends above it: cut the rate below it and the
 refusals stop. Noise (a gateway's pool drained by another tenant, one replica shedding a request)
-refuses a share of requests whatever the rate: cut the rate and it goes on as before. So each cut
-is a test, as TCP's undo of a spurious retransmission (Eifel, RFC 3522; DSACK undo, RFC 3708) tests
-its own: the first refusals cut as a quota would, and the requests sent after the cut are watched.
-If they are refused at the share seen before it, the cut bought nothing: it is undone, and that share
-becomes the background, the **noise floor**. From then on a refusal is quota evidence only when the
-recent refusals exceed what the floor explains (a one-sided Poisson test, ``z`` deviations), so 2 %
-of random 429s at 320 requests/s, which come one every 150 ms, no longer cut the rate six times a
-second. A cut the refusals answer (they stop) confirms a quota and halves the floor, so a floor
-learned from a passing noise burst does not hide a real quota for long.
+refuses a share of requests whatever the rate: cut the rate and it goes on as before.
+
+Slow start ends on a share of refusals, not on one: the rate doubles every few round trips, so a
+quota it crosses soon refuses a large share, while noise keeps its small one; the share of the
+refusals before that is the first **noise floor**. The cut that ends slow start is then a test, as
+TCP's undo of a spurious retransmission (Eifel, RFC 3522; DSACK undo, RFC 3708) tests its own: the
+rate is held, and the requests sent a round trip after the cut are watched. If they go on being
+refused (at most ``_MAX_UNDONE_SHARE``), the cut bought nothing: it is undone, and their share
+becomes the floor. Only that first cut is tested: undoing later ones let a client on a shared quota
+take another client's overshoot for noise and starve it (simulated).
+
+From then on a refusal is quota evidence only when the recent refusals exceed what the floor
+explains (a one-sided Poisson test, ``z`` deviations), so 2 % of random 429s at 320 requests/s,
+which come one every 150 ms, no longer cut the rate six times a second. A cut the refusals answer
+(they stop) confirms a quota and halves the floor, so a floor learned from a passing noise burst
+does not hide a real quota for long.
 
 Refusals above the floor but few (one more than the floor explains within the recent window) are
 evidence enough to cut, not to pause the whole client for a retry hint: that takes a cluster
 (``cluster`` more than the floor explains), or the rate headers at zero (the caller's knowledge).
 
-Shares above ``max_noise`` are never taken for noise: a server refusing a fifth of what it is sent
-is a quota or an outage, and the cut stands (a quota that drops by half looks like that).
+Shares above ``max_noise`` (10 %) are never taken for noise: a server refusing that much is a quota
+or an outage, and the cut stands (a quota that drops by half looks like that).
 """
 
 from __future__ import annotations
@@ -31,7 +38,6 @@ __all__ = ["RefusalEvidence", "Verdict"]
 
 _OUTCOMES = 1024  # the newest answers and refusals kept, with their send times
 _SPURIOUS_REFUSALS = 3  # refusals after a cut that show it did not answer them...
-_MIN_FLOOR_SAMPLE = 128  # outcomes of a slow start that tell its noise floor
 # a share this high after the cut is more likely a shared quota that others still overfill than noise
 _MAX_UNDONE_SHARE = 0.07
 _MIN_TEST = 64  # ...among at least this many outcomes (their share becomes the noise floor)
