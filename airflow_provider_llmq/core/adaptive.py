@@ -542,9 +542,10 @@ class AdaptiveRate:
 
     def _exhausted(self, headers: Mapping[str, str] | None) -> bool:
         """Whether the rate headers show a budget at zero (this refusal's, or a window's latest)."""
-        for name, value in (headers or {}).items():
-            lowered = name.lower()
-            if lowered.startswith("x-ratelimit-remaining-") and (_number({lowered: value}, lowered) or 0) < 1:
+        lowered = {k.lower(): v for k, v in (headers or {}).items()}
+        for kind in ("requests", "tokens"):  # the kinds _read_headers reads
+            remaining = _number(lowered, f"x-ratelimit-remaining-{kind}")
+            if remaining is not None and remaining < 1:
                 return True
         return any(w.last_remaining is not None and w.last_remaining < 1.0 for w in self._windows.values())
 

@@ -50,7 +50,6 @@ _SLOW_START_MARGIN = 0.1  # ...with a share of refusals this much above the nois
 class _Test:
     """One cut under test: what the refusals were before it, what they are after it."""
 
-    cut_at: float
     counts_from: float  # a round trip after the cut: what was sent before met the overshoot's drain
     share_before: float
     needed: int  # outcomes of requests sent after the cut that confirm a quota when few are refused
@@ -65,7 +64,6 @@ class Verdict:
 
     spurious: bool
     before: Any
-    share_after: float
 
 
 class RefusalEvidence:
@@ -103,18 +101,15 @@ class RefusalEvidence:
         spurious = (
             test.refused >= _SPURIOUS_REFUSALS and test.sent >= _MIN_TEST and after <= _MAX_UNDONE_SHARE
         )
-        if not spurious and (test.sent < test.needed or after > self.max_noise):
-            if after > self.max_noise and test.sent >= test.needed:
-                self._test = None
-                return Verdict(False, test.before, after)
+        if not spurious and test.sent < test.needed:
             return None
         self._test = None
         if spurious:
             self.undone += 1
             self.floor = min(self.max_noise, max(self.floor, after))
-        else:
+        elif after <= self.max_noise:  # the refusals answered the cut: a quota, the floor was high
             self.floor *= 0.5
-        return Verdict(spurious, test.before, after)
+        return Verdict(spurious, test.before)
 
     def _recent(self, now: float, latency: float) -> tuple[int, int]:
         """(outcomes, refusals) among requests sent within the window before ``now``."""
@@ -132,8 +127,8 @@ class RefusalEvidence:
         sent, refused = self._recent(now, latency)
         floor = self.floor
         if self._test is not None:
-            # while a cut is tested, refusals up to the largest share noise may have are its test, not
-            # a reason to cut again: cuts cascading on noise are what leaves a noisy server idle
+            # while a cut is tested, refusals at the share it was made at (up to max_noise) are its
+            # test, not a reason to cut again: cuts cascading on noise leave a noisy server idle
             floor = max(floor, min(self._test.share_before, self.max_noise))
         expected = floor * sent
         return refused - expected, self.z * math.sqrt(expected)
@@ -143,7 +138,7 @@ class RefusalEvidence:
     def says_quota(self, now: float, latency: float) -> bool:
         """Whether the refusals lately exceed the noise floor: a cut is due."""
         excess, threshold = self._excess(now, latency)
-        return excess > threshold and excess > 0
+        return excess > threshold  # the threshold is never negative: one refusal over a zero floor
 
     def ends_slow_start(self, latency: float) -> bool:
         """In slow start the rate doubles every few round trips: a quota it crosses soon refuses a
@@ -181,8 +176,8 @@ class RefusalEvidence:
         # enough outcomes that the share before the cut would show twice the refusals that make a
         # cut spurious, within reason: a quota is confirmed within about a second
         needed = min(400, max(100, math.ceil(2 * _SPURIOUS_REFUSALS / max(share, 1e-3))))
-        self._test = _Test(now, now + latency, share, needed, before)
+        self._test = _Test(now + latency, share, needed, before)
 
     def end_test(self) -> None:
-        """A deeper cut replaced the one under test: it stands, and starts its own test."""
+        """Another cut came while one was tested: the refusals went on above it, so it stands."""
         self._test = None

@@ -48,10 +48,8 @@ _MARKER = re.compile(
 # [[x-ratelimit-remaining-requests=0]] (a quota's bucket at zero: evidence for the client's limiter).
 # A retry-after marker replaces the fault's own wait headers (a 429 sends none but those given).
 HEADER_MARKERS = ("retry-after", "retry-after-ms", "x-should-retry", "x-ratelimit-remaining-requests")
-_HEADER_MARKER = re.compile(
-    r"\[\[(retry-after-ms|retry-after|x-should-retry|x-ratelimit-remaining-requests)=([^\]]*)\]\]",
-    re.IGNORECASE,
-)
+_MARKER_NAMES = "|".join(map(re.escape, sorted(HEADER_MARKERS, key=len, reverse=True)))  # -ms first
+_HEADER_MARKER = re.compile(rf"\[\[({_MARKER_NAMES})=([^\]]*)\]\]", re.IGNORECASE)
 
 
 @dataclass
