@@ -327,6 +327,11 @@ class AdaptiveRate:
         self._since_cut = 0  # answers since the last cut
         self._step_scale = 1.0  # of the additive step, see _cut
         self._cut_from = math.inf  # the admitted rate the last cut started from
+        self._refused_at = math.inf  # the rate the last cut took for the quota (see _calm)
+        # when requests were sent calm (see _calm): the open span, and a few closed ones whose
+        # answers may still come in
+        self._calm_span = (math.inf, math.inf)
+        self._calm_spans: deque[tuple[float, float]] = deque(maxlen=4)
         # after the cut that ends slow start: the answers to requests sent before it, counted as they
         # arrive (the time of the cut, how many came since), see _remeasure
         self._probe_at: float | None = None
@@ -396,7 +401,9 @@ class AdaptiveRate:
                 )
             if not self.adaptive:
                 return
-            verdict = self._evidence.record(sent_at, refused=False)
+            verdict = self._evidence.record(
+                sent_at, refused=False, calm=self._calm(sent_at), latency=self._latency
+            )
             if verdict is not None:
                 self._judged(verdict, now)
             if self._probe_at is not None:
@@ -488,7 +495,9 @@ class AdaptiveRate:
                 self._pause(now, now + retry_after)
             return None if retry_after is None else 0.0
         self._read_headers(sent_at, headers)
-        verdict = self._evidence.record(sent_at, refused=True)
+        verdict = self._evidence.record(
+            sent_at, refused=True, calm=self._calm(sent_at), latency=self._latency or 0.0
+        )
         if verdict is not None:
             self._judged(verdict, now)
         latency = self._latency or 0.0
@@ -523,11 +532,28 @@ class AdaptiveRate:
             if ended_slow_start:
                 # the cut that ends slow start is tested (see refusal_evidence): at the start of a run
                 # few outcomes tell noise from a quota, and noise taken for one would hold it down
-                self._evidence.start_test(now, latency, before)
+                self._evidence.start_test(now, latency, self._rate, before)
         self._push(now, force=True)
         if retry_after is None:
             return None  # no usable hint: the row backs off by its own policy, noise or quota
         return 0.0 if pause else retry_after
+
+    def _calm(self, sent_at: float) -> bool:
+        """Whether a request was sent below every rate a quota refused this client at: from a round
+        trip after a cut until the climb back nears the rate the cut took for the quota (its
+        refusals are noise, see refusal_evidence). Judged by the send time, as the answers of one
+        moment come back at different times (a refusal at once, an answer a round trip later)."""
+        start, end = self._calm_span
+        if start <= sent_at < end:
+            return True
+        return any(a <= sent_at < b for a, b in self._calm_spans)
+
+    def _end_calm(self, now: float) -> None:
+        start, end = self._calm_span
+        if start < now < end:
+            self._calm_spans.append((start, now))
+        if start < end:
+            self._calm_span = (math.inf, math.inf)
 
     def _judged(self, verdict: Verdict, now: float) -> None:
         """A cut's test is over: a spurious one is undone (the rate and phase it interrupted)."""
@@ -535,6 +561,7 @@ class AdaptiveRate:
             return
         rate, phase, step_scale, cut_from, since_cut, last_cut = verdict.before
         self._rate = max(self._rate, rate)
+        self._end_calm(now)
         self._phase, self._step_scale, self._cut_from = phase, step_scale, cut_from
         self._since_cut += since_cut
         self._last_cut, self._probe_at = last_cut, None
@@ -597,9 +624,13 @@ class AdaptiveRate:
             self._rate = max(self.settings.min_rate, 0.5 * admitted)
         else:
             self._rate = max(self.settings.min_rate, self.settings.decrease * min(admitted, answered))
+        self._refused_at = self._rate / self.settings.decrease
         self._phase = AVOIDANCE
         self._last_cut = now
         self._episodes += 1
+        self._evidence.on_cut()
+        self._end_calm(now)
+        self._calm_span = (now + (self._latency or 0.0), math.inf)
 
     def _remeasure(self, sent_at: float, now: float) -> None:
         """After the cut that ended slow start: the answers to the requests sent before it arrive at
@@ -618,6 +649,7 @@ class AdaptiveRate:
             return  # too few to tell (a small quota): the cut stands
         measured = count / span
         self._rate = max(self._rate, min(self.settings.decrease * measured, self._cut_from, self._ceiling))
+        self._refused_at = max(self._refused_at, self._rate / self.settings.decrease)
 
     def _grow(self, now: float) -> None:
         s = self.settings
@@ -640,6 +672,8 @@ class AdaptiveRate:
             headroom = s.slow_start_headroom if self._phase == SLOW_START else s.headroom
             limit = min(limit, max(headroom * answered, s.initial_rate))
         self._rate = min(self._ceiling, max(rate, min(grown, limit)))
+        if self._rate >= 0.97 * self._refused_at:
+            self._end_calm(now)  # back near the rate the quota refused: refusals may be its own again
 
     def _admitted(self, now: float, apply_pauses: bool = False) -> float | None:
         """The rate given to the pacer: the learned rate, or the server's stated one, under every
