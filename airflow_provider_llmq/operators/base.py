@@ -44,7 +44,7 @@ from airflow_provider_llmq.spark.plan import (
 )
 from airflow_provider_llmq.spark.schema import LLMQ_ROW_ID, PROMPT_COL
 from airflow_provider_llmq.spark.session import cancel_tagged_jobs, require_shared_paths
-from airflow_provider_llmq.spark.sink import attach_results, write_output
+from airflow_provider_llmq.spark.sink import attach_results, refuse_existing_output, write_output
 from airflow_provider_llmq.spark.source import check_one_source, read_source, validate_source
 from airflow_provider_llmq.spark.structured import OutputSpec, output_spec
 from airflow_provider_llmq.spark.summary import rate, summarize, timings
@@ -96,7 +96,8 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
     :param response_col: name of the answer column.
     :param include_source_columns: True: every source column plus results; False: id plus results.
     :param max_retries: retries per request after the first attempt.
-    :param request_timeout: per-request timeout in seconds (overrides the connection's).
+    :param request_timeout: per-request timeout in seconds; None (default) keeps the connection's
+        ``timeout`` extra (60 s when it has none).
     :param max_retry_wait: cap in seconds on one server-requested wait (Retry-After).
     :param retry_backoff: first computed backoff in seconds (doubles per retry).
     :param adaptive: learn the request rate the server allows from its 429s, rate headers and retry
@@ -182,7 +183,7 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
         response_col: str = "response",
         include_source_columns: bool = True,
         max_retries: int = 6,
-        request_timeout: float = 60,
+        request_timeout: float | None = None,
         max_retry_wait: float = 60,
         retry_backoff: float = 0.5,
         adaptive: bool = True,
@@ -315,6 +316,8 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
         self._check_arguments()
         options, placement = self._query_options(), self._placement()
         endpoint = options.bind(self.hook.endpoint)
+        if endpoint.is_tls:
+            endpoint.ssl_context()  # a CA that cannot be loaded fails here, not after Spark started
         spark = get_spark_session(self.spark_conn_id, self.spark_conf, app_name=f"llmq-{self.task_id}")
         location = checkpoint_location(spark, self.checkpoint_dir, self.output_path, self.checkpoint_key)
         require_shared_paths(
@@ -375,6 +378,13 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
         """read -> checkpoint -> placement -> write -> summary; returns the summary, the requests
         this try asked and the seconds it spent asking."""
         checkpoint.clean_temporaries()
+        refuse_existing_output(
+            spark,
+            output_table=self.output_table,
+            output_path=self.output_path,
+            mode=self.mode,
+            checkpoint=checkpoint,
+        )
         materialized, manifest, resumed = materialize_input(
             spark,
             source,

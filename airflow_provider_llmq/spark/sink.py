@@ -157,6 +157,36 @@ def write_output(
         )
 
 
+def refuse_existing_output(
+    spark: SparkSession,
+    *,
+    output_table: str | None,
+    output_path: str | None,
+    mode: str,
+    checkpoint: Checkpoint,
+) -> None:
+    """With ``mode="error"``, a sink that is already there fails the write: say so before anything
+    is asked and paid for, not after. A sink an earlier try of this run created is its own output
+    (``write_output`` overwrites it), not a reason to fail.
+
+    :raises LLMQueryConfigError: the sink exists and the mode refuses to write over it.
+    """
+    if mode not in ("error", "errorifexists"):
+        return
+    previous = checkpoint.read_json(OUTPUT_RECORD)
+    if previous and previous.get("created"):
+        return
+    if output_table:
+        exists = spark.catalog.tableExists(output_table)
+    else:
+        exists = _exists(_sink_folder(spark, None, output_path))
+    if exists:
+        raise LLMQueryConfigError(
+            f"the output {output_table or output_path} already exists and mode={mode!r} refuses to "
+            "write over it: nothing was asked. Pick another output, or mode='overwrite' or 'append'"
+        )
+
+
 def _sink_folder(spark: SparkSession, output_table: str | None, output_path: str | None) -> str | None:
     """The sink's folder as a URI; None for a table whose location Spark does not report."""
     if output_path:

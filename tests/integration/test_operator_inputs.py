@@ -3,6 +3,8 @@ error policy and resume, against local Spark and the mock server over TLS."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ import pytest
 from airflow_provider_llmq.core.errors import LLMQueryAuthError, LLMQueryConfigError
 from airflow_provider_llmq.operators.llmq import (
     LLMQueryAsyncBatchOperator,
+    LLMQueryConfigFailure,
     LLMQueryFailedRowsError,
     LLMQueryRateLimitedOperator,
     LLMQueryThreadPoolOperator,
@@ -307,3 +310,52 @@ def test_a_checkpoint_of_another_prompt_is_refused(llm: Any, source: str, tmp_pa
     _run(**args)
     with pytest.raises(LLMQueryConfigError, match="system_prompt"):
         _run(system_prompt="Answer in French.", **args)
+
+
+def test_mode_error_with_an_existing_output_fails_before_asking(
+    llm: Any, spark: Any, source: str, tmp_path: Path
+) -> None:
+    """mode="error" and an output already there: the task fails before a single request is paid."""
+    out = str(tmp_path / "out")
+    spark.createDataFrame([(1, "x")], "id long, prompt string").write.parquet(out)
+    llm.reset()
+    with pytest.raises(LLMQueryConfigFailure, match=r"already exists and mode='error'.*nothing was asked"):
+        _run(source_path=source, id_col="id", output_path=out, mode="error")
+    assert llm.stats()["chat_requests"] == 0
+    assert spark.read.parquet(out).count() == 1  # untouched
+    # a new output path is written once in that mode
+    fresh = str(tmp_path / "fresh")
+    summary = _run(source_path=source, id_col="id", output_path=fresh, mode="error", checkpoint_key="f")
+    assert summary["ok"] == 120
+
+
+def test_an_unloadable_ca_cert_fails_before_spark_starts(
+    llm: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CA file that is not a certificate fails in the first moment, naming the problem, before
+    Spark starts (the source path does not exist: reading it would fail otherwise) and before any
+    request."""
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate")
+    _connection_extra(monkeypatch, ca_cert=str(bad))
+    llm.reset()
+    with pytest.raises(LLMQueryConfigFailure, match="CA certificate could not be loaded"):
+        _run(source_path=str(tmp_path / "nowhere"), id_col="id", output_path=str(tmp_path / "out"))
+    assert llm.stats()["chat_requests"] == 0
+
+
+def test_the_connection_timeout_applies_unless_the_operator_sets_one(
+    llm: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _connection_extra(monkeypatch, timeout=13)
+    op = LLMQueryRateLimitedOperator(task_id="t", source_path="/x", output_path="/y")
+    assert op._query_options().bind(op.hook.endpoint).timeout == 13.0
+    op = LLMQueryRateLimitedOperator(task_id="t", source_path="/x", output_path="/y", request_timeout=7)
+    assert op._query_options().bind(op.hook.endpoint).timeout == 7.0
+
+
+def _connection_extra(monkeypatch: pytest.MonkeyPatch, **extra: Any) -> None:
+    """The test connection with ``extra`` fields changed."""
+    conn = json.loads(os.environ["AIRFLOW_CONN_LLMQ_DEFAULT"])
+    conn["extra"].update(extra)
+    monkeypatch.setenv("AIRFLOW_CONN_LLMQ_DEFAULT", json.dumps(conn))
