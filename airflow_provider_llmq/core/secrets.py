@@ -1,10 +1,12 @@
-"""Keeps secrets out of everything llmq records or raises.
+r"""Keeps secrets out of everything llmq records or raises.
 
 A row's error message is written to the output, the checkpoint and the task log, and an exception
 ends up in the log with its whole chain; any of them may quote what a transport library saw (a
 header, a proxy URL). Rather than trusting every message source, each run builds one
 :class:`Scrubber` from its endpoint's secrets (the key, every extra header value, proxy
-credentials) and passes every recorded message and every raised exception through it.
+credentials) and passes every recorded message and every raised exception through it. Secrets
+that appear during a run (an Entra ID token, each time it is refreshed) are :meth:`Scrubber.add`\ ed
+to the same scrubber.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import base64
 import contextlib
 import dataclasses
 import json
+import threading
 from collections.abc import Iterable
 from urllib.parse import quote, unquote, urlsplit
 
@@ -67,15 +70,28 @@ class Scrubber:
     :param secrets: the values to hide; None and values shorter than 4 characters are ignored.
     """
 
-    __slots__ = ("_secrets",)
+    __slots__ = ("__weakref__", "_lock", "_secrets")
 
     def __init__(self, secrets: Iterable[str | None] = ()) -> None:
+        self._lock = threading.Lock()
+        self._secrets: tuple[str, ...] = ()
+        self._extend(secrets)
+
+    def add(self, secret: str | None) -> None:
+        """Hides ``secret`` from now on too (a token obtained during the run); safe from any thread."""
+        self._extend([secret])
+
+    def _extend(self, secrets: Iterable[str | None]) -> None:
         forms: set[str] = set()
         for secret in secrets:
             if isinstance(secret, str) and len(secret.strip()) >= MIN_SECRET_LENGTH:
                 forms |= _forms(secret)
-        # longest first: a secret that contains another is masked whole
-        self._secrets = tuple(sorted(forms, key=len, reverse=True))
+        if not forms:
+            return
+        with self._lock:
+            # longest first: a secret that contains another is masked whole; readers see the old
+            # tuple or the new one, never a half-built one
+            self._secrets = tuple(sorted(forms | set(self._secrets), key=len, reverse=True))
 
     def __bool__(self) -> bool:
         return bool(self._secrets)
