@@ -109,10 +109,11 @@ class AsyncClient(ClientBase[AsyncLimiter]):
         if self._session is None:
             raise RuntimeError("AsyncClient used outside 'async with'")
         try:
+            headers = await self._arequest_headers()  # an Entra ID refresh runs off the loop
             async with self._session.post(
                 self._url,
                 data=body,
-                headers=self._headers,
+                headers=headers,
                 allow_redirects=False,
                 proxy=self._proxy_url,
                 proxy_headers=self._proxy_headers,

@@ -2,8 +2,9 @@
 cancel batches, stream result files. Plain ``requests``; no Airflow, no Spark.
 
 The two API forms differ in their paths, the ``api-version`` query, the per-line URL and the
-request-count limit per file, so each is one small ``_BatchForm``; URL, key header, TLS and proxy
-come from the :class:`EndpointConfig` as for chat requests. A management call that fails is
+request-count limit per file, so each is one small ``_BatchForm``; URL, key header (or the
+process's Entra ID token, refreshed when due, one fresh token after a 401), TLS and proxy come from
+the :class:`EndpointConfig` as for chat requests. A management call that fails is
 classified by :func:`classify_response` like a chat request: 401/403/404 and ``insufficient_quota``
 raise the same errors, 429/5xx and transport errors are retried with the run's retry policy.
 """
@@ -143,6 +144,9 @@ class BatchApiClient:
         self.scrubber = Scrubber(endpoint.secrets())
         self._params = self.form.params(api_version or endpoint.api_version)
         self._headers = {k: v for k, v in endpoint.request_headers().items() if k != "Content-Type"}
+        self._tokens = endpoint.token_source()  # Entra ID: the same token the chat clients use
+        if self._tokens is not None:
+            self._tokens.watch(self.scrubber)
         self._session = requests.Session()
         self._session.trust_env = False  # the proxy comes from the endpoint; nothing else from the env
         self._session.verify = endpoint.verify
@@ -243,14 +247,16 @@ class BatchApiClient:
         """One call with the retry policy; a refused call raises, its message scrubbed."""
         url = f"{self.endpoint.api_base}{self.form.prefix}{path}"
         attempts = 0
+        reauthorized = False  # the one fresh Entra ID token a 401 may ask for
         while True:
             attempts += 1
+            token = self._tokens.generation if self._tokens is not None else 0
             try:
                 response = self._session.request(
                     method,
                     url,
                     params={**self._params, **(params or {})},
-                    headers=self._headers,
+                    headers=self._call_headers(),
                     timeout=self.endpoint.timeout,
                     allow_redirects=False,
                     **kwargs,
@@ -260,6 +266,12 @@ class BatchApiClient:
             else:
                 if response.status_code < 300:
                     return response
+                if response.status_code == 401 and self._tokens is not None and not reauthorized:
+                    # an expired or revoked token: one fresh token, asked again without a retry spent
+                    response.close()
+                    reauthorized, attempts = True, attempts - 1
+                    self._tokens.expire(token)
+                    continue
                 failure = self._classified(
                     classify_response, response.status_code, response.headers, response.content
                 )
@@ -271,6 +283,15 @@ class BatchApiClient:
                 )
                 raise LLMQueryBatchError(message, failure.code)
             time.sleep(self.retry.delay(failure, attempts))
+
+    def _call_headers(self) -> dict[str, str]:
+        """With Entra ID the current token's (refreshed here when due; its errors raise scrubbed)."""
+        if self._tokens is None:
+            return self._headers
+        try:
+            return {**self._headers, **self._tokens.header()}
+        except LLMQueryError as exc:
+            raise self.scrubber.exception(exc) from None
 
     def _classified(self, classify: Any, *args: Any) -> Failure:
         """A failed call as a chat request's failure would be; raises what a chat request raises

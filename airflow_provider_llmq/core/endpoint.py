@@ -2,7 +2,8 @@
 
 The two API forms differ in exactly two things, the URL and the auth header, so each is one small
 ``_ApiForm`` and everything else is shared. The key travels only in a header, never in a URL, a
-``repr()`` or an exception.
+``repr()`` or an exception. With Entra ID (``entra_id``) both forms send ``Authorization: Bearer``
+with the process's token (:mod:`.entra_id`) instead of any key, added per request by the clients.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from urllib.request import getproxies
 
 from requests.utils import get_environ_proxies, select_proxy
 
+from airflow_provider_llmq.core.entra_id import EntraIdConfig
+from airflow_provider_llmq.core.entra_token import TokenSource, token_source
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
 from airflow_provider_llmq.core.secrets import url_credentials, without_credentials
 
@@ -187,6 +190,8 @@ class EndpointConfig:
         subscription key, say): hidden from ``repr()`` and scrubbed from every message.
     :param proxy: an ``http://`` or ``https://`` proxy URL, credentials allowed; it wins over
         ``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY``, which are honoured when it is not set.
+    :param entra_id: authenticate with Entra ID tokens (``Authorization: Bearer``, both forms)
+        instead of a key; ``api_key`` must then be empty.
     """
 
     api_base: str
@@ -199,6 +204,7 @@ class EndpointConfig:
     timeout: float = 60.0
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     proxy: str | None = field(default=None, repr=False)
+    entra_id: EntraIdConfig | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.api_type not in _FORMS:
@@ -217,6 +223,15 @@ class EndpointConfig:
         if proxy is not None and not isinstance(proxy, str):
             raise LLMQueryConfigError("proxy must be a URL string")
         object.__setattr__(self, "proxy", _check_proxy(proxy, "the proxy setting") if proxy else None)
+        if self.entra_id is not None:
+            if not isinstance(self.entra_id, EntraIdConfig):
+                raise LLMQueryConfigError("entra_id must be an EntraIdConfig")
+            if self.api_key:
+                # one credential: a key left beside Entra ID would be sent nowhere, or to the wrong place
+                raise LLMQueryConfigError(
+                    "the connection has both an API key and Entra ID authentication: clear the "
+                    "password (the key) or set auth_type to api_key"
+                )
 
     def __repr__(self) -> str:
         # header names help debugging; their values, the key, the CA and proxy credentials stay out
@@ -224,7 +239,8 @@ class EndpointConfig:
         return (
             f"EndpointConfig(api_base={self.api_base!r}, api_type={self.api_type!r}, "
             f"model={self.model!r}, api_version={self.api_version!r}, verify={self.verify!r}, "
-            f"timeout={self.timeout!r}, headers={sorted(self.headers)!r}, proxy={proxy!r})"
+            f"timeout={self.timeout!r}, headers={sorted(self.headers)!r}, proxy={proxy!r}, "
+            f"auth={self.entra_id.describe() if self.entra_id else 'api_key'!r})"
         )
 
     @property
@@ -236,6 +252,10 @@ class EndpointConfig:
         return self._form.url(self.api_base, model or self.model, self.api_version)
 
     def request_headers(self) -> dict[str, str]:
+        """Every request's headers; with Entra ID without ``Authorization``, which the clients add
+        per request from :meth:`token_source` (the token changes during a run)."""
+        if self.entra_id is not None:
+            return {"Content-Type": "application/json", "Accept": "application/json", **dict(self.headers)}
         if not self.api_key:
             raise LLMQueryConfigError("the connection has no API key (set its password)")
         return {
@@ -244,6 +264,10 @@ class EndpointConfig:
             **dict(self.headers),
             **self._form.auth_headers(self.api_key),
         }
+
+    def token_source(self) -> TokenSource | None:
+        """With Entra ID, this process's token for the credential (shared by all its clients)."""
+        return token_source(self.entra_id) if self.entra_id is not None else None
 
     def body_model(self, model: str | None = None) -> str | None:
         """The ``model`` field of the body (OpenAI needs it; Azure takes it from the URL)."""
@@ -287,6 +311,8 @@ class EndpointConfig:
         credentials of the configured proxy and of every proxy the environment names (used for
         this endpoint or not: a log line may quote the environment)."""
         found = [self.api_key, *self.headers.values(), *url_credentials(self.proxy)]
+        if self.entra_id is not None:
+            found += self.entra_id.secrets()
         for proxy in getproxies().values():
             found += url_credentials(proxy)
         return tuple(value for value in found if value)
@@ -304,6 +330,7 @@ class EndpointConfig:
             tuple(sorted(self.headers.items())),
             # the environment's proxy too: a client built before HTTPS_PROXY changed must not be reused
             self.proxy_url(),
+            self.entra_id,
         )
 
 

@@ -28,6 +28,7 @@ from airflow_provider_llmq.core.adaptive import AdaptiveRate, AdaptiveStats
 from airflow_provider_llmq.core.budget import Budget
 from airflow_provider_llmq.core.cost import Price, TokenCounter, completion_tokens_per_request, parse_prices
 from airflow_provider_llmq.core.endpoint import EndpointConfig
+from airflow_provider_llmq.core.entra_token import TokenSource
 from airflow_provider_llmq.core.limits import AsyncLimiter, ThreadLimiter, estimate_request_tokens
 from airflow_provider_llmq.core.options import QueryOptions
 from airflow_provider_llmq.core.payload import (
@@ -79,6 +80,7 @@ class _RowPolicy:
     scrubber: Scrubber
     price: Price | None = None  # the model's price: results then carry their cost
     completion_estimate: int = 0  # completion tokens a budget reserves per request
+    tokens: TokenSource | None = None  # Entra ID: a 401 refreshes its token once
 
     def estimated_tokens(self, prompt: str) -> int:
         """What a request reserves against tokens/min before it is sent: prompt + max_tokens."""
@@ -164,6 +166,7 @@ def _row_attempts(
     failures = 0  # the attempts that spend max_retries
     throttled = 0  # this row's 429s, for the backoff of those without a usable hint
     repaired = False  # the one repair request of an invalid structured answer was sent
+    reauthorized = False  # the one fresh Entra ID token a 401 may ask for
     # usage over every attempt that reported one (a retried 200, an answer before its repair): each
     # was billed, so the row's tokens, cost and budget count them all
     billed_prompt: int | None = None
@@ -205,6 +208,7 @@ def _row_attempts(
             )
         attempts += 1
         sent = clock()
+        token = policy.tokens.generation if policy.tokens is not None else 0
         received = yield Send(body)
         headers: Mapping[str, str] | None = None
         if isinstance(received, BaseException):
@@ -212,6 +216,12 @@ def _row_attempts(
         else:
             assert received is not None
             status, headers, raw = received
+            if status == 401 and policy.tokens is not None and not reauthorized:
+                # the token expired in flight or was revoked: one fresh token, asked again without
+                # spending a retry; a second 401 is refused credentials, raised as for a key
+                reauthorized = True
+                policy.tokens.expire(token)
+                continue
             outcome = classify_response(status, headers, raw, policy.request.output)
         now = clock()
         used = None
@@ -303,6 +313,7 @@ class ClientBase(Generic[L]):
         self.endpoint = self.options.bind(endpoint)
         request = self.options.chat_request(self.endpoint)
         price = parse_prices(self.options.prices).get(self.endpoint.model or "")
+        self._tokens = self.endpoint.token_source()  # Entra ID: the process's token, else None
         self._policy = _RowPolicy(
             request=request,
             retry=self.options.retry_policy(),
@@ -317,7 +328,10 @@ class ClientBase(Generic[L]):
                 if request.max_completion_tokens() is not None
                 else self.options.expected_completion_tokens,
             )[0],
+            tokens=self._tokens,
         )
+        if self._tokens is not None:
+            self._tokens.watch(self._policy.scrubber)  # every token, now and refreshed, is scrubbed
         # one budget per client: every thread or task of the client reserves against it
         self.budget: Budget | None = None
         if self.options.max_total_tokens is not None or self.options.max_cost is not None:
@@ -340,6 +354,14 @@ class ClientBase(Generic[L]):
     @property
     def scrubber(self) -> Scrubber:
         return self._policy.scrubber
+
+    def _request_headers(self) -> Mapping[str, str]:
+        """A request's headers: with Entra ID the current token's, refreshed here when due."""
+        return self._headers if self._tokens is None else {**self._headers, **self._tokens.header()}
+
+    async def _arequest_headers(self) -> Mapping[str, str]:
+        """:meth:`_request_headers` for an event loop (a refresh runs off the loop)."""
+        return self._headers if self._tokens is None else {**self._headers, **await self._tokens.aheader()}
 
     def stats(self) -> AdaptiveStats:
         """The admitted rate, 429s, pauses so far: what a progress line shows."""

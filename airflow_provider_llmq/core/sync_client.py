@@ -230,6 +230,10 @@ class SyncClient(ClientBase[ThreadLimiter]):
             return result
 
     def _post(self, body: bytes) -> Received:
+        try:
+            headers = self._request_headers()  # may refresh an Entra ID token, before the deadline runs
+        except Exception as exc:  # returned, so the engine raises it scrubbed
+            return exc
         timeout = self.endpoint.timeout
         deadline = self._watchdog.start(timeout)
         _in_flight.deadline, _in_flight.watchdog = deadline, self._watchdog
@@ -240,7 +244,7 @@ class SyncClient(ClientBase[ThreadLimiter]):
             response = self._session.post(
                 self._url,
                 data=body,
-                headers=self._headers,
+                headers=headers,
                 timeout=timeout,
                 allow_redirects=False,
                 stream=True,
