@@ -102,6 +102,52 @@ def get_provider_info() -> dict[str, Any]:
                         "description": "http(s)://[user:password@]host:port; wins over HTTPS_PROXY and "
                         "NO_PROXY. Its credentials are masked.",
                     },
+                    "auth_type": {
+                        "label": "Authentication",
+                        "schema": {"type": ["string", "null"], "enum": ["api_key", "entra_id"]},
+                        "description": "api_key (the password) or entra_id: Entra ID tokens, sent as "
+                        "Authorization: Bearer (needs the azure extra). Left empty: api_key.",
+                    },
+                    "tenant_id": {
+                        "label": "Tenant ID (Entra ID)",
+                        "schema": string,
+                        "description": "The directory (tenant) id of the service principal.",
+                    },
+                    "client_id": {
+                        "label": "Client ID (Entra ID)",
+                        "schema": string,
+                        "description": "The service principal's application id; without a secret or "
+                        "certificate, the user-assigned managed identity DefaultAzureCredential uses.",
+                    },
+                    "client_secret": {
+                        "label": "Client secret (Entra ID)",
+                        "schema": {**string, "format": "password"},
+                        "description": "The service principal's secret. Without a secret or a "
+                        "certificate: DefaultAzureCredential (managed identity, workload identity, "
+                        "AZURE_* environment variables, az CLI).",
+                    },
+                    "certificate_path": {
+                        "label": "Client certificate path (Entra ID)",
+                        "schema": string,
+                        "description": "A PEM file with the service principal's certificate and its "
+                        "private key, instead of a secret.",
+                    },
+                    "authority_host": {
+                        "label": "Authority host (Entra ID)",
+                        "schema": string,
+                        "description": "e.g. https://login.microsoftonline.us for a sovereign cloud; "
+                        "empty: AZURE_AUTHORITY_HOST, else the public cloud.",
+                    },
+                    "scope": {
+                        "label": "Token scope (Entra ID)",
+                        "schema": string,
+                        "description": "Empty: https://cognitiveservices.azure.com/.default",
+                    },
+                    "authority_ca_cert": {
+                        "label": "Authority CA certificate (Entra ID)",
+                        "schema": string,
+                        "description": "CA bundle path or PEM text for a private authority's TLS.",
+                    },
                     "headers": {
                         "label": "Extra headers (JSON)",
                         "schema": string,

@@ -14,6 +14,8 @@ from airflow.sdk.log import mask_secret
 
 from airflow_provider_llmq.core.client import AsyncClient, SyncClient
 from airflow_provider_llmq.core.endpoint import API_TYPES, EndpointConfig
+from airflow_provider_llmq.core.entra_id import EntraIdConfig
+from airflow_provider_llmq.core.entra_token import add_token_listener
 from airflow_provider_llmq.core.errors import (
     LLMQueryAuthError,
     LLMQueryConfigError,
@@ -26,6 +28,9 @@ from airflow_provider_llmq.core.result import QueryResult
 from airflow_provider_llmq.core.secrets import MIN_SECRET_LENGTH, Scrubber, url_credentials
 
 _FALSE_WORDS = frozenset({"false", "0", "no", "off"})
+AUTH_TYPES = ("api_key", "entra_id")
+# the connection extras an Entra ID credential is made of (EntraIdConfig's fields but the PEM ones)
+_ENTRA_EXTRAS = ("tenant_id", "client_id", "client_secret", "authority_host", "scope")
 
 
 def _as_bool(value: Any, default: bool = True) -> bool:
@@ -59,6 +64,21 @@ def _register_secrets(values: Iterable[str]) -> None:
                 mask_secret(value.strip())
 
 
+def _entra_id(extra: dict[str, Any]) -> EntraIdConfig | None:
+    """Extra ``auth_type`` ``entra_id``: the credential from the other extras; None for a key."""
+    auth_type = str(extra.get("auth_type") or "api_key").strip().lower()
+    if auth_type not in AUTH_TYPES:
+        raise LLMQueryConfigError(f"extra auth_type must be one of {AUTH_TYPES}, got {auth_type!r}")
+    if auth_type == "api_key":
+        return None
+    fields = {name: str(extra[name]) for name in _ENTRA_EXTRAS if extra.get(name)}
+    return EntraIdConfig(
+        **fields,
+        certificate=extra.get("certificate_path") or None,
+        authority_ca_cert=extra.get("authority_ca_cert") or None,
+    )
+
+
 def _guess_api_type(host: str, extra: dict[str, Any]) -> str:
     """Without an explicit api_type: Azure for an Azure host or a deployment name, else OpenAI."""
     if ".openai.azure.com" in host or ".cognitiveservices.azure.com" in host or extra.get("deployment"):
@@ -72,8 +92,12 @@ class LLMQueryHook(BaseHook):
     Credentials and TLS come from the connection only: host (API base URL), password (API key),
     extras ``api_type``, ``api_version``, ``deployment`` / ``model``, ``ca_cert``, ``verify``,
     ``timeout``, ``headers`` (values treated as secrets), ``proxy`` (a URL; wins over
-    ``HTTPS_PROXY`` / ``NO_PROXY``). The key, header values and proxy credentials are registered
-    with Airflow's secrets masker and scrubbed from every message this hook returns.
+    ``HTTPS_PROXY`` / ``NO_PROXY``). With extra ``auth_type`` ``entra_id`` there is no key: Entra
+    ID tokens from ``DefaultAzureCredential``, or from the service principal of ``tenant_id``,
+    ``client_id`` and ``client_secret`` or ``certificate_path``; ``authority_host``, ``scope`` and
+    ``authority_ca_cert`` are optional. The key, the client secret, header values, proxy
+    credentials and every token obtained are registered with Airflow's secrets masker and scrubbed
+    from every message this hook returns.
 
     :param llm_conn_id: the ``llmq`` connection to use.
     """
@@ -98,6 +122,8 @@ class LLMQueryHook(BaseHook):
         headers = _headers_extra(extra.get("headers"), self.llm_conn_id)
         proxy = extra.get("proxy") or None
         raw_secrets = [conn.password or "", *headers.values(), *url_credentials(proxy)]
+        raw_secrets += [str(extra.get("client_secret") or "")]
+        add_token_listener(mask_secret)  # every Entra ID token this process obtains, whoever asks
         _register_secrets(raw_secrets)
         self._scrubber = Scrubber(raw_secrets)
         try:
@@ -109,6 +135,9 @@ class LLMQueryHook(BaseHook):
         # the environment's proxy credentials too, now that the endpoint has chosen its proxy
         _register_secrets(endpoint.secrets())
         self._scrubber = Scrubber([*raw_secrets, *endpoint.secrets()])
+        tokens = endpoint.token_source()
+        if tokens is not None:
+            tokens.watch(self._scrubber)
         return endpoint
 
     def _endpoint_from(
@@ -140,6 +169,7 @@ class LLMQueryHook(BaseHook):
             timeout=timeout,
             headers=headers,
             proxy=proxy,
+            entra_id=_entra_id(extra),
         )
 
     @property
@@ -191,8 +221,16 @@ class LLMQueryHook(BaseHook):
         return ok, self.scrubber.text(message)
 
     def _test_connection(self) -> tuple[bool, str]:
+        via = ""
         try:
             endpoint = self.endpoint
+            tokens = endpoint.token_source()
+            if tokens is not None:
+                try:
+                    tokens.token()
+                except LLMQueryError as exc:
+                    return False, f"Entra ID authentication failed: {exc}"
+                via = f"; Entra ID token from {tokens.credential_name}"
             result = self.query("ping", system_prompt=None, max_retries=0, max_tokens=1)
         except LLMQueryAuthError as exc:
             return False, f"Authentication failed: {exc}"
@@ -206,7 +244,7 @@ class LLMQueryHook(BaseHook):
             # a 400 to the probe (e.g. a model that rejects max_tokens) still proves reach and auth
             return True, (
                 f"Connection successful: {endpoint.api_type} endpoint {endpoint.api_base} answered "
-                f"HTTP {result.http_status} for model {endpoint.model or '(from request)'}"
+                f"HTTP {result.http_status} for model {endpoint.model or '(from request)'}{via}"
             )
         if result.error_code == "connection_error":
             return False, f"Could not reach {endpoint.api_base}: {result.error_message}"

@@ -22,7 +22,9 @@ class LLMQueryBatchTrigger(BaseTrigger):
 
     It only reads: the task collects the results and creates batches when it resumes, with its
     checkpoint, so the triggerer writes nothing and a triggerer restart loses nothing. The
-    connection is resolved in the triggerer, so no key travels in the trigger's arguments.
+    connection is resolved in the triggerer, so no key travels in the trigger's arguments; with
+    Entra ID, the triggerer process keeps its own token (shared by its triggers of the same
+    credential, refreshed before it expires), as every llmq client does.
 
     :param llm_conn_id: the ``llmq`` connection.
     :param batch_ids: the batches to watch.
