@@ -18,6 +18,7 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
+from ..token_authority import TOKEN_PREFIX, check_token
 from .faults import ANSWER_KINDS, Fault, MockConfig, expected_answer, jitter_ms, plan, prompt_hash
 from .quotas import QuotaPolicy, build_policy
 from .structured import answer_text
@@ -116,6 +117,8 @@ class MockState:
         self.per_prompt: Counter[str] = Counter()
         self.keys_in_url = 0
         self.auth_failures = 0
+        self.bearer_tokens = 0  # requests authorised by a token of the token authority
+        self.expired_tokens = 0  # refused because their token had expired
         self.prompt_tokens_total = 0
         self.completion_tokens_total = 0
         self.rps_window = -1
@@ -152,6 +155,8 @@ class MockState:
             "requests_per_prompt": dict(self.per_prompt),
             "keys_in_url": self.keys_in_url,
             "auth_failures": self.auth_failures,
+            "bearer_tokens": self.bearer_tokens,
+            "expired_tokens": self.expired_tokens,
             "prompt_tokens_total": self.prompt_tokens_total,
             "completion_tokens_total": self.completion_tokens_total,
             "quota": self._quota_snapshot(),
@@ -187,13 +192,18 @@ class MockState:
         if key and (key in raw or key in unquote(raw)):
             self.keys_in_url += 1
 
-    def authorised(self, request: web.Request, azure: bool) -> bool:
+    def authorised(self, request: web.Request, azure: bool) -> bool | str:
+        """True for the key (Azure: ``api-key``; OpenAI: Bearer) or an unexpired Bearer token of the
+        token authority (:mod:`..token_authority`, signed with this server's key: both forms, as
+        Azure takes Entra ID tokens); else False, or ``"expired"`` for an expired token."""
         key = self.config.api_key
-        if azure:
-            given = request.headers.get("api-key", "")
-        else:
-            auth = request.headers.get("Authorization", "")
-            given = auth[7:] if auth[:7].lower() == "bearer " else ""
+        auth = request.headers.get("Authorization", "")
+        bearer = auth[7:] if auth[:7].lower() == "bearer " else ""
+        if bearer.startswith(TOKEN_PREFIX + "."):
+            refused = check_token(bearer, key)
+            self.bearer_tokens += refused is None
+            return "expired" if refused == "expired" else refused is None
+        given = request.headers.get("api-key", "") if azure else bearer
         return bool(given) and hmac.compare_digest(given.encode(), key.encode())
 
 
@@ -209,7 +219,11 @@ def _unauthorised() -> web.Response:
 
 def _check_access(request: web.Request, st: MockState, azure: bool) -> web.Response | None:
     """Header / URL checks shared by chat and models routes; None when the request may proceed."""
-    if not st.authorised(request, azure):
+    allowed = st.authorised(request, azure)
+    if allowed == "expired":
+        st.expired_tokens += 1
+        return _error(401, "401", "Access token has expired or is not yet valid.")
+    if not allowed:
         return _unauthorised()
     if azure and not request.query.get("api-version"):
         return _error(
