@@ -38,6 +38,16 @@ pytestmark = [pytest.mark.browser, pytest.mark.timeout(1200)]
 CONN_ID = "llmq_default"  # what dags/llmq_pipeline.py's query_llm uses
 CONN_TYPE_NAME = "LLM Query (OpenAI / Azure OpenAI)"  # hook-name in get_provider_info()
 API_VERSION = "2024-06-01"  # the form's default for the api_version field
+# conn-fields of Entra ID authentication (auth_type is a dropdown, checked apart)
+ENTRA_FIELDS = (
+    "tenant_id",
+    "client_id",
+    "client_secret",
+    "certificate_path",
+    "authority_host",
+    "scope",
+    "authority_ca_cert",
+)
 RUN_TIMEOUT = 600.0  # about 1 min on an idle machine, 3 min seen on a busy one
 # the docs keep two of the screenshots: artifact name -> docs/screenshots/ name
 DOCS_SCREENSHOTS = {
@@ -97,6 +107,11 @@ def fill_connection_form(page: Page, artifacts: Path, mock: MockServerProcess) -
     extra.locator("input[name=element_deployment]").fill(DEPLOYMENT)
     assert mock.ca_path
     extra.locator("input[name=element_ca_cert]").fill(mock.ca_path)
+    # the Entra ID fields: shown, left empty (the key authenticates), the client secret masked
+    assert extra.locator("#element_auth_type [role=combobox]").count() == 1
+    for name in ENTRA_FIELDS:
+        assert extra.locator(f"input[name=element_{name}]").count() == 1, f"no {name} field"
+    assert extra.locator("input[name=element_client_secret]").get_attribute("type") == "password"
     # tall enough for the whole dialog with its Extra Fields open (one section opens at a time)
     page.set_viewport_size({"width": 1400, "height": 1700})
     dialog.get_by_role("heading", name="Add Connection").scroll_into_view_if_needed()
