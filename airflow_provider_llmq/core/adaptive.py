@@ -41,8 +41,10 @@ How the rate moves (TCP's congestion control, on a rate instead of a window):
   window, and an exhausted window pauses until it ends). Token ceilings become request ceilings through
   the average tokens an answer used.
 - **A single 429 is evidence, not a verdict** (:mod:`.refusal_evidence`): slow start ends on a share
-  of refusals, not on one; later, a cut needs more refusals than the noise floor explains; the cut
-  that ends slow start is tested, and undone when the refusals go on as before it (noise).
+  of refusals, not on one; later, a cut needs more refusals than the noise floor explains, a share
+  learned all along from the requests sent below the rate the last cut took for the quota (see
+  ``_calm``); the cut that ends slow start is tested, and undone when the refusals go on as before
+  it (noise).
 - **Retry hints** (``retry-after-ms`` / ``Retry-After``, parsed by the caller) pause the whole client
   when they come with quota evidence (rate headers at zero, a cluster of refusals); an isolated one
   delays only its own row.
