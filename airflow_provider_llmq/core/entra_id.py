@@ -38,7 +38,7 @@ _MICROSOFT_HOSTS = frozenset(
         "login.partner.microsoftonline.cn",
     }
 )
-_INSTALL = "Entra ID authentication needs azure-identity: pip install 'airflow-provider-llmq[azure]'"
+INSTALL_HINT = "Entra ID authentication needs azure-identity: pip install 'airflow-provider-llmq[azure]'"
 
 
 class LLMQueryCredentialError(LLMQueryAuthError, LLMQueryConfigError):
@@ -172,7 +172,7 @@ def build_credential(config: EntraIdConfig) -> Any:
     try:
         from azure.identity import CertificateCredential, ClientSecretCredential, DefaultAzureCredential
     except ImportError:
-        raise LLMQueryConfigError(_INSTALL) from None
+        raise LLMQueryConfigError(INSTALL_HINT) from None
     common: dict[str, Any] = {}
     if config.authority_host:
         common["authority"] = config.authority_host
@@ -216,4 +216,11 @@ def _remove(path: str) -> None:
         os.unlink(path)
 
 
-__all__ = ["DEFAULT_SCOPE", "EntraIdConfig", "LLMQueryCredentialError", "build_credential", "get_token"]
+__all__ = [
+    "DEFAULT_SCOPE",
+    "INSTALL_HINT",
+    "EntraIdConfig",
+    "LLMQueryCredentialError",
+    "build_credential",
+    "get_token",
+]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 from collections.abc import Iterable
 from functools import cached_property
@@ -14,7 +15,7 @@ from airflow.sdk.log import mask_secret
 
 from airflow_provider_llmq.core.client import AsyncClient, SyncClient
 from airflow_provider_llmq.core.endpoint import API_TYPES, EndpointConfig
-from airflow_provider_llmq.core.entra_id import EntraIdConfig
+from airflow_provider_llmq.core.entra_id import INSTALL_HINT, EntraIdConfig
 from airflow_provider_llmq.core.entra_token import add_token_listener
 from airflow_provider_llmq.core.errors import (
     LLMQueryAuthError,
@@ -64,6 +65,13 @@ def _register_secrets(values: Iterable[str]) -> None:
                 mask_secret(value.strip())
 
 
+def _has_azure_identity() -> bool:
+    try:
+        return importlib.util.find_spec("azure.identity") is not None
+    except ImportError:  # no azure namespace at all
+        return False
+
+
 def _entra_id(extra: dict[str, Any]) -> EntraIdConfig | None:
     """Extra ``auth_type`` ``entra_id``: the credential from the other extras; None for a key."""
     auth_type = str(extra.get("auth_type") or "api_key").strip().lower()
@@ -71,6 +79,8 @@ def _entra_id(extra: dict[str, Any]) -> EntraIdConfig | None:
         raise LLMQueryConfigError(f"extra auth_type must be one of {AUTH_TYPES}, got {auth_type!r}")
     if auth_type == "api_key":
         return None
+    if not _has_azure_identity():  # said before Spark starts, not at the first row
+        raise LLMQueryConfigError(INSTALL_HINT)
     fields = {name: str(extra[name]) for name in _ENTRA_EXTRAS if extra.get(name)}
     return EntraIdConfig(
         **fields,

@@ -375,3 +375,8 @@ def test_without_azure_identity_the_error_says_what_to_install(
     endpoint = entra_endpoint(server, "openai", **service_principal(authority))
     with pytest.raises(LLMQueryConfigError, match=r"airflow-provider-llmq\[azure\]"):
         _run(query_thread_pool, endpoint, 3, max_workers=1)
+    # the hook says so when it reads the connection, before a task starts Spark
+    for name, value in entra_connection(server, **service_principal(authority)).items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(LLMQueryConfigError, match=r"needs azure-identity"):
+        _ = LLMQueryHook().endpoint
