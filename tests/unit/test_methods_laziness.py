@@ -2,7 +2,7 @@
 
 Fed a generator of a million prompts, each method must pull only a bounded number of rows ahead of
 the results it has yielded, and closing its iterator must stop its helper thread or pool at once.
-The memory test (slow: 200,000 requests per method) runs the mock server in a child process, so
+The memory test (slow: 60,000 requests per method) runs the mock server in a child process, so
 that tracemalloc sees only the client's allocations.
 """
 
@@ -116,11 +116,15 @@ def server_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MockSer
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(3600)
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("name", list(CASES))
-def test_memory_stays_bounded_over_200k_prompts(name: str, server_process: MockServerProcess) -> None:
+def test_memory_stays_bounded_over_60k_prompts(name: str, server_process: MockServerProcess) -> None:
+    """Memory does not grow with the rows: the peak over the last 50,000 results is the peak over the
+    first 10,000, within 8 MiB, where keeping each result (a QueryResult and its strings, some
+    hundreds of bytes) would add tens of MiB. It was 200,000 rows for one bound: 25 of CI's minutes
+    under tracemalloc, for what the comparison of two phases shows with fewer."""
     method, scheduling, _ = CASES[name]
-    n = 200_000
+    warm, n = 10_000, 60_000
     scheduling = {key: 64 for key in scheduling}
     endpoint = EndpointConfig(
         api_base=server_process.base_url,
@@ -138,11 +142,18 @@ def test_memory_stays_bounded_over_200k_prompts(name: str, server_process: MockS
         for result in method(endpoint, CountingSource(n).rows(), **scheduling, **FAST):
             count += 1
             ok += result.ok
+            if count == warm:
+                _, first_peak = tracemalloc.get_traced_memory()
+                tracemalloc.reset_peak()
         elapsed = time.monotonic() - started
-        _, peak = tracemalloc.get_traced_memory()
+        _, later_peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    print(f"{name}: {n} prompts in {elapsed:.0f} s under tracemalloc, peak {peak / 2**20:.1f} MiB")
+    print(
+        f"{name}: {n} prompts in {elapsed:.0f} s under tracemalloc, peak {first_peak / 2**20:.1f} MiB"
+        f" over the first {warm}, {later_peak / 2**20:.1f} MiB over the rest"
+    )
     assert count == ok == n
-    assert peak < 50 * 2**20
+    assert first_peak < 50 * 2**20
+    assert later_peak < first_peak + 8 * 2**20
     assert server_process.stats()["chat_requests"] == n
