@@ -118,6 +118,8 @@ def _xcom(run: Any, task_id: str) -> Any:
         return XComModel.deserialize_value(row)
 
 
+# slow (45 s for both forms, a Spark run each plus the live operator's): CI runs it after the default suite
+@pytest.mark.slow
 @pytest.mark.parametrize("api_type", ["azure", "openai"])
 def test_the_same_table_as_the_rate_limited_operator(
     airflow_db: Path,
@@ -219,6 +221,7 @@ def _wait_for(condition: Any, what: str, seconds: float = 120) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # 32 s: a task process started, killed and started again; CI runs it with the slow suite
 def test_a_retry_after_a_kill_re_attaches_and_creates_no_batch(
     airflow_db: Path, spark: Any, server: Any, batch_mock: BatchMock, monkeypatch: Any, tmp_path: Path
 ) -> None:

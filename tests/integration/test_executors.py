@@ -62,8 +62,9 @@ def _client_processes(port: int, stop: threading.Event, seen: set[int]) -> None:
     ("cls", "concurrency"),
     [
         (LLMQueryRateLimitedOperator, {"max_concurrency": 6}),
-        (LLMQueryAsyncBatchOperator, {"batch_size": 6}),
-        (LLMQueryThreadPoolOperator, {"max_workers": 6}),
+        # the other two methods take the same placement path (13 s each): with the slow suite in CI
+        pytest.param(LLMQueryAsyncBatchOperator, {"batch_size": 6}, marks=pytest.mark.slow),
+        pytest.param(LLMQueryThreadPoolOperator, {"max_workers": 6}, marks=pytest.mark.slow),
     ],
 )
 def test_executor_placement_answers_every_row_once_from_worker_processes(
