@@ -21,8 +21,9 @@ undone (the rate and slow start come back). Only that first cut is undone: undoi
 client on a shared quota take another client's overshoot for noise and starve it (simulated).
 
 From then on a refusal is quota evidence only when the recent refusals exceed what the floor
-explains (a one-sided Poisson test, ``z`` deviations) and are at least ``_MIN_EVIDENCE``: a single
-refusal is never a verdict, even on a server that never refused before.
+explains (a one-sided Poisson test, ``z`` deviations). Over a floor of zero that is one refusal (one
+cut per round trip at most, as a small quota needs); noise that a zero floor takes for a quota
+teaches the floor from the calm requests after that cut.
 
 Refusals above the floor but few are evidence enough to cut, not to pause the whole client for a
 retry hint: that takes a cluster (``cluster`` more than the floor explains), or the rate headers at
@@ -53,7 +54,6 @@ _TEST_SECONDS = 5.0
 _SLOW_START_REFUSALS = 3  # refusals among...
 _SLOW_START_OUTCOMES = 32  # ...at least this many newest outcomes that end slow start...
 _SLOW_START_MARGIN = 0.1  # ...with a share of refusals this much above the noise floor
-_MIN_EVIDENCE = 1  # refusals within the recent window that a cut needs, whatever the floor
 _CALM_MEMORY = 2000.0  # calm outcomes the floor is a share of (exponentially weighted)
 _MIN_CALM = 64  # calm outcomes before their share is the floor (else the share before slow start ended)
 
@@ -147,7 +147,7 @@ class RefusalEvidence:
         self._outcomes.append((sent_at, refused))
         test = self._test
         tested = test is not None and sent_at >= test.counts_from
-        if calm and not tested:  # a test's outcomes count once it is judged (see _judge)
+        if calm and not tested:  # a test's outcomes count when it ends
             self._pending.append((sent_at, refused))
         # calm outcomes count once a cut could no longer come from them: the refusals of a cut too
         # shallow to stop a quota (the one ending slow start often is) are not noise
@@ -207,7 +207,7 @@ class RefusalEvidence:
     def says_quota(self, now: float, latency: float) -> bool:
         """Whether the refusals lately exceed the noise floor: a cut is due."""
         refused, excess, threshold = self._excess(now, latency)
-        return refused >= _MIN_EVIDENCE and excess > threshold
+        return refused > 0 and excess > threshold
 
     def _slow_start_split(self, latency: float) -> tuple[int, int, int, int]:
         """(newest outcomes, their refusals, older outcomes, their refusals): the newest are a round
