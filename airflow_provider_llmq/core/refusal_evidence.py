@@ -55,6 +55,7 @@ _SLOW_START_REFUSALS = 3  # refusals among...
 _SLOW_START_OUTCOMES = 32  # ...at least this many newest outcomes that end slow start...
 _SLOW_START_MARGIN = 0.1  # ...with a share of refusals this much above the noise floor
 _CALM_MEMORY = 2000.0  # calm outcomes the floor is a share of (exponentially weighted)
+_CALM_KEEP = 1.0 - 1.0 / _CALM_MEMORY  # the weight an outcome keeps at each newer one
 _MIN_CALM = 64  # calm outcomes before their share is the floor (else the share before slow start ended)
 
 
@@ -152,10 +153,9 @@ class RefusalEvidence:
         # calm outcomes count once a cut could no longer come from them: the refusals of a cut too
         # shallow to stop a quota (the one ending slow start often is) are not noise
         horizon = sent_at - max(self.window, 2.0 * latency)
-        pending, keep = self._pending, 1.0 - 1.0 / _CALM_MEMORY
+        pending = self._pending
         while pending and pending[0][0] < horizon:
-            self._calm = self._calm * keep + 1.0
-            self._calm_refused = self._calm_refused * keep + pending.popleft()[1]
+            self._count_calm(1, pending.popleft()[1])
         if test is None or not tested:
             return None
         test.count(sent_at, refused)
@@ -175,8 +175,9 @@ class RefusalEvidence:
             self._count_calm(test.sent - test.sent // 2, test.newer_refusals())
         return Verdict(spurious, test.before)
 
-    def _count_calm(self, sent: float, refused: float) -> None:
-        keep = (1.0 - 1.0 / _CALM_MEMORY) ** sent
+    def _count_calm(self, sent: int, refused: int) -> None:
+        """``sent`` calm outcomes, ``refused`` of them refusals, into the weighted share."""
+        keep = _CALM_KEEP**sent
         self._calm = self._calm * keep + sent
         self._calm_refused = self._calm_refused * keep + refused
 

@@ -128,7 +128,7 @@ def write_output(
     spark = frame.sparkSession
     previous = checkpoint.read_json(OUTPUT_RECORD) if checkpoint is not None else None
     folder = _sink_folder(spark, output_table, output_path)
-    existed = spark.catalog.tableExists(output_table) if output_table else _exists(folder)
+    existed = _sink_exists(spark, output_table, folder)
     effective = mode
     if previous and mode == "append":
         _delete_files(previous.get("files", []))
@@ -176,15 +176,17 @@ def refuse_existing_output(
     previous = checkpoint.read_json(OUTPUT_RECORD)
     if previous and previous.get("created"):
         return
-    if output_table:
-        exists = spark.catalog.tableExists(output_table)
-    else:
-        exists = _exists(_sink_folder(spark, None, output_path))
-    if exists:
+    folder = None if output_table else _sink_folder(spark, None, output_path)
+    if _sink_exists(spark, output_table, folder):
         raise LLMQueryConfigError(
             f"the output {output_table or output_path} already exists and mode={mode!r} refuses to "
             "write over it: nothing was asked. Pick another output, or mode='overwrite' or 'append'"
         )
+
+
+def _sink_exists(spark: SparkSession, output_table: str | None, folder: str | None) -> bool:
+    """Whether the sink is there: the table, or the path's folder."""
+    return spark.catalog.tableExists(output_table) if output_table else _exists(folder)
 
 
 def _sink_folder(spark: SparkSession, output_table: str | None, output_path: str | None) -> str | None:

@@ -18,27 +18,13 @@ from airflow_provider_llmq.testing.token_authority import TokenAuthority
 from tests.conftest import run_dag_file
 from tests.integration import test_entra_id as entra
 from tests.integration.test_batch_api_mock import BatchMock, _submit
+from tests.integration.test_batch_api_operator import DAG_HEAD  # the same DAG file head
 from tests.integration.test_entra_id import SECRET, TENANT, entra_connection, service_principal
 
 # the authority fixtures of test_entra_id, shared
 token_authority, authority = entra.token_authority, entra.authority
 
 pytestmark = pytest.mark.timeout(600)
-DAG_HEAD = """
-from datetime import datetime, timedelta
-
-from airflow.sdk import DAG
-
-from airflow_provider_llmq.operators.batch_api import LLMQueryBatchAPIOperator
-from airflow_provider_llmq.operators.llmq import LLMQueryRateLimitedOperator
-
-with DAG(
-    "{dag_id}",
-    schedule=None,
-    start_date=datetime(2026, 1, 1),
-    default_args={{"owner": "tests", "retries": {retries}, "retry_delay": timedelta(0)}},
-) as dag:
-"""
 
 
 def _connect(monkeypatch: pytest.MonkeyPatch, server: MockServer, **entra: str) -> None:
