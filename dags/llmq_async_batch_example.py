@@ -46,7 +46,7 @@ with DAG(
         # no id_col: the operator assigns llmq_row_id once and keeps it in the output
         prompt_template="Classify the sentiment of this review of {product}: {review_text}",
         system_prompt="Answer with exactly one word: positive, neutral or negative.",
-        request_params={"temperature": 0, "max_tokens": 5},
+        request_params={"temperature": 0, "max_tokens": 32},
         batch_size=64,  # the article's api_call_batch_size
         output_path=f"{DATA_DIR}/llmq_async_batch_example/{RUN_ID}",
         max_retries=6,

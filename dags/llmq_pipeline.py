@@ -172,7 +172,7 @@ with DAG(
         prompt_col="prompt",
         id_col="review_id",
         system_prompt=SYSTEM_PROMPT,
-        request_params={"temperature": 0, "max_tokens": 20},
+        request_params={"temperature": 0, "max_tokens": 32},
         output_schema=SENTIMENT_SCHEMA,
         flatten_output="",  # the schema's fields as top-level columns, unprefixed: `sentiment`
         include_source_columns=False,

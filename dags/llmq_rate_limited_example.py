@@ -47,7 +47,7 @@ with DAG(
         id_col="review_id",
         prompt_template="Classify the sentiment of this review of {product}: {review_text}",
         system_prompt="Answer with exactly one word: positive, neutral or negative.",
-        request_params={"temperature": 0, "max_tokens": 5},
+        request_params={"temperature": 0, "max_tokens": 32},
         max_concurrency=16,  # the article's max_concurrent_requests
         requests_per_minute=6_000,  # the deployment's RPM quota
         tokens_per_minute=600_000,  # its TPM quota (estimated prompt tokens + max_tokens)

@@ -48,7 +48,7 @@ with DAG(
         llm_conn_id="llmq_default",
         id_col="review_id",
         system_prompt="Answer with exactly one word: positive, neutral or negative.",
-        request_params={"temperature": 0, "max_tokens": 5},
+        request_params={"temperature": 0, "max_tokens": 32},
         max_concurrency=16,
         output_path=f"{DATA_DIR}/llmq_taskflow_example/{RUN_ID}",
         response_col="sentiment",

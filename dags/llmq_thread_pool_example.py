@@ -45,7 +45,7 @@ with DAG(
         id_col="review_id",
         prompt_template="Classify the sentiment of this review of {product}: {review_text}",
         system_prompt="Answer with exactly one word: positive, neutral or negative.",
-        request_params={"temperature": 0, "max_tokens": 5},
+        request_params={"temperature": 0, "max_tokens": 32},
         max_workers=16,  # the article's num_workers
         output_path=f"{DATA_DIR}/llmq_thread_pool_example/{RUN_ID}",
         checkpoint_dir=DATA_DIR + "/checkpoints",  # a retried task resumes from here

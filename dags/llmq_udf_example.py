@@ -48,7 +48,7 @@ with DAG(
         id_col="review_id",
         prompt_template="Classify the sentiment of this review of {product}: {review_text}",
         system_prompt="Answer with exactly one word: positive, neutral or negative.",
-        request_params={"temperature": 0, "max_tokens": 5},
+        request_params={"temperature": 0, "max_tokens": 32},
         num_partitions=8,  # the article's repartition(30): requests in flight at most
         output_path=f"{DATA_DIR}/llmq_udf_example/{RUN_ID}",
         response_col="sentiment",

@@ -1,14 +1,27 @@
-"""A run's token and cost budget, shared by every thread or task of a client.
+"""A run's token and cost budget, shared by every thread or task of a client: a bound that holds.
 
-Before a request is sent, its estimated tokens (prompt estimate + ``max_tokens``, or the expected
-completion length) are *reserved*; when its row ends, the usage the API reported replaces the
-reservation. A request whose reservation would take spent + reserved past ``max_total_tokens`` or
-``max_cost`` is not sent, and from then on no request is: the budget is *closed*, and the rows
-still to ask end ``budget_exceeded`` (unsent, ``attempts`` 0), which a later run asks again.
+Every **attempt** (a row's first request, each retry, the repair of an invalid structured answer, a
+re-ask of an answer cut short) *reserves* its worst case before it waits for a slot and is sent, and
+*settles* it with the usage the server reported when it comes back (nothing, for a refusal or a
+reset: not billed). The worst case of an attempt is:
 
-Because the requests in flight are reserved, the budget is passed by at most what those in flight
-used beyond their reservation: with ``max_tokens`` set (the completion is capped) only a prompt
-larger than its estimate can do that.
+- its prompt: the counted estimate times the largest ratio of billed to estimated prompt tokens seen
+  so far in this run (with a margin; 1.5 before any answer), so that a tokenizer the counter does not
+  know, or a schema the server bills with the prompt, is learned rather than passed;
+- its completion: ``max_tokens`` when the user set it; otherwise the **limit llmq sends**
+  (:meth:`Budget.completion_limit`): about 1.5x the longest complete answer seen, never more than
+  what is left divided by the requests in flight (nor less than the longest answer seen). An answer
+  that limit cut (``finish_reason: length``) is asked again with twice the limit while the budget
+  allows, and ends ``cut_by_budget`` (asked again by a later run) when it does not.
+
+An attempt that does not fit beside the reservations in flight **waits** for them to settle
+(:data:`WAIT`); the budget *closes* only when what was actually spent plus this attempt's worst case
+passes it, and from then on nothing more is sent (rows end ``budget_exceeded``, asked again by a
+later run). So with the prompt ratio learned, spent never passes the budget, and a run with enough
+work stops within one request's worst case of it.
+
+A run's budget is the **run's**, across task tries: the Spark layer gives a try what is left after
+what the checkpoint says earlier tries of the run were billed.
 
 Safe for threads and event loops alike: one ``threading.Lock``, held for a few additions and never
 across a wait, so an event loop never blocks on it.
@@ -16,21 +29,45 @@ across a wait, so an event loop never blocks on it.
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
 
-from airflow_provider_llmq.core.cost import Price
+from airflow_provider_llmq.core.cost import Price, TokenCounter
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
 
-__all__ = ["Budget", "Hold"]
+if TYPE_CHECKING:
+    from airflow_provider_llmq.core.payload import ChatRequest
+
+__all__ = ["WAIT", "Budget", "Hold", "RowBudget"]
 
 
 @dataclass(frozen=True, slots=True)
 class Hold:
-    """One request's reservation."""
+    """One attempt's reservation; ``prompt_estimate`` is the raw count, for learning its ratio."""
 
     tokens: int
     cost: float
+    prompt_estimate: int
+
+
+class _Wait:
+    def __repr__(self) -> str:
+        return "WAIT"
+
+
+#: :meth:`Budget.reserve`'s answer when the attempt fits once requests in flight settle
+WAIT: Final = _Wait()
+
+# before any answer: a count off by half is still inside the reservation
+_FIRST_PROMPT_RATIO = 1.5
+_PROMPT_MARGIN = 1.1
+# the completion limit llmq sends: 1.5x the longest complete answer (+ a few tokens for variance)
+_LIMIT_GROWTH = 1.5
+_LIMIT_SLACK = 16
+_FIRST_LIMIT = 256  # nothing learned and no expected_completion_tokens: a short answer's room
+_MIN_LIMIT = 16
 
 
 class Budget:
@@ -39,10 +76,16 @@ class Budget:
     :param max_total_tokens: tokens (prompt + completion) the run may spend; None for no limit.
     :param max_cost: cost the run may spend at ``price``; None for no limit.
     :param price: the model's price; needed for ``max_cost`` and to count cost at all.
+    :param expected_completion_tokens: the user's guess of an answer's length: the first limit
+        llmq sends is twice it (before any answer was seen).
     """
 
     def __init__(
-        self, max_total_tokens: int | None = None, max_cost: float | None = None, price: Price | None = None
+        self,
+        max_total_tokens: int | None = None,
+        max_cost: float | None = None,
+        price: Price | None = None,
+        expected_completion_tokens: int | None = None,
     ) -> None:
         if max_cost is not None and price is None:
             raise LLMQueryConfigError("max_cost needs prices for the model (or deployment) the run asks")
@@ -54,42 +97,92 @@ class Budget:
         self.spent_cost = 0.0
         self.reserved_tokens = 0
         self.reserved_cost = 0.0
+        self.in_flight = 0
         self.closed = False
         self.refused = 0
+        self._prompt_ratio: float | None = None  # billed / estimated prompt tokens, the largest seen
+        self._longest_answer = 0  # completion tokens of the longest complete answer seen
+        self._first_limit = 2 * expected_completion_tokens if expected_completion_tokens else _FIRST_LIMIT
 
     def _cost(self, prompt_tokens: int | None, completion_tokens: int | None) -> float:
         return self.price.cost(prompt_tokens, completion_tokens) if self.price is not None else 0.0
 
-    def reserve(self, prompt_tokens: int, completion_tokens: int) -> Hold | None:
-        """Reserves one request's estimate; None when it would pass the budget (which then closes:
-        the run stops sending, even requests small enough to fit, so it stops at one clear row)."""
-        tokens = prompt_tokens + completion_tokens
-        cost = self._cost(prompt_tokens, completion_tokens)
+    def prompt_worst_case(self, prompt_estimate: int) -> int:
+        """The prompt tokens an attempt reserves for a counted estimate."""
+        ratio = self._prompt_ratio * _PROMPT_MARGIN if self._prompt_ratio else _FIRST_PROMPT_RATIO
+        return math.ceil(prompt_estimate * max(1.0, ratio) - 1e-9)  # 2.0 x 1.1 x 100 is 220, not 221
+
+    def completion_limit(self) -> int:
+        """The ``max_tokens`` llmq sends when the user set none: room for the longest answer seen
+        and then some, shrunk (never below that answer) so that the requests in flight fit in what
+        is left."""
+        with self._lock:
+            if self._longest_answer:
+                target = math.ceil(self._longest_answer * _LIMIT_GROWTH) + _LIMIT_SLACK
+            else:
+                target = self._first_limit
+            floor = max(_MIN_LIMIT, self._longest_answer)
+            if self.max_total_tokens is None:
+                return target
+            left = self.max_total_tokens - self.spent_tokens - self.reserved_tokens
+            share = left // (self.in_flight + 1)
+            return max(floor, min(target, share))
+
+    def reserve(self, prompt_estimate: int, completion_tokens: int) -> Hold | _Wait | None:
+        """Reserves one attempt's worst case. :data:`WAIT` when it fits only once requests in flight
+        settle; None when even then it would pass the budget, which then closes: the run stops
+        sending, even requests small enough to fit, so it stops at one clear row."""
+        prompt = self.prompt_worst_case(prompt_estimate)
+        tokens = prompt + completion_tokens
+        cost = self._cost(prompt, completion_tokens)
         with self._lock:
             if not self.closed:
-                over_tokens = (
-                    self.max_total_tokens is not None
-                    and self.spent_tokens + self.reserved_tokens + tokens > self.max_total_tokens
-                )
-                over_cost = (
-                    self.max_cost is not None and self.spent_cost + self.reserved_cost + cost > self.max_cost
-                )
-                if not (over_tokens or over_cost):
+                if not self._passes(tokens, cost, self.reserved_tokens, self.reserved_cost):
                     self.reserved_tokens += tokens
                     self.reserved_cost += cost
-                    return Hold(tokens, cost)
+                    self.in_flight += 1
+                    return Hold(tokens, cost, prompt_estimate)
+                if self.in_flight and not self._passes(tokens, cost, 0, 0.0):
+                    return WAIT
                 self.closed = True
             self.refused += 1
             return None
 
-    def settle(self, hold: Hold, prompt_tokens: int | None, completion_tokens: int | None) -> None:
-        """The row ended: its reservation becomes what the API reported it billed (nothing when no
-        usage came back: a request refused or lost before an answer is not billed)."""
+    def _passes(self, tokens: int, cost: float, reserved_tokens: int, reserved_cost: float) -> bool:
+        over_tokens = (
+            self.max_total_tokens is not None
+            and self.spent_tokens + reserved_tokens + tokens > self.max_total_tokens
+        )
+        over_cost = self.max_cost is not None and self.spent_cost + reserved_cost + cost > self.max_cost
+        return over_tokens or over_cost
+
+    def settle(
+        self,
+        hold: Hold,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+        cut: bool = False,
+        cost: float | None = None,
+    ) -> None:
+        """The attempt came back: its reservation becomes what the API reported it billed (nothing
+        when no usage came back: a request refused or lost before an answer is not billed).
+
+        :param cut: the answer stopped at its limit (``finish_reason: length``): the answer wanted at
+            least that many tokens.
+        :param cost: the billed cost when known better than at the list price (cached tokens).
+        """
         with self._lock:
             self.reserved_tokens -= hold.tokens
             self.reserved_cost -= hold.cost
+            self.in_flight -= 1
             self.spent_tokens += (prompt_tokens or 0) + (completion_tokens or 0)
-            self.spent_cost += self._cost(prompt_tokens, completion_tokens)
+            self.spent_cost += self._cost(prompt_tokens, completion_tokens) if cost is None else cost
+            if prompt_tokens and hold.prompt_estimate:
+                ratio = prompt_tokens / hold.prompt_estimate
+                self._prompt_ratio = max(self._prompt_ratio or 0.0, ratio)
+            if completion_tokens:
+                longest = completion_tokens * 2 if cut else completion_tokens
+                self._longest_answer = max(self._longest_answer, longest)
 
     def refusal(self) -> str:
         """The message of a row the budget kept from being sent."""
@@ -101,8 +194,8 @@ class Budget:
                 limits.append(f"max_cost={self.max_cost:g}")
             return (
                 f"not sent: the run's budget ({', '.join(limits)}) would be passed; spent "
-                f"{self.spent_tokens} tokens / {self.spent_cost:.6g} so far. A later run with a "
-                "larger budget asks this row"
+                f"{self.spent_tokens} tokens / {self.spent_cost:.6g} so far. A later run with "
+                "a larger budget asks this row"
             )
 
     def __repr__(self) -> str:
@@ -110,3 +203,39 @@ class Budget:
             f"Budget(max_total_tokens={self.max_total_tokens}, max_cost={self.max_cost}, "
             f"spent_tokens={self.spent_tokens}, reserved_tokens={self.reserved_tokens}, closed={self.closed})"
         )
+
+
+class RowBudget:
+    """One row's view of the run's budget: the completion limit each attempt sends when the user set
+    none, and each attempt's reservation (its conversation counted as it is sent: a repair request
+    carries the invalid answer too)."""
+
+    def __init__(self, budget: Budget, request: ChatRequest) -> None:
+        self.budget = budget
+        self.request = request
+        self.user_limit = request.max_completion_tokens()
+        self.limit: int | None = None  # the limit llmq sent with the latest attempt
+        self._cut_at = 0
+
+    @property
+    def owns_limit(self) -> bool:
+        """llmq sets the completion limit (the user set no ``max_tokens``)."""
+        return self.user_limit is None
+
+    def body(self, conversation: dict[str, Any]) -> dict[str, Any]:
+        """The attempt's body: the conversation, with the limit llmq sets when it sets one (twice
+        the limit that cut the previous answer, if one did)."""
+        if not self.owns_limit:
+            return conversation
+        self.limit = max(self.budget.completion_limit(), 2 * self._cut_at)
+        return self.request.with_limit(conversation, self.limit)
+
+    def reserve(self, body: dict[str, Any]) -> Hold | _Wait | None:
+        texts = [m["content"] for m in body.get("messages", ()) if isinstance(m.get("content"), str)]
+        estimate = TokenCounter.shared().messages_tokens(texts)
+        completion = self.limit if self.owns_limit else self.user_limit
+        return self.budget.reserve(estimate, completion or 0)
+
+    def cut(self) -> None:
+        """The latest answer stopped at llmq's limit: the next attempt asks for twice as much."""
+        self._cut_at = self.limit or 0

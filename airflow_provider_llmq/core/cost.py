@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import re
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,9 +124,12 @@ class TokenCounter:
     def prompt_tokens(self, system_prompt: str | None, prompt: str | None) -> int:
         """What the API bills as ``prompt_tokens`` for one chat request: each message's text plus
         its framing, plus the reply's priming."""
-        messages = [text for text in (system_prompt, prompt) if text]
-        framing = MESSAGE_OVERHEAD_TOKENS * (len(messages) + 1)
-        return sum(self.count(text) for text in messages) + framing
+        return self.messages_tokens([text for text in (system_prompt, prompt) if text])
+
+    def messages_tokens(self, texts: Sequence[str]) -> int:
+        """What the API bills as ``prompt_tokens`` for a conversation of these message texts (a
+        repair request's, say)."""
+        return sum(self.count(text) for text in texts) + MESSAGE_OVERHEAD_TOKENS * (len(texts) + 1)
 
 
 def _load_tiktoken() -> Any:

@@ -25,15 +25,19 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from airflow_provider_llmq.core.adaptive import AdaptiveRate, AdaptiveStats
-from airflow_provider_llmq.core.budget import Budget
-from airflow_provider_llmq.core.cost import Price, TokenCounter, completion_tokens_per_request, parse_prices
+from airflow_provider_llmq.core.budget import WAIT, Budget, Hold, RowBudget
+from airflow_provider_llmq.core.cost import Price, parse_prices
 from airflow_provider_llmq.core.endpoint import EndpointConfig
 from airflow_provider_llmq.core.entra_token import TokenSource
 from airflow_provider_llmq.core.limits import AsyncLimiter, ThreadLimiter, estimate_request_tokens
 from airflow_provider_llmq.core.options import QueryOptions
 from airflow_provider_llmq.core.payload import (
     BUDGET_EXCEEDED,
+    CONNECTION_ERROR,
+    CUT_BY_BUDGET,
     EMPTY_PROMPT,
+    INVALID_OUTPUT,
+    LENGTH,
     RATE_LIMITED,
     Answer,
     ChatRequest,
@@ -41,6 +45,7 @@ from airflow_provider_llmq.core.payload import (
     classify_exception,
     classify_response,
 )
+from airflow_provider_llmq.core.reachability import Reachability
 from airflow_provider_llmq.core.result import STATUS_ERROR, STATUS_OK, QueryResult
 from airflow_provider_llmq.core.retry import RetryPolicy
 from airflow_provider_llmq.core.secrets import Scrubber
@@ -79,19 +84,13 @@ class _RowPolicy:
     count_tokens: bool
     scrubber: Scrubber
     price: Price | None = None  # the model's price: results then carry their cost
-    completion_estimate: int = 0  # completion tokens a budget reserves per request
     tokens: TokenSource | None = None  # Entra ID: a 401 refreshes its token once
+    reach: Reachability | None = None  # a server that never answers ends the run in seconds
 
     def estimated_tokens(self, prompt: str) -> int:
         """What a request reserves against tokens/min before it is sent: prompt + max_tokens."""
         text = (self.request.system_prompt or "") + prompt
         return estimate_request_tokens(text, self.request.max_completion_tokens())
-
-    def budget_estimate(self, prompt: str) -> tuple[int, int]:
-        """What a request reserves against the run's budget: (prompt, completion) tokens, counted
-        as the estimate before a run counts them (tiktoken when it loads)."""
-        counted = TokenCounter.shared().prompt_tokens(self.request.system_prompt, prompt)
-        return counted, self.completion_estimate
 
 
 def _is_empty(prompt: object) -> bool:
@@ -106,10 +105,14 @@ def _attempts(
     rate: AdaptiveRate,
     budget: Budget | None = None,
 ) -> Generator[Step, Received | None, QueryResult]:
-    """One row, start to end. Every result it returns and every exception it raises passes the
-    endpoint's scrubber here, the one place messages leave the engine."""
+    """One row, start to end, and its cost at the run's price. Every result it returns and every
+    exception it raises passes the endpoint's scrubber here, the one place messages leave the engine."""
     try:
-        result = yield from _within_budget(row_id, prompt, policy, limiter, rate, budget)
+        result = yield from _row_attempts(row_id, prompt, policy, limiter, rate, budget)
+        if policy.price is not None:
+            result = dataclasses.replace(
+                result, cost=policy.price.cost(result.prompt_tokens, result.completion_tokens)
+            )
     except Exception as exc:
         clean = policy.scrubber.exception(exc)
     else:
@@ -118,46 +121,28 @@ def _attempts(
     raise clean
 
 
-def _within_budget(
-    row_id: Any,
-    prompt: Any,
-    policy: _RowPolicy,
-    limiter: Limiter,
-    rate: AdaptiveRate,
-    budget: Budget | None,
-) -> Generator[Step, Received | None, QueryResult]:
-    """The row's attempts inside the run's budget, and its cost at the run's price.
+_BUDGET_WAIT = 0.05  # seconds between two looks at a budget whose requests in flight hold it
 
-    The reservation is taken before the row waits for its first slot, so rows waiting on the pacer
-    count as in flight; it holds through the row's retries and is replaced by the usage of its
-    result (also when the row ends in an exception: nothing billed is known then)."""
-    hold = None
-    if budget is not None and not _is_empty(prompt):
-        hold = budget.reserve(*policy.budget_estimate(prompt))
-        if hold is None:
-            return QueryResult(row_id, None, STATUS_ERROR, BUDGET_EXCEEDED, budget.refusal())
-    result: QueryResult | None = None
-    try:
-        result = yield from _row_attempts(row_id, prompt, policy, limiter, rate)
-    finally:
-        if hold is not None and budget is not None:
-            used = (result.prompt_tokens, result.completion_tokens) if result else (None, None)
-            budget.settle(hold, *used)
-    if policy.price is not None:
-        result = dataclasses.replace(
-            result, cost=policy.price.cost(result.prompt_tokens, result.completion_tokens)
-        )
-    return result
+
+def _cut(outcome: Answer | Failure) -> bool:
+    """The answer stopped at its completion limit (``finish_reason: length``)."""
+    if outcome.finish_reason != LENGTH:
+        return False
+    return isinstance(outcome, Answer) or outcome.code in (LENGTH, INVALID_OUTPUT)
 
 
 def _row_attempts(
-    row_id: Any, prompt: Any, policy: _RowPolicy, limiter: Limiter, rate: AdaptiveRate
+    row_id: Any, prompt: Any, policy: _RowPolicy, limiter: Limiter, rate: AdaptiveRate, budget: Budget | None
 ) -> Generator[Step, Received | None, QueryResult]:
     if _is_empty(prompt):
         return QueryResult(
             row_id, None, STATUS_ERROR, EMPTY_PROMPT, "prompt is null or empty: no request sent"
         )
-    body = json.dumps(policy.request.body(prompt), ensure_ascii=False).encode("utf-8")
+    # with a budget, every attempt reserves its worst case before it waits for a slot (so rows
+    # waiting on the pacer count as in flight) and settles it with the usage it was billed
+    guard = RowBudget(budget, policy.request) if budget is not None else None
+    conversation = policy.request.body(prompt)
+    body = b"" if guard is not None else json.dumps(conversation, ensure_ascii=False).encode("utf-8")
     estimate = policy.estimated_tokens(prompt) if policy.count_tokens else 0
     retry = policy.retry
     clock = rate.clock
@@ -167,17 +152,19 @@ def _row_attempts(
     throttled = 0  # this row's 429s, for the backoff of those without a usable hint
     repaired = False  # the one repair request of an invalid structured answer was sent
     reauthorized = False  # the one fresh Entra ID token a 401 may ask for
+    reasks = 0  # answers cut by the limit llmq set for the budget, asked again with a larger one
+    last: Failure | None = None  # what the previous attempt ended in, when it did not answer
     # usage over every attempt that reported one (a retried 200, an answer before its repair): each
     # was billed, so the row's tokens, cost and budget count them all
     billed_prompt: int | None = None
     billed_completion: int | None = None
 
-    def ended(outcome: Failure, message: str | None = None) -> QueryResult:
+    def ended(outcome: Failure, message: str | None = None, code: str | None = None) -> QueryResult:
         return QueryResult(
             row_id,
             outcome.content,  # an invalid structured answer keeps its text; None for every other error
             STATUS_ERROR,
-            outcome.code,
+            code or outcome.code,
             message or outcome.message,
             http_status=outcome.http_status,
             attempts=attempts,
@@ -188,53 +175,108 @@ def _row_attempts(
             throttled=throttled,
         )
 
+    def not_sent(code: str, message: str) -> QueryResult:
+        return QueryResult(
+            row_id,
+            None,
+            STATUS_ERROR,
+            code,
+            message,
+            http_status=429 if code == RATE_LIMITED and throttled else None,
+            attempts=attempts,
+            prompt_tokens=billed_prompt,
+            completion_tokens=billed_completion,
+            latency_ms=round((time.monotonic() - started) * 1000, 3),
+            throttled=throttled,
+        )
+
     while True:
-        yield Acquire(estimate)  # returns early once the run's patience is spent
-        if rate.patience_exhausted():
-            # every request refused for ``patience`` s: the rows still waiting end now, unsent,
-            # instead of each spending one more 429 at the slowest rate (rate_limited is asked
-            # again by the next try)
-            return QueryResult(
-                row_id,
-                None,
-                STATUS_ERROR,
-                RATE_LIMITED,
-                f"not sent: the server refused every request for {rate.patience:g} s without a single "
-                "answer, and the run's patience is spent",
-                http_status=429 if throttled else None,
-                attempts=attempts,
-                latency_ms=round((time.monotonic() - started) * 1000, 3),
-                throttled=throttled,
-            )
-        attempts += 1
-        sent = clock()
-        token = policy.tokens.generation if policy.tokens is not None else 0
-        received = yield Send(body)
-        headers: Mapping[str, str] | None = None
-        if isinstance(received, BaseException):
-            outcome: Answer | Failure = classify_exception(received)
-        else:
-            assert received is not None
-            status, headers, raw = received
-            if status == 401 and policy.tokens is not None and not reauthorized:
-                # the token expired in flight or was revoked: one fresh token, asked again without
-                # spending a retry; a second 401 is refused credentials, raised as for a key
-                reauthorized = True
-                policy.tokens.expire(token)
-                continue
-            outcome = classify_response(status, headers, raw, policy.request.output)
+        hold = None
+        if guard is not None:
+            while True:
+                sending = guard.body(conversation)
+                hold = guard.reserve(sending)
+                if hold is not WAIT:
+                    break
+                yield Sleep(_BUDGET_WAIT)
+            if hold is None:
+                assert budget is not None
+                if last is None:
+                    return not_sent(BUDGET_EXCEEDED, budget.refusal())
+                if last.code == INVALID_OUTPUT and not _cut(last):
+                    return ended(last)  # its repair does not fit: the invalid answer stands
+                if _cut(last):
+                    return ended(
+                        last,
+                        f"the answer stopped at max_tokens={guard.limit}, which llmq set to keep the budget; "
+                        f"a longer one does not fit in it. {budget.refusal()}",
+                        code=CUT_BY_BUDGET,
+                    )
+                return not_sent(BUDGET_EXCEEDED, f"{budget.refusal()} (after {last.code}: {last.message})")
+            body = json.dumps(sending, ensure_ascii=False).encode("utf-8")
+        assert hold is None or isinstance(hold, Hold)
+        outcome: Answer | Failure | None = None
+        try:
+            yield Acquire(estimate)  # returns early once the run's patience is spent
+            if rate.patience_exhausted():
+                # every request refused for ``patience`` s: the rows still waiting end now, unsent,
+                # instead of each spending one more 429 at the slowest rate (rate_limited is asked
+                # again by the next try)
+                return not_sent(
+                    RATE_LIMITED,
+                    f"not sent: the server refused every request for {rate.patience:g} s without a "
+                    "single answer, and the run's patience is spent",
+                )
+            attempts += 1
+            sent = clock()
+            token = policy.tokens.generation if policy.tokens is not None else 0
+            received = yield Send(body)
+            headers: Mapping[str, str] | None = None
+            if isinstance(received, BaseException):
+                outcome = classify_exception(received)
+                if outcome.code == CONNECTION_ERROR and policy.reach is not None:
+                    policy.reach.on_connection_failure(clock(), outcome.message)
+            else:
+                assert received is not None
+                status, headers, raw = received
+                if policy.reach is not None and not policy.reach.reached:
+                    policy.reach.on_response()
+                if status == 401 and policy.tokens is not None and not reauthorized:
+                    # the token expired in flight or was revoked: one fresh token, asked again
+                    # without spending a retry; a second 401 is refused credentials, raised as for a key
+                    reauthorized = True
+                    policy.tokens.expire(token)
+                    continue
+                outcome = classify_response(status, headers, raw, policy.request.output)
+        finally:
+            if hold is not None and guard is not None:
+                used = (outcome.prompt_tokens, outcome.completion_tokens) if outcome else (None, None)
+                guard.budget.settle(hold, *used, cut=outcome is not None and _cut(outcome))
         now = clock()
-        used = None
+        used_tokens = None
         if outcome.prompt_tokens is not None:
-            used = outcome.prompt_tokens + (outcome.completion_tokens or 0)
+            used_tokens = outcome.prompt_tokens + (outcome.completion_tokens or 0)
             billed_prompt = (billed_prompt or 0) + outcome.prompt_tokens
             billed_completion = (billed_completion or 0) + (outcome.completion_tokens or 0)
             if estimate:
                 # a 200 that is no usable answer (filtered, cut, a tool call) was billed all the same
-                limiter.adjust_tokens(estimate, used)
+                limiter.adjust_tokens(estimate, used_tokens)
         if isinstance(outcome, Answer) or outcome.http_status == 200:
             # any 200 was admitted by the quota: it is what the rate learns from
-            rate.on_success(sent, now, headers, tokens=used)
+            rate.on_success(sent, now, headers, tokens=used_tokens)
+        if guard is not None and guard.owns_limit and _cut(outcome):
+            # cut by the limit llmq chose, not the user's: ask again with room (the budget decides)
+            reasks += 1
+            guard.cut()
+            last = outcome if isinstance(outcome, Failure) else _cut_answer(outcome)
+            if reasks <= _MAX_REASKS:
+                continue
+            return ended(
+                last,
+                f"the answer stopped at max_tokens={guard.limit} {reasks} times; llmq set that limit "
+                "to keep the budget (set max_tokens in request_params to choose it)",
+                code=CUT_BY_BUDGET,
+            )
         if isinstance(outcome, Answer):
             return QueryResult(
                 row_id,
@@ -248,6 +290,7 @@ def _row_attempts(
                 finish_reason=outcome.finish_reason,
                 throttled=throttled,
             )
+        last = outcome
         if outcome.code == RATE_LIMITED and outcome.http_status == 429:
             throttled += 1
             hint = outcome.retry_after
@@ -278,6 +321,7 @@ def _row_attempts(
         repair = None if repaired else policy.request.repair_body(prompt, outcome)
         if repair is not None:  # repair_invalid_output: ask once more, its answer validated again
             repaired = True
+            conversation = repair
             body = json.dumps(repair, ensure_ascii=False).encode("utf-8")
             continue
         if outcome.http_status != 200:
@@ -287,6 +331,24 @@ def _row_attempts(
         if not retry.should_retry(outcome, failures):
             return ended(outcome)
         yield Sleep(retry.delay(outcome, failures))
+
+
+_MAX_REASKS = 3  # an answer cut by llmq's own limit is asked again with 2x, 4x, 8x the room
+
+
+def _cut_answer(answer: Answer) -> Failure:
+    """A text answer cut by llmq's limit, kept as the row's failure should no longer answer fit."""
+    return Failure(
+        LENGTH,
+        "the answer stopped at its max_tokens",
+        False,
+        200,
+        None,
+        answer.prompt_tokens,
+        answer.completion_tokens,
+        answer.finish_reason,
+        content=answer.content,
+    )
 
 
 class ClientBase(Generic[L]):
@@ -320,22 +382,20 @@ class ClientBase(Generic[L]):
             count_tokens=self.options.tokens_per_minute is not None,
             scrubber=Scrubber(self.endpoint.secrets()),
             price=price,
-            # the budget reserves the cap when there is one, never a smaller expectation: the
-            # budget is then passed only by prompts larger than their estimate
-            completion_estimate=completion_tokens_per_request(
-                request.max_completion_tokens(),
-                None
-                if request.max_completion_tokens() is not None
-                else self.options.expected_completion_tokens,
-            )[0],
             tokens=self._tokens,
+            reach=Reachability(self.endpoint.url()),
         )
         if self._tokens is not None:
             self._tokens.watch(self._policy.scrubber)  # every token, now and refreshed, is scrubbed
         # one budget per client: every thread or task of the client reserves against it
         self.budget: Budget | None = None
         if self.options.max_total_tokens is not None or self.options.max_cost is not None:
-            self.budget = Budget(self.options.max_total_tokens, self.options.max_cost, price)
+            self.budget = Budget(
+                self.options.max_total_tokens,
+                self.options.max_cost,
+                price,
+                expected_completion_tokens=self.options.expected_completion_tokens,
+            )
         self._url = self.endpoint.url()
         self._headers = self.endpoint.request_headers()
         self._proxy = self.endpoint.proxy_url()

@@ -18,3 +18,8 @@ class LLMQueryConfigError(LLMQueryError):
 class LLMQueryQuotaError(LLMQueryError):
     """The account has no quota left (``insufficient_quota``): a billing state, not a rate limit,
     so every further request of the run would fail the same way."""
+
+
+class LLMQueryUnreachableError(LLMQueryError):
+    """The endpoint never answered: every request failed to connect for seconds (a server that is
+    down, a wrong host or port, a firewall). A retry of the task may find it up again."""

@@ -45,11 +45,14 @@ BATCH_EXPIRED = "batch_expired"
 BATCH_CANCELLED = "batch_cancelled"
 BATCH_FAILED = "batch_failed"
 BUDGET_EXCEEDED = "budget_exceeded"  # not sent: the run's token or cost budget was spent
+# the answer stopped at the max_tokens llmq set to keep a budget, and the budget left could not pay
+# a longer one: a later run with a larger budget asks it again (the cut text stays on the row)
+CUT_BY_BUDGET = "cut_by_budget"
 
 # recorded errors that a later try asks again: the row may well succeed then. Every other code is
 # the answer to that exact request (a filter, a refusal, a redirect) and would come back the same.
 TRANSIENT_ERROR_CODES = frozenset(
-    {RATE_LIMITED, SERVER_ERROR, TIMEOUT, CONNECTION_ERROR, BAD_RESPONSE, BUDGET_EXCEEDED}
+    {RATE_LIMITED, SERVER_ERROR, TIMEOUT, CONNECTION_ERROR, BAD_RESPONSE, BUDGET_EXCEEDED, CUT_BY_BUDGET}
 )
 
 _RESERVED_PARAMS = frozenset({"messages", "stream", "n"})
@@ -69,6 +72,7 @@ class ChatRequest:
     model: str | None = None
     params: Mapping[str, Any] | None = None
     output: StructuredOutput | None = None
+    limit_param: str = "max_tokens"  # the body field of a completion limit llmq sets itself
 
     def __post_init__(self) -> None:
         bad = _RESERVED_PARAMS.intersection(self.params or {})
@@ -112,6 +116,10 @@ class ChatRequest:
         if self.model:
             body["model"] = self.model
         return body
+
+    def with_limit(self, body: Mapping[str, Any], limit: int) -> dict[str, Any]:
+        """``body`` with the completion limit llmq sets (the user set none)."""
+        return {**body, self.limit_param: limit}
 
     def max_completion_tokens(self) -> int | None:
         params = self.params or {}

@@ -2,8 +2,9 @@
 
 One wording, shared by the log lines, the XCom summary's keys and the README::
 
-    llmq progress: 1200/2000 requests (60%), 96.3 requests/s, ETA 8 s; errors 3 (server_error 2,
-    timeout 1); 5 retries; 14 throttled (429); rate 98.0 requests/s (learned), paused 0.4 s
+    llmq progress: 1200/2000 requests (60%), 96.3 requests/s, ETA 8 s; answered 1195, failed 3,
+    skipped 2, not sent 0; errors 5 (server_error 2, empty_prompt 2, timeout 1); 5 retries;
+    14 throttled (429); rate 98.0 requests/s (learned), paused 0.4 s
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from airflow_provider_llmq.core.adaptive import SLOW_START, AdaptiveStats
+from airflow_provider_llmq.core.payload import EMPTY_PROMPT
 from airflow_provider_llmq.core.result import QueryResult
 
 
@@ -27,14 +29,30 @@ StatsSource = Callable[[], AdaptiveStats]
 _PHASES = {SLOW_START: "probing", "avoidance": "learned", "fixed": "fixed"}
 
 
+#: what became of a row; the four add up to the rows (``answered + failed + skipped + not_sent``)
+OUTCOMES = ("answered", "failed", "skipped", "not_sent")
+
+
+def row_outcome(ok: bool, error_code: str | None, attempts: int | None) -> str:
+    """One of :data:`OUTCOMES`: answered (a cache hit too), failed (asked, ended in error), skipped
+    (a null or empty prompt: nothing to ask), not sent (the budget or the run's patience held it
+    back, or no result: asked again by a later run)."""
+    if ok:
+        return "answered"
+    if error_code == EMPTY_PROMPT:
+        return "skipped"
+    return "failed" if attempts else "not_sent"
+
+
 @dataclass
 class Tally:
-    """What settled requests came to: errors by code, retries and 429s (the summary's keys
-    ``errors_by_code``, ``retries`` and ``throttled``)."""
+    """What settled requests came to: the outcomes, errors by code, retries and 429s (the summary's
+    keys ``errors_by_code``, ``retries`` and ``throttled``)."""
 
     errors_by_code: Counter[str] = field(default_factory=Counter)
     retries: int = 0
     throttled: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
 
     @classmethod
     def of(cls, results: Iterable[QueryResult]) -> Tally:
@@ -52,11 +70,13 @@ class Tally:
         """One result given by its columns (a result file read back); nulls count as zero."""
         if not ok:
             self.errors_by_code[str(error_code)] += 1
+        self.outcomes[row_outcome(ok, error_code, attempts)] += 1
         self.throttled += throttled or 0
         self.retries += max((attempts or 0) - 1 - (throttled or 0), 0)  # a 429 is no retry
 
     def add(self, other: Tally) -> None:
         self.errors_by_code.update(other.errors_by_code)
+        self.outcomes.update(other.outcomes)
         self.retries += other.retries
         self.throttled += other.throttled
 
@@ -114,6 +134,10 @@ class Progress:
         eta = f"{(self.total - self.done) / rate:.0f} s" if rate else "unknown"
         percent = 100.0 * self.done / max(self.total, 1)
         parts = [f"{self.done}/{self.total} requests ({percent:.0f}%), {rate:.1f} requests/s, ETA {eta}"]
+        if self.tally.outcomes:
+            parts.append(
+                ", ".join(f"{name.replace('_', ' ')} {self.tally.outcomes[name]}" for name in OUTCOMES)
+            )
         parts.append(_errors(self.tally.errors_by_code))
         parts.append(f"{self.tally.retries} retries")
         parts.append(f"{self.tally.throttled} throttled (429)")

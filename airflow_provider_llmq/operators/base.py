@@ -36,6 +36,7 @@ from airflow_provider_llmq.spark.checkpoint import Checkpoint, checkpoint_locati
 from airflow_provider_llmq.spark.estimate import estimate
 from airflow_provider_llmq.spark.lease import Lease, Owner
 from airflow_provider_llmq.spark.placements import Placement, Work
+from airflow_provider_llmq.spark.placements.base import left_for_this_try
 from airflow_provider_llmq.spark.plan import (
     materialize_input,
     pending_requests,
@@ -123,11 +124,14 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
     :param prices: model or deployment -> input and output price per million tokens
         (``{"gpt-4o-mini": {"input": 0.15, "output": 0.6}}``); each row then carries its cost
         (``llmq_cost``) and the summary the total. No price table ships.
-    :param max_total_tokens: tokens (prompt + completion) this try may spend; a request that would
-        pass it is not sent and its row ends ``budget_exceeded`` (asked again by a later run).
-    :param max_cost: cost this try may spend at ``prices``.
+    :param max_total_tokens: tokens (prompt + completion) this run may spend, over all its tries
+        (what earlier tries were billed is read from the checkpoint). Each request reserves its
+        worst case before it is sent; without ``max_tokens`` llmq sets one from the answers seen.
+        A request that would pass the budget is not sent and its row ends ``budget_exceeded``
+        (asked again by a run with a larger budget).
+    :param max_cost: cost this run may spend at ``prices``, the same way.
     :param expected_completion_tokens: completion tokens to count per request before it is sent
-        (estimate and budget), when better known than ``max_tokens``.
+        (the estimate; with a budget, the first limit llmq sets is twice it).
     :param estimate_only: count the pending requests' tokens and cost, send nothing, and return
         the estimate.
     :param cache_path: a cross-run answer cache (a folder or URI): pending requests answered by an
@@ -422,6 +426,13 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
         query_started = time.monotonic()
         progress = Progress(self.log, to_ask, self.progress_interval)
         if to_ask:
+            options, spent = left_for_this_try(options, checkpoint)
+            if spent[0]:
+                self.log.info(
+                    "llmq: earlier tries of this run were billed %d tokens (cost %.6g): this try may "
+                    "spend what is left of the run's budget",
+                    *spent,
+                )
             work = Work(
                 spark=spark,
                 endpoint=endpoint,
@@ -454,14 +465,26 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
         )
         location = self.output_table or self.output_path
         self.log.info("llmq: writing %d rows to %s (mode %s)", manifest.total_rows, location, self.mode)
-        write_output(
-            output,
-            output_table=self.output_table,
-            output_path=self.output_path,
-            output_format=self.output_format,
-            mode=self.mode,
-            checkpoint=checkpoint,
-        )
+        try:
+            write_output(
+                output,
+                output_table=self.output_table,
+                output_path=self.output_path,
+                output_format=self.output_format,
+                mode=self.mode,
+                checkpoint=checkpoint,
+            )
+        except Exception:
+            # every answer was paid for: say where it is, so nobody pays for it twice
+            self.log.error(
+                "llmq: the output could not be written to %s; every result is kept in the checkpoint "
+                "%s, and a retry of this task (or a run with checkpoint_key=%r) writes them without "
+                "asking again",
+                location,
+                checkpoint.uri,
+                self.checkpoint_key,
+            )
+            raise
         new_results = self._new_result_names(checkpoint, results_before)
         summary = summarize(
             output,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_llmq.core.adaptive import AdaptiveStats
+from airflow_provider_llmq.core.progress import OUTCOMES, row_outcome
 from airflow_provider_llmq.core.result import STATUS_OK
 from airflow_provider_llmq.spark.schema import (
     ATTEMPTS_COL,
@@ -21,7 +23,9 @@ if TYPE_CHECKING:
     from pyspark.sql import DataFrame
 
 # the summary's keys and meanings: raised when one changes, so downstream tasks can check it
-SCHEMA_VERSION = 4  # 3: throttled, admitted_requests_per_second; 4: cost, cost_this_try, cache_hits
+# 3: throttled, admitted_requests_per_second; 4: cost, cost_this_try, cache_hits; 5: answered,
+# failed, skipped, not_sent (adding up to rows), requests_answered counts answers only
+SCHEMA_VERSION = 5
 
 _SENT = ("requests_sent", "retries", "throttled", "prompt_tokens", "completion_tokens", "requests_answered")
 
@@ -37,15 +41,18 @@ def summarize(
 
     cached = F.coalesce(F.col(CACHED_COL), F.lit(False))
 
-    by_status = {
-        (row[STATUS_COL], row[ERROR_CODE_COL]): int(row["n"])
-        for row in output.groupBy(STATUS_COL, ERROR_CODE_COL).agg(F.count(F.lit(1)).alias("n")).collect()
-    }
-    rows = sum(by_status.values())
-    ok = sum(n for (status, _), n in by_status.items() if status == STATUS_OK)
-    errors_by_code = {
-        str(code): n for (status, code), n in sorted(by_status.items(), key=str) if status != STATUS_OK
-    }
+    asked = (F.coalesce(F.col(ATTEMPTS_COL), F.lit(0)) > 0).alias("asked")
+    groups = output.groupBy(STATUS_COL, ERROR_CODE_COL, asked).agg(F.count(F.lit(1)).alias("n")).collect()
+    outcomes = dict.fromkeys(OUTCOMES, 0)
+    by_code: Counter[str] = Counter()
+    for group in groups:
+        ok = group[STATUS_COL] == STATUS_OK
+        outcomes[row_outcome(ok, group[ERROR_CODE_COL], int(group["asked"]))] += int(group["n"])
+        if not ok:
+            by_code[str(group[ERROR_CODE_COL])] += int(group["n"])
+    rows = sum(outcomes.values())
+    ok = outcomes["answered"]
+    errors_by_code = dict(sorted(by_code.items()))
     sent: dict[str, Any] = dict.fromkeys(_SENT, 0)
     extra: dict[str, Any] = {"cost": None, "cost_this_try": None, "cache_hits": 0}
     if new_results is not None:
@@ -60,7 +67,7 @@ def summarize(
             F.sum(THROTTLED_COL).alias("throttled"),
             F.sum(PROMPT_TOKENS_COL).alias("prompt_tokens"),
             F.sum(COMPLETION_TOKENS_COL).alias("completion_tokens"),
-            F.count(F.lit(1)).alias("requests_answered"),
+            F.count(F.when(F.col(STATUS_COL) == F.lit(STATUS_OK), 1)).alias("requests_answered"),
             F.sum(COST_COL).alias("cost"),
         ).first()
         assert totals is not None
@@ -71,7 +78,14 @@ def summarize(
         extra["cost"] = _rounded(total["cost"] if total is not None else None)
     if extra["cost"] is not None and extra["cost_this_try"] is None:
         extra["cost_this_try"] = 0.0
-    counts = {"rows": rows, "ok": ok, "errors": rows - ok, "errors_by_code": errors_by_code, **sent}
+    counts = {
+        "rows": rows,
+        "ok": ok,
+        "errors": rows - ok,
+        **outcomes,  # answered + failed + skipped + not_sent == rows
+        "errors_by_code": errors_by_code,
+        **sent,
+    }
     return {"schema_version": SCHEMA_VERSION, **counts, **extra}
 
 

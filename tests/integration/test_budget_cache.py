@@ -193,19 +193,31 @@ def test_budget_exceeded_rows_are_asked_by_a_run_with_a_larger_budget(
         "llmq_budget_resume",
         [
             ("small", {**common, "max_total_tokens": 2500}),
+            # the same run again (a retry, a clear): the budget is the run's, already spent
+            ("again", {**common, "max_total_tokens": 2500}),
             ("larger", {**common, "max_total_tokens": 100_000}),
         ],
     )
-    small, larger = summaries["small"], summaries["larger"]
+    small, again, larger = summaries["small"], summaries["again"], summaries["larger"]
     unsent = small["errors_by_code"]["budget_exceeded"]
     assert 0 < unsent < 60 and small["requests_sent"] == 60 - unsent
-    assert small["prompt_tokens"] + small["completion_tokens"] <= 2500
+    assert (small["answered"], small["not_sent"], small["failed"], small["skipped"]) == (
+        60 - unsent,
+        unsent,
+        0,
+        0,
+    )
     assert small["checkpoint"] is not None  # kept for the run that resumes
-    # the second run asks exactly the rows the first did not send
+    # both tries together stay inside the run's budget
+    billed = sum(s["prompt_tokens"] + s["completion_tokens"] for s in (small, again))
+    assert billed <= 2500 and again["requests_sent"] < unsent
+    unsent = again["not_sent"]
+    # a larger budget asks exactly the rows not sent yet
     assert larger["requests_sent"] == unsent and larger["errors"] == 0 and larger["ok"] == 60
     assert server.stats()["chat_requests"] == 60
     first = {r["review_id"]: r for r in spark.read.parquet(str(tmp_path / "out" / "small")).collect()}
     second = spark.read.parquet(str(tmp_path / "out" / "larger")).collect()
+    first = {r["review_id"]: r for r in spark.read.parquet(str(tmp_path / "out" / "again")).collect()}
     asked_again = {i for i, r in first.items() if r["llmq_error_code"] == "budget_exceeded"}
     for row in second:
         before = first[row["review_id"]]
@@ -225,7 +237,7 @@ def test_budget_exceeded_rows_are_asked_by_a_run_with_a_larger_budget(
     assert larger["cost_this_try"] == pytest.approx(
         sum(r["llmq_cost"] for r in second if r["review_id"] in asked_again)
     )
-    assert larger["schema_version"] == 4
+    assert larger["schema_version"] == 5
 
 
 def test_cache_asks_only_the_rows_a_grown_table_added(

@@ -94,7 +94,7 @@ def test_executor_placement_answers_every_row_once_from_worker_processes(
     finally:
         stop.set()
         watcher.join()
-    assert summary["rows"] == rows and summary["schema_version"] == 4
+    assert summary["rows"] == rows and summary["schema_version"] == 5
     out = {r["id"]: r for r in spark.read.parquet(str(tmp_path / "out")).collect()}
     assert sorted(out) == list(range(rows))
     config = llm.config

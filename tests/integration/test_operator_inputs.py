@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_llmq.core.errors import LLMQueryAuthError, LLMQueryConfigError
+from airflow_provider_llmq.core.errors import LLMQueryAuthError, LLMQueryConfigError, LLMQueryUnreachableError
 from airflow_provider_llmq.operators.llmq import (
     LLMQueryAsyncBatchOperator,
     LLMQueryConfigFailure,
@@ -179,6 +179,74 @@ def test_a_server_that_is_down_fails_the_task_not_green(
     ):
         _run(source_path=path, id_col="id", output_path=out, max_retries=1)
     assert spark.read.parquet(out).count() == 12  # written before failing: errors are data
+
+
+def test_a_server_that_is_down_fails_the_task_in_seconds_not_after_every_row(
+    llm: Any, spark: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Default retries (about 24 s per row), 2,000 rows, 32 in flight: the run ends once requests
+    have failed to connect for 5 s with none answered, with one message that names the endpoint,
+    and writes no output (nothing downstream runs on it)."""
+    import socket
+    import time
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = llmq_connection_env(llm)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value.replace(llm.base_url, f"https://127.0.0.1:{port}"))
+    path = str(tmp_path / "src")
+    spark.createDataFrame([(i, f"down {i}") for i in range(2000)], "id int, prompt string").write.parquet(
+        path
+    )
+    out = tmp_path / "out"
+    started = time.monotonic()
+    with pytest.raises(
+        LLMQueryUnreachableError,
+        match=rf"127.0.0.1:{port}.*could not be reached: .* failed to connect and none was answered",
+    ):
+        _run(source_path=path, id_col="id", output_path=str(out), retry_backoff=0.5)
+    # 2,000 rows x 24 s / 32 in flight would be 25 min; the verdict needs 5 s of refusals
+    assert time.monotonic() - started < 120
+    assert not out.exists()
+
+
+def test_answers_paid_for_but_not_written_are_kept_and_never_paid_again(
+    llm: Any, spark: Any, tmp_path: Path, source: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The output cannot be written (a file where the output folder goes): the log says where the
+    answers are, and the next try writes them without one more request."""
+    out = tmp_path / "out"
+    out.write_text("in the way")
+    with pytest.raises(NotADirectoryError):
+        _run(source_path=source, id_col="id", output_path=str(out), mode="append")
+    logged = "".join(capfd.readouterr())  # the task logger writes to the console here
+    assert "the output could not be written" in logged and ".llmq_checkpoints" in logged
+    asked = llm.stats()["chat_requests"]
+    assert asked == 120
+    out.unlink()
+    summary = _run(source_path=source, id_col="id", output_path=str(out), mode="append")
+    assert summary["answered"] == 120 and summary["requests_sent"] == 0
+    assert llm.stats()["chat_requests"] == asked
+
+
+def test_the_counts_add_up_to_the_rows(llm: Any, spark: Any, tmp_path: Path) -> None:
+    """Answered + failed + skipped + not sent = rows; requests_answered counts answers only (null
+    prompts are results, not answers)."""
+    rows = [(i, f"q{i}" + (" [[content_filter]]" if i < 3 else "")) for i in range(40)]
+    rows += [(100 + i, None) for i in range(4)] + [(200, "  ")]
+    path = str(tmp_path / "src")
+    spark.createDataFrame(rows, "id int, prompt string").write.parquet(path)
+    summary = _run(source_path=path, id_col="id", output_path=str(tmp_path / "out"), max_total_tokens=500)
+    counts = {k: summary[k] for k in ("answered", "failed", "skipped", "not_sent")}
+    assert sum(counts.values()) == summary["rows"] == 45, summary
+    codes = summary["errors_by_code"]
+    assert counts["skipped"] == codes["empty_prompt"] == 5
+    assert counts["not_sent"] == codes["budget_exceeded"] > 0
+    assert counts["failed"] == codes.get("content_filter", 0)
+    assert summary["requests_answered"] == counts["answered"] == summary["ok"]
+    assert summary["requests_sent"] == llm.stats()["chat_requests"] == counts["answered"] + counts["failed"]
 
 
 def test_the_error_ratio_counts_only_rows_asked(llm: Any, spark: Any, tmp_path: Path) -> None:

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import sys
-import threading
 import types
 
 import pytest
 
-from airflow_provider_llmq.core.budget import Budget
 from airflow_provider_llmq.core.cost import HEURISTIC, Price, TokenCounter, estimate_prompts, parse_prices
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
 from airflow_provider_llmq.core.options import QueryOptions
-from airflow_provider_llmq.core.payload import BUDGET_EXCEEDED, TRANSIENT_ERROR_CODES
 from airflow_provider_llmq.spark.placements.base import job_share
 
 
@@ -25,56 +22,6 @@ def test_prices_take_three_forms_and_refuse_nonsense() -> None:
             parse_prices(bad)
     with pytest.raises(LLMQueryConfigError):
         QueryOptions(prices={"m": "cheap"})
-
-
-def test_max_cost_needs_a_price() -> None:
-    with pytest.raises(LLMQueryConfigError, match="max_cost needs prices"):
-        Budget(max_cost=1.0)
-
-
-def test_budget_closes_at_the_first_request_that_would_pass_it() -> None:
-    budget = Budget(max_total_tokens=100)
-    first = budget.reserve(30, 20)
-    assert first is not None
-    assert budget.reserve(30, 20) is not None  # 100: exactly the budget
-    assert budget.reserve(1, 0) is None and budget.closed
-    budget.settle(first, 10, 5)  # used far less than reserved...
-    assert budget.reserve(1, 0) is None  # ...yet the run has stopped sending
-    assert budget.spent_tokens == 15 and budget.reserved_tokens == 50 and budget.refused == 2
-
-
-def test_budget_counts_cost_at_the_price() -> None:
-    budget = Budget(max_cost=1.0, price=Price(input=100_000, output=200_000))  # 0.1 / 0.2 per token
-    assert budget.reserve(4, 2) is not None  # 0.8
-    assert budget.reserve(1, 0) is not None  # 0.9
-    assert budget.reserve(1, 1) is None  # 0.9 + 0.3 > 1.0
-    assert budget.reserve(0, 0) is None and budget.closed
-
-
-def test_budget_is_never_passed_by_threads_reserving_at_once() -> None:
-    budget = Budget(max_total_tokens=10_000)
-    admitted: list[int] = []
-    lock = threading.Lock()
-
-    def worker() -> None:
-        for _ in range(200):
-            hold = budget.reserve(7, 3)
-            if hold is None:
-                return
-            with lock:
-                admitted.append(hold.tokens)
-            budget.settle(hold, 7, 3)
-
-    threads = [threading.Thread(target=worker) for _ in range(16)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert sum(admitted) == budget.spent_tokens == 10_000 and budget.reserved_tokens == 0
-
-
-def test_budget_exceeded_is_asked_again_by_a_later_run() -> None:
-    assert BUDGET_EXCEEDED in TRANSIENT_ERROR_CODES
 
 
 def test_counter_falls_back_when_tiktoken_cannot_load(monkeypatch: pytest.MonkeyPatch) -> None:

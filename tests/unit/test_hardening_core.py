@@ -273,8 +273,9 @@ def test_content_null_without_a_reason_is_still_a_retryable_bad_response() -> No
 
 def test_transient_codes_are_exactly_the_retried_ones() -> None:
     retried = {"rate_limited", "server_error", "timeout", "connection_error", "bad_response"}
-    # budget_exceeded was never sent: not retried in the run, but asked again by a later one
-    assert frozenset({*retried, "budget_exceeded"}) == TRANSIENT_ERROR_CODES
+    # budget_exceeded was never sent, cut_by_budget cut by the limit llmq set for the budget: not
+    # retried in the run, but asked again by a later one
+    assert frozenset({*retried, "budget_exceeded", "cut_by_budget"}) == TRANSIENT_ERROR_CODES
 
 
 # -- 7. proxy choice ----------------------------------------------------------------------------

@@ -33,6 +33,19 @@ def test_a_tally_counts_errors_by_code_retries_and_429s_apart() -> None:
     assert tally.retries == 0 + 1 + 2 + 0 + 2  # attempts - 1 - 429s
 
 
+def test_outcomes_add_up_to_what_was_settled() -> None:
+    """Answered, failed (asked, in error), skipped (nothing to ask), not sent (held back)."""
+    tally = Tally.of(
+        [
+            *results(),
+            QueryResult(7, None, STATUS_ERROR, "empty_prompt", "null", attempts=0),
+            QueryResult(8, None, STATUS_ERROR, "budget_exceeded", "not sent", attempts=0),
+            QueryResult(9, "c", STATUS_OK, attempts=0, cached=True),  # a cache hit is answered
+        ]
+    )
+    assert dict(tally.outcomes) == {"answered": 3, "failed": 3, "skipped": 1, "not_sent": 1}
+
+
 def test_the_line_reads_done_total_rate_eta_errors_retries_and_429s() -> None:
     log = Log()
     progress = Progress(log, total=10, interval=3600)
@@ -43,7 +56,10 @@ def test_the_line_reads_done_total_rate_eta_errors_retries_and_429s() -> None:
     progress.add(5, elsewhere)  # a Spark job's settled requests
     [line] = log.lines
     assert line.startswith("llmq progress: 10/10 requests (100%), "), line
-    assert " requests/s, ETA 0 s; errors 4 (server_error 2, timeout 2); 5 retries; 3 throttled (429)" in line
+    assert (
+        " requests/s, ETA 0 s; answered 2, failed 4, skipped 0, not sent 0; errors 4 (server_error 2, "
+        "timeout 2); 5 retries; 3 throttled (429)"
+    ) in line
     assert "rate " not in line  # no client watched in this process
 
 

@@ -74,6 +74,19 @@ def job_share(options: QueryOptions, spent: tuple[int, float], partitions: int) 
     return dataclasses.replace(options, max_total_tokens=tokens, max_cost=cost)
 
 
+def left_for_this_try(
+    options: QueryOptions, checkpoint: Checkpoint
+) -> tuple[QueryOptions, tuple[int, float]]:
+    """A budget is the logical run's, not one try's: this try may spend what the checkpoint's result
+    files say earlier tries of the run (a retry, a re-run after a kill, a clear) were billed. Returns
+    the options with what is left and what was spent (requests a killed try had in flight when it
+    died are not in the checkpoint: their usage never came back)."""
+    if options.max_total_tokens is None and options.max_cost is None:
+        return options, (0, 0.0)
+    spent = checkpoint.spent(checkpoint.result_names())
+    return job_share(options, spent, 1), spent
+
+
 def portable(endpoint: EndpointConfig) -> EndpointConfig:
     """The endpoint as executors need it: a CA given as a driver-side path travels as its PEM text."""
     ca = endpoint.ca_cert

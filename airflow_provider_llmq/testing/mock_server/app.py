@@ -22,7 +22,7 @@ from ..token_authority import TOKEN_PREFIX, check_token
 from .faults import ANSWER_KINDS, Fault, MockConfig, expected_answer, jitter_ms, plan, prompt_hash
 from .quotas import QuotaPolicy, build_policy
 from .structured import answer_text
-from .tokens import count_messages, count_text
+from .tokens import count_messages, count_text, truncate_text
 
 STATE: web.AppKey[MockState] = web.AppKey("llmq_mock_state")
 _JSON = "application/json"
@@ -347,6 +347,10 @@ async def _chat(request: web.Request, st: MockState) -> web.StreamResponse:
         system_prompt = _content_text(system.get("content")) if system else None
         params = {k: v for k, v in body.items() if k not in ("messages", "model", "stream")}
         answer = answer_text(model, system_prompt, prompt, params)
+        limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        cut = isinstance(limit, int) and not isinstance(limit, bool) and _tokens(answer) > limit
+        if cut:  # a model stops writing at max_tokens, as the real services do
+            answer = truncate_text(answer, limit)
         p_tok = _prompt_tokens(messages)
         c_tok = _tokens(answer)
         st.prompt_tokens_total += p_tok
@@ -354,7 +358,7 @@ async def _chat(request: web.Request, st: MockState) -> web.StreamResponse:
         st.ok_per_window[int(time.monotonic())] += 1
         st.auth_fail_ok += 1
         message: dict[str, Any] = {"role": "assistant", "content": answer}
-        finish_reason = "stop"
+        finish_reason = "length" if cut else "stop"
         kind = fault.kind if fault is not None else None
         if kind == "filtered":
             message["content"], finish_reason = "", "content_filter"

@@ -43,6 +43,8 @@ _MARKER = re.compile(
     r"|tool_calls|refusal|length_text|length|parts|drip)"
     r"(?::(?:(ms|s)=)?(\d+))?(?:x(\d+))?\]\]"
 )
+# [[long:300]]: the answer goes on for 300 more tokens (a model more talkative than any estimate)
+_LONG_MARKER = re.compile(r"\[\[long:(\d+)\]\]")
 # headers a prompt asks its fault answers to carry, verbatim: [[retry-after=0]],
 # [[retry-after-ms=-250]], [[retry-after=Wed, 21 Oct 2015 07:28:00 GMT]], [[x-should-retry=false]],
 # [[x-ratelimit-remaining-requests=0]] (a quota's bucket at zero: evidence for the client's limiter).
@@ -172,7 +174,9 @@ def expected_answer(
     """
     blob = json.dumps([model, system_prompt, prompt, normalise_params(params)], sort_keys=True)
     digest = hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
-    return f"answer:{digest} len={len(prompt)}"
+    answer = f"answer:{digest} len={len(prompt)}"
+    longer = _LONG_MARKER.search(prompt)
+    return answer + " more" * int(longer.group(1)) if longer else answer
 
 
 def _prompt_draw(prompt: str, seed: int) -> tuple[float, int]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-__all__ = ["MESSAGE_TOKENS", "count_messages", "count_text"]
+__all__ = ["MESSAGE_TOKENS", "count_messages", "count_text", "truncate_text"]
 
 MESSAGE_TOKENS = 3
 _PIECE = re.compile(r"[A-Za-z]+|[0-9]{1,3}|[^\sA-Za-z0-9]")
@@ -37,6 +37,20 @@ def count_text(text: str) -> int:
         else:
             count += 1
     return count
+
+
+def truncate_text(text: str, limit: int) -> str:
+    """The longest start of ``text`` that counts at most ``limit`` tokens: what a model cut by
+    ``max_tokens`` wrote (a long word is cut between its 8-letter tokens)."""
+    count = 0
+    for match in _PIECE.finditer(text):
+        piece = match.group()
+        cost = -(-len(piece) // _LETTERS_PER_TOKEN) if piece[0].isascii() and piece[0].isalpha() else 1
+        if count + cost > limit:
+            room = (limit - count) * _LETTERS_PER_TOKEN if cost > 1 else 0
+            return text[: match.start() + room]
+        count += cost
+    return text
 
 
 def count_messages(texts: Iterable[str]) -> int:
