@@ -145,7 +145,10 @@ def _within_budget(
             budget.settle(hold, *used)
     if policy.price is not None:
         result = dataclasses.replace(
-            result, cost=policy.price.cost(result.prompt_tokens, result.completion_tokens)
+            result,
+            cost=policy.price.cost(
+                result.prompt_tokens, result.completion_tokens, result.cached_prompt_tokens
+            ),
         )
     return result
 
@@ -171,6 +174,7 @@ def _row_attempts(
     # was billed, so the row's tokens, cost and budget count them all
     billed_prompt: int | None = None
     billed_completion: int | None = None
+    billed_cached: int | None = None  # of billed_prompt, served from the prompt cache
 
     def ended(outcome: Failure, message: str | None = None) -> QueryResult:
         return QueryResult(
@@ -183,6 +187,7 @@ def _row_attempts(
             attempts=attempts,
             prompt_tokens=billed_prompt,
             completion_tokens=billed_completion,
+            cached_prompt_tokens=billed_cached,
             latency_ms=round((time.monotonic() - started) * 1000, 3),
             finish_reason=outcome.finish_reason,
             throttled=throttled,
@@ -229,6 +234,8 @@ def _row_attempts(
             used = outcome.prompt_tokens + (outcome.completion_tokens or 0)
             billed_prompt = (billed_prompt or 0) + outcome.prompt_tokens
             billed_completion = (billed_completion or 0) + (outcome.completion_tokens or 0)
+            if outcome.cached_tokens is not None:
+                billed_cached = (billed_cached or 0) + outcome.cached_tokens
             if estimate:
                 # a 200 that is no usable answer (filtered, cut, a tool call) was billed all the same
                 limiter.adjust_tokens(estimate, used)
@@ -244,6 +251,7 @@ def _row_attempts(
                 attempts=attempts,
                 prompt_tokens=billed_prompt,
                 completion_tokens=billed_completion,
+                cached_prompt_tokens=billed_cached,
                 latency_ms=round((time.monotonic() - started) * 1000, 3),
                 finish_reason=outcome.finish_reason,
                 throttled=throttled,

@@ -92,13 +92,22 @@ class LLMQueryBatchAPIOperator(LLMQueryBaseOperator):
         return self.execute(context)
 
     def _placement(self) -> Placement:
-        # a batch is sent whole and answered at once: nothing to stop in time or to ask again
-        unsupported = [n for n in ("max_total_tokens", "max_cost") if getattr(self, n) is not None]
-        unsupported += ["repair_invalid_output"] if self.repair_invalid_output else []
-        if unsupported:
+        # a batch is answered at once: there is no second request in which to repair an answer
+        if self.repair_invalid_output:
             raise LLMQueryConfigError(
-                f"{', '.join(unsupported)} cannot apply to the Batch API (a batch is sent whole); use "
-                "estimate_only=True first, or a live operator"
+                "repair_invalid_output cannot apply to the Batch API (a batch is sent whole); use a "
+                "live operator"
+            )
+        budgeted = [n for n in ("max_total_tokens", "max_cost") if getattr(self, n) is not None]
+        capped = "max_tokens" in (self.request_params or {}) or "max_completion_tokens" in (
+            self.request_params or {}
+        )
+        if budgeted and not capped and self.expected_completion_tokens is None:
+            # a batch cannot be stopped once created: each request's completion must be counted
+            raise LLMQueryConfigError(
+                f"{', '.join(budgeted)} on the Batch API needs each request's completion counted before "
+                "its batch is created: set request_params max_tokens (a bound), or "
+                "expected_completion_tokens (an expectation, not a bound)"
             )
         if not self.poll_interval > 0:
             raise LLMQueryConfigError(f"poll_interval must be positive, got {self.poll_interval!r}")
@@ -120,8 +129,8 @@ class LLMQueryBatchAPIOperator(LLMQueryBaseOperator):
     def _defer_to(self, waiting: Waiting) -> NoReturn:
         wake_at = None if waiting.wake_after is None else time.time() + waiting.wake_after
         self.log.info(
-            "llmq: deferring while batches %s run; polled every %s s in the triggerer",
-            list(waiting.batch_ids),
+            "llmq: deferring while %s; polled every %s s in the triggerer",
+            waiting.describe(),
             self.poll_interval,
         )
         self.defer(
@@ -148,6 +157,8 @@ class LLMQueryBatchAPIOperator(LLMQueryBaseOperator):
     ) -> tuple[dict[str, Any], int, float]:
         settled_before = self._ledger(checkpoint).settled_by(self._try_id)  # before a deferral
         summary, asked, query_seconds = super()._run(spark, source, checkpoint, endpoint, options, placement)
+        if summary.get("estimate_only"):
+            return summary, asked, query_seconds  # nothing was sent: no batch to report
         summary["resumed_requests"] = max(0, summary["resumed_requests"] - settled_before)
         summary["batch_api"] = self._ledger(checkpoint).summary()
         return summary, asked, query_seconds
