@@ -55,8 +55,8 @@ def answer(body: dict[str, Any], config: MockConfig) -> tuple[int, Any]:
     text = answer_text(model, system_prompt, prompt, params)  # as a live request answers
     cap = body.get("max_completion_tokens", body.get("max_tokens"))
     cut = isinstance(cap, int) and not isinstance(cap, bool) and count_text(text) > cap
-    if cut:  # a model writes no more than max_tokens: the answer stops there
-        text = truncate_text(text, int(cap))
+    if cut and isinstance(cap, int):  # a model writes no more than max_tokens: the answer stops there
+        text = truncate_text(text, cap)
     message: dict[str, Any] = {"role": "assistant", "content": text}
     finish_reason = "length" if cut else "stop"
     kind = fault.kind if fault is not None else None
