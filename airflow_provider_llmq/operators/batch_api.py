@@ -36,7 +36,13 @@ class LLMQueryBatchAPIOperator(LLMQueryBaseOperator):
     retry, a resume or a re-run with the same ``checkpoint_key`` re-attaches instead of paying again.
     Requests a batch never ran (expired, cancelled) and transient line errors are asked by the next
     try; on the last try they are recorded (``batch_expired``, ``batch_cancelled``, ``batch_failed``).
-    A file refused for the enqueued-token quota waits and goes again when an earlier batch finishes.
+    A file refused for the enqueued-token quota waits and goes again when an earlier batch finishes;
+    one refused while nothing else of the run runs is larger than the whole quota, and is split.
+
+    ``max_total_tokens`` / ``max_cost`` hold across tries: a file goes out only when its whole
+    estimate (prompt tokens counted before sending + ``max_tokens``, or
+    ``expected_completion_tokens``) fits beside what the run's batches billed and what those still
+    running hold; what does not fit is split, waits for their bill, or ends ``budget_exceeded``.
 
     :param deferrable: wait in the triggerer (True) or poll in the task (False).
     :param poll_interval: seconds between polls of the batches.
