@@ -166,6 +166,7 @@ def _classified(
             prompt_tokens=outcome.prompt_tokens,
             completion_tokens=outcome.completion_tokens,
             finish_reason=outcome.finish_reason,
+            cached_prompt_tokens=outcome.cached_tokens,
         )
     result = QueryResult(
         custom_id,
@@ -178,6 +179,7 @@ def _classified(
         prompt_tokens=outcome.prompt_tokens,
         completion_tokens=outcome.completion_tokens,
         finish_reason=outcome.finish_reason,
+        cached_prompt_tokens=outcome.cached_tokens,
     )
     return scrubber.result(result)
 

@@ -48,13 +48,23 @@ class Price:
 
     :param input: price per million prompt tokens.
     :param output: price per million completion tokens.
+    :param cached_input: price per million prompt tokens the API served from its prompt cache
+        (``usage.prompt_tokens_details.cached_tokens``); None: they cost ``input``.
     """
 
     input: float
     output: float
+    cached_input: float | None = None
 
-    def cost(self, prompt_tokens: int | None, completion_tokens: int | None) -> float:
-        return ((prompt_tokens or 0) * self.input + (completion_tokens or 0) * self.output) / 1_000_000
+    def cost(
+        self, prompt_tokens: int | None, completion_tokens: int | None, cached_tokens: int | None = None
+    ) -> float:
+        """The cost of one request's usage; its cached prompt tokens (part of ``prompt_tokens``) at
+        ``cached_input`` when the table gives that rate."""
+        prompt = prompt_tokens or 0
+        cached = min(max(cached_tokens or 0, 0), prompt) if self.cached_input is not None else 0
+        uncached = (prompt - cached) * self.input + cached * (self.cached_input or 0.0)
+        return (uncached + (completion_tokens or 0) * self.output) / 1_000_000
 
 
 Prices = Mapping[str, Price]
@@ -62,7 +72,8 @@ Prices = Mapping[str, Price]
 
 def parse_prices(prices: Mapping[str, Any] | None) -> dict[str, Price]:
     """The user's ``prices`` as :class:`Price` objects. Each value is a :class:`Price`, a mapping
-    ``{"input": ..., "output": ...}`` or a pair ``(input, output)``, per million tokens."""
+    ``{"input": ..., "output": ...}`` (with an optional ``"cached_input"``), a pair
+    ``(input, output)`` or a triple ``(input, output, cached_input)``, per million tokens."""
     if prices is None:
         return {}
     if not isinstance(prices, Mapping):
@@ -73,18 +84,21 @@ def parse_prices(prices: Mapping[str, Any] | None) -> dict[str, Price]:
             if isinstance(value, Price):
                 price = value
             elif isinstance(value, Mapping):
-                price = Price(float(value["input"]), float(value["output"]))
+                cached = value.get("cached_input")
+                price = Price(
+                    float(value["input"]), float(value["output"]), None if cached is None else float(cached)
+                )
             else:
                 pair = tuple(value)
-                if len(pair) != 2:
+                if len(pair) not in (2, 3):
                     raise ValueError
-                price = Price(float(pair[0]), float(pair[1]))
+                price = Price(*(float(v) for v in pair))
         except (KeyError, TypeError, ValueError):
             raise LLMQueryConfigError(
                 f"prices[{model!r}] must be {{'input': <per 1M tokens>, 'output': <per 1M tokens>}} "
-                f"or (input, output), got {value!r}"
+                f"(optionally 'cached_input') or (input, output[, cached_input]), got {value!r}"
             ) from None
-        values = (price.input, price.output)
+        values = (price.input, price.output, *(() if price.cached_input is None else (price.cached_input,)))
         if not all(math.isfinite(v) and v >= 0 for v in values):
             raise LLMQueryConfigError(f"prices[{model!r}] must be finite and >= 0, got {value!r}")
         parsed[str(model)] = price

@@ -111,7 +111,10 @@ def _attempts(
         result = yield from _row_attempts(row_id, prompt, policy, limiter, rate, budget)
         if policy.price is not None:
             result = dataclasses.replace(
-                result, cost=policy.price.cost(result.prompt_tokens, result.completion_tokens)
+                result,
+                cost=policy.price.cost(
+                    result.prompt_tokens, result.completion_tokens, result.cached_prompt_tokens
+                ),
             )
     except Exception as exc:
         clean = policy.scrubber.exception(exc)
@@ -158,6 +161,7 @@ def _row_attempts(
     # was billed, so the row's tokens, cost and budget count them all
     billed_prompt: int | None = None
     billed_completion: int | None = None
+    billed_cached: int | None = None  # of billed_prompt, served from the prompt cache
 
     def ended(outcome: Failure, message: str | None = None, code: str | None = None) -> QueryResult:
         return QueryResult(
@@ -170,6 +174,7 @@ def _row_attempts(
             attempts=attempts,
             prompt_tokens=billed_prompt,
             completion_tokens=billed_completion,
+            cached_prompt_tokens=billed_cached,
             latency_ms=round((time.monotonic() - started) * 1000, 3),
             finish_reason=outcome.finish_reason,
             throttled=throttled,
@@ -186,6 +191,7 @@ def _row_attempts(
             attempts=attempts,
             prompt_tokens=billed_prompt,
             completion_tokens=billed_completion,
+            cached_prompt_tokens=billed_cached,
             latency_ms=round((time.monotonic() - started) * 1000, 3),
             throttled=throttled,
         )
@@ -258,6 +264,8 @@ def _row_attempts(
             used_tokens = outcome.prompt_tokens + (outcome.completion_tokens or 0)
             billed_prompt = (billed_prompt or 0) + outcome.prompt_tokens
             billed_completion = (billed_completion or 0) + (outcome.completion_tokens or 0)
+            if outcome.cached_tokens is not None:
+                billed_cached = (billed_cached or 0) + outcome.cached_tokens
             if estimate:
                 # a 200 that is no usable answer (filtered, cut, a tool call) was billed all the same
                 limiter.adjust_tokens(estimate, used_tokens)
@@ -286,6 +294,7 @@ def _row_attempts(
                 attempts=attempts,
                 prompt_tokens=billed_prompt,
                 completion_tokens=billed_completion,
+                cached_prompt_tokens=billed_cached,
                 latency_ms=round((time.monotonic() - started) * 1000, 3),
                 finish_reason=outcome.finish_reason,
                 throttled=throttled,

@@ -136,6 +136,7 @@ class Answer:
     finish_reason: str | None
     prompt_tokens: int | None
     completion_tokens: int | None
+    cached_tokens: int | None = None  # of prompt_tokens, served from the prompt cache
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,7 @@ class Failure:
     completion_tokens: int | None = None
     finish_reason: str | None = None
     content: str | None = None  # the answer text a 200 carried, kept on the row (invalid_output)
+    cached_tokens: int | None = None  # of prompt_tokens, served from the prompt cache
 
 
 def _error_fields(body: bytes) -> tuple[str | None, str]:
@@ -340,9 +342,12 @@ def _parse_success(body: bytes, output: StructuredOutput | None = None) -> Answe
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
     prompt_tokens = _int_or_none(usage.get("prompt_tokens"))
     completion_tokens = _int_or_none(usage.get("completion_tokens"))
+    details = usage.get("prompt_tokens_details")
+    cached_tokens = _int_or_none(details.get("cached_tokens")) if isinstance(details, dict) else None
 
     def failed(code: str, text: str, retryable: bool = False) -> Failure:
-        return Failure(code, text, retryable, 200, None, prompt_tokens, completion_tokens, finish_reason)
+        usage_ = (prompt_tokens, completion_tokens, finish_reason)
+        return Failure(code, text, retryable, 200, None, *usage_, cached_tokens=cached_tokens)
 
     # each of these is the model's deliberate answer to this prompt: asking again pays again for
     # the same outcome, so none is retried
@@ -370,7 +375,7 @@ def _parse_success(body: bytes, output: StructuredOutput | None = None) -> Answe
         if finish_reason == LENGTH:
             problem += " (finish_reason length: max_tokens cut the answer)"
         return replace(failed(INVALID_OUTPUT, problem), content=content)
-    return Answer(content, finish_reason, prompt_tokens, completion_tokens)
+    return Answer(content, finish_reason, prompt_tokens, completion_tokens, cached_tokens)
 
 
 def _int_or_none(value: object) -> int | None:

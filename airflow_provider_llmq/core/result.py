@@ -27,6 +27,8 @@ class QueryResult:
     :param finish_reason: the API's ``finish_reason`` (``stop``, ``length``, ...).
     :param cost: what the row's request cost at the run's ``prices`` (its reported usage); None
         without a price for the model.
+    :param cached_prompt_tokens: of ``prompt_tokens``, those the API served from its prompt cache
+        (``usage.prompt_tokens_details.cached_tokens``), priced at the cached rate when one is given.
     :param cached: the result was copied from the cross-run answer cache, not asked by this run (its
         usage and cost are those of the run that asked it).
     """
@@ -45,6 +47,7 @@ class QueryResult:
     throttled: int = 0
     cost: float | None = None
     cached: bool = False
+    cached_prompt_tokens: int | None = None
 
     @property
     def ok(self) -> bool:

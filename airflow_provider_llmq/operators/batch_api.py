@@ -36,7 +36,13 @@ class LLMQueryBatchAPIOperator(LLMQueryBaseOperator):
     retry, a resume or a re-run with the same ``checkpoint_key`` re-attaches instead of paying again.
     Requests a batch never ran (expired, cancelled) and transient line errors are asked by the next
     try; on the last try they are recorded (``batch_expired``, ``batch_cancelled``, ``batch_failed``).
-    A file refused for the enqueued-token quota waits and goes again when an earlier batch finishes.
+    A file refused for the enqueued-token quota waits and goes again when an earlier batch finishes;
+    one refused while nothing else of the run runs is larger than the whole quota, and is split.
+
+    ``max_total_tokens`` / ``max_cost`` hold across tries: a file goes out only when its whole
+    estimate (prompt tokens counted before sending + ``max_tokens``, or
+    ``expected_completion_tokens``) fits beside what the run's batches billed and what those still
+    running hold; what does not fit is split, waits for their bill, or ends ``budget_exceeded``.
 
     :param deferrable: wait in the triggerer (True) or poll in the task (False).
     :param poll_interval: seconds between polls of the batches.
@@ -92,13 +98,22 @@ class LLMQueryBatchAPIOperator(LLMQueryBaseOperator):
         return self.execute(context)
 
     def _placement(self) -> Placement:
-        # a batch is sent whole and answered at once: nothing to stop in time or to ask again
-        unsupported = [n for n in ("max_total_tokens", "max_cost") if getattr(self, n) is not None]
-        unsupported += ["repair_invalid_output"] if self.repair_invalid_output else []
-        if unsupported:
+        # a batch is answered at once: there is no second request in which to repair an answer
+        if self.repair_invalid_output:
             raise LLMQueryConfigError(
-                f"{', '.join(unsupported)} cannot apply to the Batch API (a batch is sent whole); use "
-                "estimate_only=True first, or a live operator"
+                "repair_invalid_output cannot apply to the Batch API (a batch is sent whole); use a "
+                "live operator"
+            )
+        budgeted = [n for n in ("max_total_tokens", "max_cost") if getattr(self, n) is not None]
+        capped = "max_tokens" in (self.request_params or {}) or "max_completion_tokens" in (
+            self.request_params or {}
+        )
+        if budgeted and not capped and self.expected_completion_tokens is None:
+            # a batch cannot be stopped once created: each request's completion must be counted
+            raise LLMQueryConfigError(
+                f"{', '.join(budgeted)} on the Batch API needs each request's completion counted before "
+                "its batch is created: set request_params max_tokens (a bound), or "
+                "expected_completion_tokens (an expectation, not a bound)"
             )
         if not self.poll_interval > 0:
             raise LLMQueryConfigError(f"poll_interval must be positive, got {self.poll_interval!r}")
@@ -120,8 +135,8 @@ class LLMQueryBatchAPIOperator(LLMQueryBaseOperator):
     def _defer_to(self, waiting: Waiting) -> NoReturn:
         wake_at = None if waiting.wake_after is None else time.time() + waiting.wake_after
         self.log.info(
-            "llmq: deferring while batches %s run; polled every %s s in the triggerer",
-            list(waiting.batch_ids),
+            "llmq: deferring while %s; polled every %s s in the triggerer",
+            waiting.describe(),
             self.poll_interval,
         )
         self.defer(
@@ -148,6 +163,8 @@ class LLMQueryBatchAPIOperator(LLMQueryBaseOperator):
     ) -> tuple[dict[str, Any], int, float]:
         settled_before = self._ledger(checkpoint).settled_by(self._try_id)  # before a deferral
         summary, asked, query_seconds = super()._run(spark, source, checkpoint, endpoint, options, placement)
+        if summary.get("estimate_only"):
+            return summary, asked, query_seconds  # nothing was sent: no batch to report
         summary["resumed_requests"] = max(0, summary["resumed_requests"] - settled_before)
         summary["batch_api"] = self._ledger(checkpoint).summary()
         return summary, asked, query_seconds

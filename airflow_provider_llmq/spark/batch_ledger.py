@@ -10,7 +10,14 @@ killed anywhere finds its way back and never pays twice:
 - before a batch is created its *intent* is recorded (with the time); once created, its id. A try
   killed between the two finds the batch by its metadata (checkpoint key and file digest);
 - each batch's last seen status, and once its result files are read, that it is *collected*, the
-  result files it wrote and how many of its requests are still unsettled.
+  result files it wrote, what its usage billed and how many of its requests are still unsettled;
+- a file split (its batch was refused for the enqueued-token quota while nothing else of the run
+  ran, or only part of it fits the budget) names its parts, which are written and recorded before
+  this record is saved, and is never sent again: each request goes out in exactly one part;
+- a file the budget refused names the result file of its ``budget_exceeded`` rows.
+
+Each file records the estimate of its requests (prompt tokens counted as live requests are, and
+the completion cap), which a budget holds for every batch created and not yet collected.
 
 A retry, a deferral's resume and a re-run with the same checkpoint key all read this record first.
 """
@@ -32,6 +39,10 @@ LEDGER = "batches.json"
 FILES_DIR = "batch"
 VERSION = 1
 INTENT = "intent"  # a batch whose creation was asked for; its id is not known yet
+# statuses past validation: the enqueued-token quota admitted the batch
+ACCEPTED_STATUSES = frozenset(
+    {"in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"}
+)
 
 
 @dataclass
@@ -51,6 +62,8 @@ class BatchRecord:
     unsettled: int = 0  # requests it never ran, or that failed transiently: a later try asks them
     results: list[str] = field(default_factory=list)  # result files written from it
     collected_by: str | None = None  # the try that collected it
+    billed_tokens: int = 0  # prompt + completion tokens its result lines report
+    billed_cost: float = 0.0  # at the run's prices (0 without them)
 
     @property
     def terminal(self) -> bool:
@@ -78,20 +91,35 @@ class FileRecord:
     file_id: str | None = None
     batches: list[BatchRecord] = field(default_factory=list)
     lone_refusals: int = 0  # refusals while none of this run's batches was running
+    prompt_tokens: int = 0  # estimated before sending, as a live request's reservation
+    completion_tokens: int = 0  # the completion cap (or expected length) of each request, summed
+    split_into: list[str] = field(default_factory=list)  # its parts, once split (never sent again)
+    budget_results: list[str] = field(default_factory=list)  # its budget_exceeded rows, if refused
+    budget_refused_by: str | None = None  # the try that recorded them
 
     @property
     def current(self) -> BatchRecord | None:
         return self.batches[-1] if self.batches else None
 
     @property
+    def superseded(self) -> bool:
+        """Split into parts, or refused by the budget: nothing of it is sent any more."""
+        return bool(self.split_into) or self.budget_refused_by is not None
+
+    @property
     def done(self) -> bool:
         current = self.current
-        return current is not None and current.collected and not current.refused
+        return self.superseded or (current is not None and current.collected and not current.refused)
 
     @property
     def waiting_for_quota(self) -> bool:
         current = self.current
-        return current is not None and current.refused
+        return not self.superseded and current is not None and current.refused
+
+    @property
+    def accepted(self) -> bool:
+        """A batch of it passed the enqueued-token quota's check."""
+        return any(b.status in ACCEPTED_STATUSES for b in self.batches)
 
 
 @dataclass
@@ -102,6 +130,9 @@ class Round:
     owner: str  # the try that planned it (task instance and try number)
     files: list[FileRecord] = field(default_factory=list)
     empty_prompts: int = 0  # recorded when planned (no request is sent for them)
+    # the prompt-token estimate of the smallest file refused for the quota with nothing else of the
+    # run running: the quota is below it, so files this large are split before they are sent
+    quota_ceiling: int | None = None
 
     @property
     def over(self) -> bool:
@@ -149,6 +180,7 @@ class Ledger:
                     for f in r["files"]
                 ],
                 r.get("empty_prompts", 0),
+                r.get("quota_ceiling"),
             )
             for r in data["rounds"]
         ]
@@ -166,21 +198,18 @@ class Ledger:
         return [b.id for r in self.rounds for f in r.files for b in f.batches if b.id is not None and b.live]
 
     def results_of(self, owner: str) -> list[str]:
-        """The result files written from batches this try collected."""
-        return [
-            name
-            for r in self.rounds
-            for f in r.files
-            for b in f.batches
-            if b.collected_by == owner
-            for name in b.results
-        ]
+        """The result files written from batches this try collected, and its budget refusals."""
+        files = [f for r in self.rounds for f in r.files]
+        collected = [name for f in files for b in f.batches if b.collected_by == owner for name in b.results]
+        return collected + [name for f in files if f.budget_refused_by == owner for name in f.budget_results]
 
     def settled_by(self, owner: str) -> int:
         """Requests this try has settled so far (a deferred try is resumed more than once)."""
         planned = sum(r.empty_prompts for r in self.rounds if r.owner == owner)
-        return planned + sum(
-            b.answered for r in self.rounds for f in r.files for b in f.batches if b.collected_by == owner
+        files = [f for r in self.rounds for f in r.files]
+        refused = sum(f.requests for f in files if f.budget_refused_by == owner)
+        return (
+            planned + refused + sum(b.answered for f in files for b in f.batches if b.collected_by == owner)
         )
 
     def summary(self) -> dict[str, Any]:
@@ -194,10 +223,13 @@ class Ledger:
         return {
             "rounds": len(self.rounds),
             "files": len(files),
-            "file_requests": sum(f.requests for f in files),
+            "file_requests": sum(f.requests for f in files if not f.split_into),
             "batches": len([b for b in batches if b.id is not None]),
             "batch_states": dict(sorted(states.items())),
             "quota_refusals": len([b for b in batches if b.refused]),
+            "file_splits": len([f for f in files if f.split_into]),
+            "budget_refused_requests": sum(f.requests for f in files if f.budget_refused_by is not None),
+            "billed_tokens": sum(b.billed_tokens for b in batches),
             "batch_ids": [b.id for b in batches if b.id is not None],
             # from the first batch asked for to the last seen finished
             "batch_seconds": round(max(ended) - min(b.intent_at for b in batches), 3) if ended else None,

@@ -452,7 +452,10 @@ def test_on_kill_cancels_the_live_batches_only_when_asked(
 @pytest.mark.parametrize(
     "setting", [{"max_cost": 1.0}, {"max_total_tokens": 1000}, {"repair_invalid_output": True}]
 )
-def test_a_budget_or_a_repair_is_refused_for_a_batch(setting: dict[str, Any]) -> None:
+def test_a_repair_or_a_budget_without_a_completion_count_is_refused_for_a_batch(
+    setting: dict[str, Any],
+) -> None:
+    # a batch cannot be stopped once created: a budget needs max_tokens or expected_completion_tokens
     from airflow_provider_llmq.core.errors import LLMQueryConfigError
     from airflow_provider_llmq.operators.batch_api import LLMQueryBatchAPIOperator
 

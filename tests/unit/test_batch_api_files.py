@@ -197,6 +197,9 @@ def test_the_ledger_reads_back_what_it_wrote_and_ignores_another_manifest(tmp_pa
         "batches": 3,
         "batch_states": {"completed": 1, "failed": 1, "in_progress": 1},
         "quota_refusals": 1,
+        "file_splits": 0,
+        "budget_refused_requests": 0,
+        "billed_tokens": 0,
         "batch_ids": ["batch_1", "batch_2", "batch_3"],
         "batch_seconds": 3.5,  # from the first intent to the last end seen
     }

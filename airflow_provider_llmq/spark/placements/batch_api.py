@@ -16,16 +16,15 @@ import time
 from dataclasses import dataclass
 
 from airflow_provider_llmq.core.batch_api import (
-    MAX_FILE_BYTES,
     TOKEN_LIMIT_EXCEEDED,
     BatchApiClient,
     BatchInfo,
     LLMQueryBatchError,
 )
-from airflow_provider_llmq.core.batch_files import (
-    LineBuilder,
-)
+from airflow_provider_llmq.core.batch_estimate import LineEstimator
+from airflow_provider_llmq.core.batch_files import LineBuilder
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
+from airflow_provider_llmq.core.limits import DEFAULT_MAX_TOKENS
 from airflow_provider_llmq.spark.batch_ledger import (
     BatchRecord,
     FileRecord,
@@ -34,58 +33,25 @@ from airflow_provider_llmq.spark.batch_ledger import (
     open_request_file,
 )
 from airflow_provider_llmq.spark.placements.base import PlacementStopped, Work
+from airflow_provider_llmq.spark.placements.batch_budget import BatchBudget, completion_cap, refuse_file
 from airflow_provider_llmq.spark.placements.batch_io import collect, write_request_files
+from airflow_provider_llmq.spark.placements.batch_settings import (
+    BatchSettings,
+    LLMQueryBatchIncompleteError,
+    Waiting,
+)
+from airflow_provider_llmq.spark.placements.batch_split import (
+    halves,
+    larger_than_the_quota,
+    line_estimates,
+    split_file,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_LONE_REFUSALS = 6  # a file refused this often with nothing of this run running: give up
 ORPHAN_SCAN = 500  # batches listed, newest first, to find one a killed try created
 ORPHAN_SLACK = 300.0  # seconds: created_at is whole seconds, and clocks differ
-
-
-@dataclass(frozen=True)
-class BatchSettings:
-    """How a Batch API run goes.
-
-    :param checkpoint_key: what each batch's metadata names, with its file's digest.
-    :param owner: this try (task instance and try number): a new try plans a new round once the
-        last one is over, the same try (resumed after a deferral) carries on with it.
-    :param last_try: no retry is left: requests the batches never ran are recorded (as
-        ``batch_expired``, ``batch_cancelled`` or ``batch_failed``) instead of left to the next try.
-    :param max_requests_per_file: lowers the API's limit (OpenAI 50,000, Azure 100,000).
-    :param max_file_bytes: bytes per request file.
-    :param poll_interval: seconds between polls.
-    :param cancel_on_kill: a stop cancels the live batches (their queued work is thrown away).
-    :param api_version: Azure ``api-version`` of the Files and Batches calls; None: the connection's.
-    """
-
-    checkpoint_key: str
-    owner: str
-    last_try: bool = True
-    max_requests_per_file: int | None = None
-    max_file_bytes: int = MAX_FILE_BYTES
-    poll_interval: float = 60.0
-    cancel_on_kill: bool = False
-    api_version: str | None = None
-
-
-@dataclass(frozen=True)
-class Waiting:
-    """What a run waits for.
-
-    :param batch_ids: batches the API is working on.
-    :param wake_on_any: a file waits for the enqueued-token quota: any finished batch frees some.
-    :param wake_after: with no batch running, seconds until a refused file is sent again.
-    """
-
-    batch_ids: tuple[str, ...]
-    wake_on_any: bool = False
-    wake_after: float | None = None
-
-
-class LLMQueryBatchIncompleteError(LLMQueryBatchError):
-    """The batches are over and some requests never ran (expired, cancelled) or failed transiently;
-    their answers are checkpointed and the next try asks only the rest."""
 
 
 @dataclass(frozen=True)
@@ -157,33 +123,44 @@ class _Pass:
     def __init__(self, settings: BatchSettings, work: Work, ledger: Ledger, client: BatchApiClient) -> None:
         self.settings, self.work, self.ledger, self.client = settings, work, ledger, client
         self.checkpoint = work.checkpoint
+        # the completion a line without max_tokens is counted for (estimates; a budget needs a cap)
+        request = work.options.chat_request(work.endpoint)
+        cap = completion_cap(work.options, request.max_completion_tokens())
+        self.estimate = LineEstimator(cap if cap is not None else DEFAULT_MAX_TOKENS)
 
     def save(self) -> None:
         self.ledger.save(self.checkpoint)
 
     def run(self) -> Waiting | None:
-        current = self._round()
+        current = self.round = self._round()
         freed = False
         for file in current.files:  # poll
             batch = file.current
             if batch is not None and batch.id is not None and batch.live:
                 freed |= self._refresh(batch)
         self.save()
-        for file in current.files:  # collect, submit, re-attach
+        for file in current.files:  # collect (first: what a batch billed frees the budget)
             batch = file.current
             if batch is not None and batch.terminal and not batch.collected:
                 self._collect(file, batch)
-            if file.file_id is None:
-                self._upload(file)
+        index = 0
+        while index < len(current.files):  # submit or re-attach; parts of a split come next
+            file = current.files[index]
+            index += 1
+            if file.superseded:
+                continue
             if file.current is None:
-                self._create(file)
+                self._submit(file)
             elif file.current.id is None and file.current.live:
                 self._reattach_or_create(file, file.current)
         live = any(f.current is not None and f.current.live for f in current.files)
-        for file in current.files:  # a refused file goes again once capacity is freed
-            if file.waiting_for_quota and self._may_resend(file, freed, live):
-                self._create(file)
-                live = True
+        for file in list(current.files):  # a refused file goes again once capacity is freed
+            if not file.waiting_for_quota:
+                continue
+            if not freed and not live and file.requests > 1 and larger_than_the_quota(current, file):
+                live |= self._split(file, halves(file), "it alone is over the enqueued-token quota")
+            elif self._may_resend(file, freed, live):
+                live |= self._submit(file)
         self.save()
         if current.over:
             if current.unsettled and not self.settings.last_try:
@@ -212,10 +189,13 @@ class _Pass:
             )
         builder = LineBuilder(self.work.options.chat_request(endpoint), self.client.line_url, endpoint.model)
         limit = min(self.client.max_requests, self.settings.max_requests_per_file or self.client.max_requests)
-        files, empty_prompts = write_request_files(
-            self.work, builder, f"round-{number:03d}", limit, self.settings.max_file_bytes
+        files, empty_prompts, estimates = write_request_files(
+            self.work, builder, f"round-{number:03d}", limit, self.settings.max_file_bytes, self.estimate
         )
-        records = [FileRecord(f.name, f.digest, f.requests, f.bytes) for f in files]
+        records = [
+            FileRecord(f.name, f.digest, f.requests, f.bytes, prompt_tokens=p, completion_tokens=c)
+            for f, (p, c) in zip(files, estimates, strict=True)
+        ]
         planned = Round(number, self.settings.owner, records, empty_prompts=empty_prompts)
         self.ledger.rounds.append(planned)
         self.save()
@@ -234,6 +214,42 @@ class _Pass:
         self.save()
 
     # --- batches ---------------------------------------------------------------------------
+
+    def _submit(self, file: FileRecord) -> bool:
+        """Creates the file's batch, unless the quota's known size or the budget asks to split it
+        first (its parts are then submitted) or the budget refuses it; True when a batch went out."""
+        ceiling = self.round.quota_ceiling
+        if ceiling is not None and file.requests > 1 and file.prompt_tokens >= ceiling:
+            return self._split(
+                file, halves(file), f"over the {ceiling} prompt tokens the quota refused alone"
+            )
+        budget = BatchBudget.of(self.ledger, self.work.options, self.work.endpoint.model)
+        if budget is not None and not budget.fits(file.prompt_tokens, file.completion_tokens):
+            fitting = budget.fitting_lines(line_estimates(self.checkpoint, file, self.estimate))
+            if fitting:
+                return self._split(file, [fitting, file.requests - fitting], "only a part fits the budget")
+            if not budget.holds:  # nothing running can free any: what is left is not enough
+                refuse_file(self.work, file, budget, self.settings.owner)
+                self.save()
+            else:  # each pass says so: debug
+                log.debug("llmq: %s waits for the running batches' bill (%s)", file.name, budget.describe())
+            return False
+        if file.file_id is None:
+            self._upload(file)
+        self._create(file)
+        return True
+
+    def _split(self, file: FileRecord, sizes: list[int], why: str) -> bool:
+        """Splits the file into parts of ``sizes`` lines (recorded before anything is sent) and
+        submits them; True when a batch went out."""
+        parts = split_file(self.checkpoint, self.round, file, sizes, self.estimate)
+        self.save()
+        log.info(
+            "llmq: split %s (%d requests) into parts of %s requests: %s", file.name, file.requests, sizes, why
+        )
+        if file.file_id is not None:
+            self._delete(file.file_id)
+        return any([self._submit(part) for part in parts])
 
     def _create(self, file: FileRecord, record: BatchRecord | None = None) -> None:
         """Records the intent, creates the batch, records its id: a try killed in between finds the
@@ -303,9 +319,9 @@ class _Pass:
         file.lone_refusals += 1
         if file.lone_refusals > MAX_LONE_REFUSALS:
             raise LLMQueryBatchError(
-                f"the request file {file.name} ({file.requests} requests) was refused for the enqueued-"
-                f"token quota {file.lone_refusals} times while no other batch of this run was running: "
-                "lower max_requests_per_file, or raise the deployment's batch quota"
+                f"the request file {file.name} ({file.requests} requests, about {file.prompt_tokens} "
+                f"prompt tokens) was refused for the enqueued-token quota {file.lone_refusals} times "
+                "while no other batch of this run was running: raise the deployment's batch quota"
             )
         return True
 
@@ -314,12 +330,19 @@ class _Pass:
 
     def _waiting(self, current: Round) -> Waiting:
         waiting = [f for f in current.files if f.waiting_for_quota]
-        live = tuple(f.current.id for f in current.files if f.current and f.current.id and f.current.live)
+        for_budget = [f for f in current.files if f.current is None and not f.superseded]
+        running = [f.current for f in current.files if f.current and f.current.id and f.current.live]
         wake_after = None
-        if waiting and not live:
+        if waiting and not running:
             due = min((f.current.ended_at or 0) + self._lone_wait(f) for f in waiting if f.current)
             wake_after = max(0.0, due - time.time())
-        return Waiting(live, wake_on_any=bool(waiting), wake_after=wake_after)
+        return Waiting(
+            tuple(b.id for b in running if b.id),
+            wake_on_any=bool(waiting or for_budget),
+            wake_after=wake_after,
+            states=tuple(b.status for b in running),
+            files_waiting=len(waiting) + len(for_budget),
+        )
 
     # --- results ---------------------------------------------------------------------------
 
@@ -332,10 +355,13 @@ class _Pass:
         self.save()
         for file_id in (batch.output_file_id, batch.error_file_id, None if batch.refused else file.file_id):
             if file_id:  # the API keeps files until deleted (Azure: 500 a resource)
-                try:
-                    self.client.delete_file(file_id)
-                except LLMQueryBatchError as exc:
-                    log.warning("llmq: could not delete file %s: %s", file_id, exc)
+                self._delete(file_id)
+
+    def _delete(self, file_id: str) -> None:
+        try:
+            self.client.delete_file(file_id)
+        except LLMQueryBatchError as exc:
+            log.warning("llmq: could not delete file %s: %s", file_id, exc)
 
 
 __all__ = ["BatchAPIPlacement", "BatchSettings", "LLMQueryBatchIncompleteError", "Waiting"]

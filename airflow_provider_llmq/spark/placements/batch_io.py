@@ -4,9 +4,11 @@ row result, and what the batch never ran told apart from what it answered."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import IO
 
 from airflow_provider_llmq.core.batch_api import BatchApiClient, LLMQueryBatchError
+from airflow_provider_llmq.core.batch_estimate import LineEstimator
 from airflow_provider_llmq.core.batch_files import (
     NEVER_RAN_BY_STATUS,
     FileSplitter,
@@ -18,6 +20,7 @@ from airflow_provider_llmq.core.batch_files import (
     never_ran_result,
     parse_result_line,
 )
+from airflow_provider_llmq.core.cost import parse_prices
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
 from airflow_provider_llmq.core.payload import TRANSIENT_ERROR_CODES
 from airflow_provider_llmq.core.progress import Tally
@@ -34,11 +37,17 @@ from airflow_provider_llmq.spark.plan import stream_requests
 
 
 def write_request_files(
-    work: Work, builder: LineBuilder, prefix: str, max_requests: int, max_bytes: int
-) -> tuple[list[WrittenFile], int]:
+    work: Work,
+    builder: LineBuilder,
+    prefix: str,
+    max_requests: int,
+    max_bytes: int,
+    estimator: LineEstimator,
+) -> tuple[list[WrittenFile], int, list[tuple[int, int]]]:
     """Streams the pending requests (never the whole table) into request files under the
     checkpoint, cut at the limits. A null or blank prompt is recorded as ``empty_prompt`` and sent
-    nowhere, as live. Returns the files and the count of empty prompts."""
+    nowhere, as live. Returns the files, the count of empty prompts and each file's estimated
+    (prompt, completion) tokens."""
     fs, checkpoint = work.checkpoint.fs, work.checkpoint
     fs.create_dir(f"{checkpoint.root}/{FILES_DIR}", recursive=True)
 
@@ -49,21 +58,28 @@ def write_request_files(
     splitter = FileSplitter(max_requests, max_bytes, open_file)
     empties: list[QueryResult] = []
     recorded = 0
+    estimates: list[list[int]] = []
     for key, prompt in stream_requests(work.pending, work.n_buckets):
         if work.stop.is_set():
             raise PlacementStopped("stopped while writing the request files; nothing was sent")
         if is_empty_prompt(prompt):
             empties.append(empty_prompt_result(key))
         else:
+            line = builder.line(key, str(prompt))
             try:
-                splitter.add(builder.line(key, str(prompt)))
+                splitter.add(line)
             except ValueError as exc:
                 raise LLMQueryConfigError(f"a prompt cannot be sent through the Batch API: {exc}") from None
+            index = len(splitter.files)  # the file the line went to (those before it are closed)
+            estimates += [[0, 0] for _ in range(index + 1 - len(estimates))]
+            prompt_tokens, completion_tokens = estimator(line)
+            estimates[index][0] += prompt_tokens
+            estimates[index][1] += completion_tokens
         if len(empties) >= work.flush_rows:
             recorded += _record(work, empties)
             empties = []
     recorded += _record(work, empties)
-    return splitter.finish(), recorded
+    return splitter.finish(), recorded, [(p, c) for p, c in estimates]
 
 
 def _record(work: Work, results: list[QueryResult]) -> int:
@@ -91,10 +107,13 @@ class _Collector:
         self.pending: list[QueryResult] = []
         self.seen: set[str] = set()
         self.output = work.options.structured_output()
+        self.price = parse_prices(work.options.prices).get(work.endpoint.model or "")
 
     def collect(self) -> None:
         batch, last_try = self.batch, self.last_try
-        batch.answered, batch.unsettled, batch.results = 0, 0, []  # a collection cut short starts over
+        # a collection cut short starts over
+        batch.answered, batch.unsettled, batch.results = 0, 0, []
+        batch.billed_tokens, batch.billed_cost = 0, 0.0
         never: list[QueryResult] = []
         try:
             for file_id in (batch.output_file_id, batch.error_file_id):
@@ -135,6 +154,15 @@ class _Collector:
         return [never_ran_result(key, code, message[:500]) for key in missing]
 
     def _add(self, result: QueryResult) -> None:
+        """One row's result, priced as a live row's (its usage at the run's prices, cached prompt
+        tokens at the cached rate) and counted as billed."""
+        if self.price is not None:
+            cost = self.price.cost(
+                result.prompt_tokens, result.completion_tokens, result.cached_prompt_tokens
+            )
+            result = dataclasses.replace(result, cost=cost)
+        self.batch.billed_tokens += (result.prompt_tokens or 0) + (result.completion_tokens or 0)
+        self.batch.billed_cost += result.cost or 0.0
         self.pending.append(result)
         if result.error_code in TRANSIENT_ERROR_CODES:
             self.batch.unsettled += 1  # a later try asks it again, as for a live request

@@ -22,7 +22,7 @@ from ..token_authority import TOKEN_PREFIX, check_token
 from .faults import ANSWER_KINDS, Fault, MockConfig, expected_answer, jitter_ms, plan, prompt_hash
 from .quotas import QuotaPolicy, build_policy
 from .structured import answer_text
-from .tokens import count_messages, count_text, truncate_text
+from .tokens import cached_prefix_tokens, count_messages, count_text, truncate_text
 
 STATE: web.AppKey[MockState] = web.AppKey("llmq_mock_state")
 _JSON = "application/json"
@@ -90,6 +90,18 @@ def _prompt_tokens(messages: list[Any]) -> int:
     return count_messages(_content_text(m.get("content")) for m in messages if isinstance(m, dict))
 
 
+def usage(messages: list[Any], completion_tokens: int) -> dict[str, Any]:
+    """A chat answer's ``usage``, with the prompt tokens served from the prompt cache."""
+    texts = [_content_text(m.get("content")) for m in messages if isinstance(m, dict)]
+    prompt_tokens = count_messages(texts)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_prefix_tokens(texts)},
+    }
+
+
 def _content_text(content: Any) -> str:
     """Message content as text: a string, or the text parts of a multimodal list."""
     if isinstance(content, str):
@@ -121,6 +133,7 @@ class MockState:
         self.expired_tokens = 0  # refused because their token had expired
         self.prompt_tokens_total = 0
         self.completion_tokens_total = 0
+        self.cached_tokens_total = 0
         self.rps_window = -1
         self.rps_count = 0
         self.reset_auth_fail()
@@ -159,6 +172,7 @@ class MockState:
             "expired_tokens": self.expired_tokens,
             "prompt_tokens_total": self.prompt_tokens_total,
             "completion_tokens_total": self.completion_tokens_total,
+            "cached_tokens_total": self.cached_tokens_total,
             "quota": self._quota_snapshot(),
         }
 
@@ -351,10 +365,10 @@ async def _chat(request: web.Request, st: MockState) -> web.StreamResponse:
         cut = isinstance(limit, int) and not isinstance(limit, bool) and _tokens(answer) > limit
         if cut:  # a model stops writing at max_tokens, as the real services do
             answer = truncate_text(answer, limit)
-        p_tok = _prompt_tokens(messages)
-        c_tok = _tokens(answer)
-        st.prompt_tokens_total += p_tok
-        st.completion_tokens_total += c_tok
+        billed = usage(messages, _tokens(answer))
+        st.prompt_tokens_total += billed["prompt_tokens"]
+        st.completion_tokens_total += billed["completion_tokens"]
+        st.cached_tokens_total += billed["prompt_tokens_details"]["cached_tokens"]
         st.ok_per_window[int(time.monotonic())] += 1
         st.auth_fail_ok += 1
         message: dict[str, Any] = {"role": "assistant", "content": answer}
@@ -390,11 +404,7 @@ async def _chat(request: web.Request, st: MockState) -> web.StreamResponse:
                 "created": int(time.time()),
                 "model": model,
                 "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
-                "usage": {
-                    "prompt_tokens": p_tok,
-                    "completion_tokens": c_tok,
-                    "total_tokens": p_tok + c_tok,
-                },
+                "usage": billed,
             }
         ).encode()
         if fault is not None and fault.kind == "drip":

@@ -17,6 +17,7 @@ from typing import Any
 from . import app
 from .faults import ANSWER_KINDS, Fault, MockConfig, plan
 from .structured import answer_text
+from .tokens import count_text, truncate_text
 
 
 def tokens(body: dict[str, Any]) -> int:
@@ -52,9 +53,12 @@ def answer(body: dict[str, Any], config: MockConfig) -> tuple[int, Any]:
     system_prompt = app._content_text(system.get("content")) if system else None
     params = {k: v for k, v in body.items() if k not in ("messages", "model", "stream")}
     text = answer_text(model, system_prompt, prompt, params)  # as a live request answers
-    p_tok, c_tok = tokens(body), app._tokens(text)
+    cap = body.get("max_completion_tokens", body.get("max_tokens"))
+    cut = isinstance(cap, int) and not isinstance(cap, bool) and count_text(text) > cap
+    if cut and isinstance(cap, int):  # a model writes no more than max_tokens: the answer stops there
+        text = truncate_text(text, cap)
     message: dict[str, Any] = {"role": "assistant", "content": text}
-    finish_reason = "stop"
+    finish_reason = "length" if cut else "stop"
     kind = fault.kind if fault is not None else None
     if kind == "filtered":
         message["content"], finish_reason = "", "content_filter"
@@ -77,7 +81,7 @@ def answer(body: dict[str, Any], config: MockConfig) -> tuple[int, Any]:
         "created": int(time.time()),
         "model": model,
         "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
-        "usage": {"prompt_tokens": p_tok, "completion_tokens": c_tok, "total_tokens": p_tok + c_tok},
+        "usage": app.usage(messages, app._tokens(text)),
     }
 
 

@@ -36,6 +36,10 @@ COUNTERS = (
     "lines_created",
     "lines_answered",
     "http_requests",
+    # what the answered lines' usage billed (a batch bills only the lines it ran)
+    "prompt_tokens_billed",
+    "completion_tokens_billed",
+    "cached_tokens_billed",
 )
 
 
@@ -257,6 +261,7 @@ class BatchState:
         for index, line in enumerate(b.lines):
             if index < b.processed:
                 code, body = batch_lines.answer(line["body"], self.chat.config)
+                self._bill(body)
                 (output if code == 200 else errors).append(
                     batch_lines.result_line(line["custom_id"], code, body)
                 )
@@ -268,6 +273,13 @@ class BatchState:
             b.output_file_id = self.add_file("batch_output.jsonl", "batch_output", b"".join(output), at).id
         if errors:
             b.error_file_id = self.add_file("batch_errors.jsonl", "batch_output", b"".join(errors), at).id
+
+    def _bill(self, body: Any) -> None:
+        billed = body.get("usage") if isinstance(body, dict) else None
+        if isinstance(billed, dict):
+            self.counters["prompt_tokens_billed"] += billed["prompt_tokens"]
+            self.counters["completion_tokens_billed"] += billed["completion_tokens"]
+            self.counters["cached_tokens_billed"] += billed["prompt_tokens_details"]["cached_tokens"]
 
     def add_file(
         self, filename: str, purpose: str, data: bytes, now: float, pending_s: float = 0.0

@@ -11,7 +11,12 @@ estimate can be measured against it rather than against its own formula:
 - any other non-space character: one token (punctuation; a non-ASCII letter, so other scripts
   count high, as they do in a real tokenizer);
 - a chat request bills each message's text plus 3 tokens per message and 3 for the reply's priming
-  (OpenAI's published framing).
+  (OpenAI's published framing);
+- prompt caching as OpenAI reports it: when the messages before the last one (the system prompt, a
+  shared prefix) come to 1,024 tokens or more, that prefix is reported as
+  ``prompt_tokens_details.cached_tokens``, in steps of 128 tokens from 1,024. Unlike OpenAI, the
+  first request reports it too (as if an earlier run had warmed the cache), so every request's
+  cost is known in advance.
 
 "The quick brown fox jumps over the lazy dog." is 10 tokens, as in ``cl100k_base``.
 """
@@ -21,11 +26,20 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-__all__ = ["MESSAGE_TOKENS", "count_messages", "count_text", "truncate_text"]
+__all__ = [
+    "CACHE_MIN_TOKENS",
+    "MESSAGE_TOKENS",
+    "cached_prefix_tokens",
+    "count_messages",
+    "count_text",
+    "truncate_text",
+]
 
 MESSAGE_TOKENS = 3
 _PIECE = re.compile(r"[A-Za-z]+|[0-9]{1,3}|[^\sA-Za-z0-9]")
 _LETTERS_PER_TOKEN = 8
+CACHE_MIN_TOKENS = 1024  # OpenAI caches prompts from 1,024 tokens, in steps of 128
+_CACHE_STEP = 128
 
 
 def count_text(text: str) -> int:
@@ -58,3 +72,13 @@ def count_messages(texts: Iterable[str]) -> int:
     reply's priming."""
     texts = list(texts)
     return sum(count_text(text) for text in texts) + MESSAGE_TOKENS * (len(texts) + 1)
+
+
+def cached_prefix_tokens(texts: Iterable[str]) -> int:
+    """The prompt tokens a request reports as cached: its prefix (every message but the last, with
+    their framing) rounded down to a step of 128 from 1,024; 0 below 1,024."""
+    texts = list(texts)
+    prefix = sum(count_text(text) + MESSAGE_TOKENS for text in texts[:-1])
+    if prefix < CACHE_MIN_TOKENS:
+        return 0
+    return CACHE_MIN_TOKENS + (prefix - CACHE_MIN_TOKENS) // _CACHE_STEP * _CACHE_STEP
