@@ -13,8 +13,9 @@ from typing import Any
 from airflow.sdk import BaseHook
 from airflow.sdk.log import mask_secret
 
+from airflow_provider_llmq.core.api_forms import API_TYPES, guess_api_type
 from airflow_provider_llmq.core.client import AsyncClient, SyncClient
-from airflow_provider_llmq.core.endpoint import API_TYPES, EndpointConfig
+from airflow_provider_llmq.core.endpoint import EndpointConfig
 from airflow_provider_llmq.core.entra_id import INSTALL_HINT, EntraIdConfig
 from airflow_provider_llmq.core.entra_token import add_token_listener
 from airflow_provider_llmq.core.errors import (
@@ -89,13 +90,6 @@ def _entra_id(extra: dict[str, Any]) -> EntraIdConfig | None:
     )
 
 
-def _guess_api_type(host: str, extra: dict[str, Any]) -> str:
-    """Without an explicit api_type: Azure for an Azure host or a deployment name, else OpenAI."""
-    if ".openai.azure.com" in host or ".cognitiveservices.azure.com" in host or extra.get("deployment"):
-        return "azure"
-    return "openai"
-
-
 class LLMQueryHook(BaseHook):
     """Talks to an OpenAI or Azure OpenAI chat-completions endpoint.
 
@@ -153,7 +147,9 @@ class LLMQueryHook(BaseHook):
     def _endpoint_from(
         self, conn: Any, extra: dict[str, Any], headers: dict[str, str], proxy: str | None
     ) -> EndpointConfig:
-        api_type = str(extra.get("api_type") or _guess_api_type(conn.host or "", extra)).lower()
+        api_type = str(
+            extra.get("api_type") or guess_api_type(conn.host or "", bool(extra.get("deployment")))
+        ).lower()
         if api_type not in API_TYPES:
             raise LLMQueryConfigError(f"extra api_type must be one of {API_TYPES}, got {api_type!r}")
         verify = _as_bool(extra.get("verify"), default=True)
