@@ -137,6 +137,12 @@ def get_provider_info() -> dict[str, Any]:
                         "description": "A PEM file with the service principal's certificate and its "
                         "private key, instead of a secret.",
                     },
+                    "certificate_password": {
+                        "label": "Certificate password (Entra ID)",
+                        "schema": {**string, "format": "password"},
+                        "description": "The password of the certificate's encrypted private key; "
+                        "empty for an unencrypted key.",
+                    },
                     "authority_host": {
                         "label": "Authority host (Entra ID)",
                         "schema": string,

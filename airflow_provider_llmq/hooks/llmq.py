@@ -86,6 +86,7 @@ def _entra_id(extra: dict[str, Any]) -> EntraIdConfig | None:
     return EntraIdConfig(
         **fields,
         certificate=extra.get("certificate_path") or None,
+        certificate_password=str(extra.get("certificate_password") or "") or None,
         authority_ca_cert=extra.get("authority_ca_cert") or None,
     )
 
@@ -126,7 +127,7 @@ class LLMQueryHook(BaseHook):
         headers = _headers_extra(extra.get("headers"), self.llm_conn_id)
         proxy = extra.get("proxy") or None
         raw_secrets = [conn.password or "", *headers.values(), *url_credentials(proxy)]
-        raw_secrets += [str(extra.get("client_secret") or "")]
+        raw_secrets += [str(extra.get(name) or "") for name in ("client_secret", "certificate_password")]
         add_token_listener(mask_secret)  # every Entra ID token this process obtains, whoever asks
         _register_secrets(raw_secrets)
         self._scrubber = Scrubber(raw_secrets)

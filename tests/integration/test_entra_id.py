@@ -199,6 +199,24 @@ def test_a_token_refused_before_it_expires_is_refreshed_once_and_the_row_asked_a
     assert tokens <= seconds / 2 + 3, (tokens, seconds, stats["expired_tokens"])
 
 
+def test_a_token_refused_while_msal_still_caches_it_is_replaced_by_a_new_one(
+    server: MockServer, authority: TokenAuthority
+) -> None:
+    # the answers claim an hour, so MSAL caches each token and hands it back on every get_token;
+    # the server refuses them after 2 s, as it would a revoked token: the refresh after the 401
+    # must get a token the authority newly issued, not the cached one again
+    authority.configure(lifetime=2, reported_lifetime=3600)
+    endpoint = entra_endpoint(server, "openai", **service_principal(authority))
+    results, seconds = _run(
+        query_thread_pool, endpoint, 400, max_workers=4, requests_per_minute=6_000, max_retries=0
+    )
+    stats, tokens = server.stats(), authority.stats()["token_requests"]
+    assert seconds > 2.5, "the run must outlive the first token"
+    assert all(r.ok for r in results), [r for r in results if not r.ok][:3]
+    assert stats["expired_tokens"] >= 1 and tokens >= 2
+    assert tokens <= seconds / 2 + 3, (tokens, seconds)  # one new token per refusal, not per row
+
+
 def test_a_second_401_is_an_auth_error_that_quotes_no_token(
     server: MockServer, authority: TokenAuthority
 ) -> None:
@@ -295,6 +313,46 @@ def test_a_certificate_credential_gets_tokens(
     assert entra_id is not None and "-----BEGIN" in (entra_id.certificate or "")  # executors need no file
     ok, message = hook.test_connection()
     assert ok and "CertificateCredential" in message, message
+
+
+def test_an_encrypted_certificate_is_opened_with_its_password(
+    server: MockServer, authority: TokenAuthority, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    import trustme
+    from cryptography.hazmat.primitives import serialization
+
+    password = "cert-password-9b2e71"
+    cert = trustme.CA(key_type=trustme.KeyType.RSA).issue_cert("llmq-client", key_type=trustme.KeyType.RSA)
+    key = serialization.load_pem_private_key(cert.private_key_pem.bytes(), password=None)
+    encrypted = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(password.encode()),
+    )
+    path = tmp_path / "client-encrypted.pem"
+    path.write_bytes(encrypted + b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    entra = {"tenant_id": TENANT, "client_id": CERT_CLIENT, "certificate_path": str(path), **trust(authority)}
+    wrong = {"certificate_password": "not-the-password-55e0"}
+    connections = (
+        ("llmq_cert", {"certificate_password": password}),
+        ("llmq_nopw", {}),
+        ("llmq_badpw", wrong),
+    )
+    for conn_id, extra in connections:
+        for name, value in entra_connection(server, conn_id, **entra, **extra).items():
+            monkeypatch.setenv(name, value)
+    with pytest.raises(LLMQueryConfigError, match="without a certificate"):
+        EntraIdConfig(TENANT, CERT_CLIENT, certificate_password=password)
+    hook = LLMQueryHook("llmq_cert")
+    assert hook.endpoint.entra_id is not None and password not in repr(hook.endpoint.entra_id)
+    assert password in hook.endpoint.secrets()  # scrubbed from every message like the secret
+    ok, message = hook.test_connection()
+    assert ok and "CertificateCredential" in message, message
+    # without it the key cannot be read: the credential is named, the task fails before any row
+    for conn_id in ("llmq_nopw", "llmq_badpw"):
+        ok, message = LLMQueryHook(conn_id).test_connection()
+        assert not ok and "CertificateCredential" in message and "private key" in message, message
+        assert password not in message and "not-the-password-55e0" not in message
 
 
 def test_no_token_in_rows_logs_errors_or_airflow_logs(
