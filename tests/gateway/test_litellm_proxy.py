@@ -24,6 +24,7 @@ from airflow_provider_llmq.core.result import QueryResult
 from airflow_provider_llmq.testing.mock_server import MockConfig, MockServer, expected_answer, planned_fault
 from tests.conftest import DEPLOYMENT, TEST_KEY, run_dag_file
 from tests.gateway.conftest import MASTER_KEY, MOCK_ANSWER, Gateway
+from tests.integration.test_batch_api_operator import DAG_HEAD  # the same DAG file head
 
 pytestmark = [pytest.mark.gateway, pytest.mark.timeout(300)]
 FAST = {"retry_backoff": 0.001, "max_retry_wait": 1.0}
@@ -133,23 +134,10 @@ def test_a_wrong_key_is_one_clear_auth_error(
     assert upstream.stats()["chat_requests"] == 0
 
 
-OPERATOR_DAG = """
-from datetime import datetime, timedelta
-
-from airflow.sdk import DAG
-
-from airflow_provider_llmq.operators.llmq import LLMQueryRateLimitedOperator
-
-with DAG(
-    "llmq_through_litellm",
-    schedule=None,
-    start_date=datetime(2026, 1, 1),
-    default_args={{"owner": "tests", "retries": 0, "retry_delay": timedelta(0)}},
-) as dag:
-    LLMQueryRateLimitedOperator(
-        task_id="ask", source_path="{source}", id_col="id", output_path="{output}", max_concurrency=8
-    )
-"""
+OPERATOR = (
+    '    LLMQueryRateLimitedOperator(task_id="ask", source_path="{source}", id_col="id", '
+    'output_path="{output}", max_concurrency=8)\n'
+)
 
 
 @pytest.mark.slow
@@ -174,13 +162,16 @@ def test_an_operator_runs_through_the_proxy(
     prompts = {i: f"operator question {i}?" for i in range(60)}
     source, output = tmp_path / "src", tmp_path / "out"
     spark.createDataFrame(list(prompts.items()), "id long, prompt string").write.parquet(str(source))
-    run = run_dag_file(OPERATOR_DAG.format(source=source, output=output), "llmq_through_litellm")
+    dag = DAG_HEAD.format(dag_id="llmq_through_litellm", retries=0) + OPERATOR.format(
+        source=source, output=output
+    )
+    run = run_dag_file(dag, "llmq_through_litellm")
     assert run.state == "success"
     rows = pq.read_table(output).to_pylist()
     assert sorted(r["id"] for r in rows) == sorted(prompts)
     for row in rows:
         assert row["llmq_status"] == "ok", row
-        assert row["llmq_response"] == expected_answer(
+        assert row["response"] == expected_answer(
             DEPLOYMENT, DEFAULT_SYSTEM_PROMPT, prompts[row["id"]], {}
         )
     assert upstream.stats()["chat_routes"] == {"/v1/chat/completions": len(prompts)}
