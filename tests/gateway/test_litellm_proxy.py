@@ -171,7 +171,5 @@ def test_an_operator_runs_through_the_proxy(
     assert sorted(r["id"] for r in rows) == sorted(prompts)
     for row in rows:
         assert row["llmq_status"] == "ok", row
-        assert row["response"] == expected_answer(
-            DEPLOYMENT, DEFAULT_SYSTEM_PROMPT, prompts[row["id"]], {}
-        )
+        assert row["response"] == expected_answer(DEPLOYMENT, DEFAULT_SYSTEM_PROMPT, prompts[row["id"]], {})
     assert upstream.stats()["chat_routes"] == {"/v1/chat/completions": len(prompts)}
