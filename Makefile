@@ -7,7 +7,7 @@ CONSTRAINTS ?= constraints/constraints-3.11.txt
 PYTEST_ARGS ?=
 LINT_PATHS := $(wildcard airflow_provider_llmq tests dags benchmarks scripts)
 
-.PHONY: install test test-slow test-cluster test-browser test-oldest test-wheel test-preinstalled-spark lint demo bench clean
+.PHONY: install test test-slow test-cluster test-browser test-oldest test-wheel test-preinstalled-spark test-gateway lint demo bench clean
 
 $(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,11 +23,11 @@ lint: install
 	$(PY) -m mypy
 
 test: lint
-	$(PY) -m pytest -m "not slow and not cluster and not browser" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not cluster and not browser and not gateway" $(PYTEST_ARGS)
 
 # scale, soak and kill tests (minutes); CI runs them after the default suite
 test-slow: install
-	$(PY) -m pytest -m "slow and not cluster and not browser" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "slow and not cluster and not browser and not gateway" $(PYTEST_ARGS)
 
 # a Spark standalone master + two workers and a Spark Connect server on 127.0.0.1 (minutes)
 test-cluster: install
@@ -74,6 +74,17 @@ test-preinstalled-spark:
 	cd /tmp && $(CURDIR)/$(PREINSTALLED_VENV)/bin/python $(CURDIR)/scripts/install_smoke.py \
 		--expect-pyspark $(PREINSTALLED_PYSPARK)
 
+# llmq through LiteLLM's proxy, a real gateway (offline: models answer with mock_response or from a
+# local mock server). The proxy runs from a venv of its own: its pins conflict with Airflow's.
+LITELLM_VENV ?= .venv-gateway
+$(LITELLM_VENV)/.installed-stamp: constraints/litellm-3.11.txt
+	test -x $(LITELLM_VENV)/bin/python || python3 -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/python -m pip install -q -c constraints/litellm-3.11.txt 'litellm[proxy]'
+	touch $@
+
+test-gateway: install $(LITELLM_VENV)/.installed-stamp
+	LLMQ_LITELLM=$(CURDIR)/$(LITELLM_VENV)/bin/litellm $(PY) -m pytest -m gateway $(PYTEST_ARGS)
+
 demo: install
 	$(PY) scripts/demo.py
 
@@ -81,4 +92,4 @@ bench: install
 	$(PY) benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) $(OLDEST_VENV) $(WHEEL_VENV) $(PREINSTALLED_VENV) dist .demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(OLDEST_VENV) $(WHEEL_VENV) $(PREINSTALLED_VENV) $(LITELLM_VENV) dist .demo .pytest_cache .mypy_cache .ruff_cache

@@ -59,14 +59,19 @@ def get_provider_info() -> dict[str, Any]:
                     "api_type": {
                         "label": "API type",
                         # no None in the enum: the UI would show a literal "null" choice and prefill it
-                        "schema": {"type": ["string", "null"], "enum": ["azure", "openai"]},
-                        "description": "azure: api-key header, deployment in the URL; openai: Bearer token. "
-                        "Left empty: azure for an *.openai.azure.com host or with a deployment, else openai.",
+                        "schema": {"type": ["string", "null"], "enum": ["azure", "azure_v1", "openai"]},
+                        "description": "azure: api-key header, deployment in the URL, api-version; "
+                        "azure_v1: Azure's /openai/v1 API (api-key, deployment as the model, no "
+                        "api-version); openai: Bearer token, a bare host means host/v1. Left empty: "
+                        "azure_v1 for a host ending in /openai/v1, azure for an *.openai.azure.com host "
+                        "or with a deployment, else openai.",
                     },
                     "api_version": {
                         "label": "API version (Azure)",
-                        "schema": {**string, "default": "2024-06-01"},
-                        "description": "Azure OpenAI api-version query parameter, e.g. 2024-06-01.",
+                        # no default: the UI would prefill it, and Azure's v1 API takes no dated version
+                        "schema": string,
+                        "description": "Azure OpenAI api-version query parameter, e.g. 2024-06-01; "
+                        "empty: 2024-06-01 (azure), none (azure_v1).",
                     },
                     "deployment": {
                         "label": "Deployment (Azure)",
@@ -132,6 +137,12 @@ def get_provider_info() -> dict[str, Any]:
                         "description": "A PEM file with the service principal's certificate and its "
                         "private key, instead of a secret.",
                     },
+                    "certificate_password": {
+                        "label": "Certificate password (Entra ID)",
+                        "schema": {**string, "format": "password"},
+                        "description": "The password of the certificate's encrypted private key; "
+                        "empty for an unencrypted key.",
+                    },
                     "authority_host": {
                         "label": "Authority host (Entra ID)",
                         "schema": string,
@@ -159,7 +170,7 @@ def get_provider_info() -> dict[str, Any]:
                     "hidden-fields": ["schema", "port", "login"],
                     "relabeling": {"host": "API base URL", "password": "API key"},
                     "placeholders": {
-                        "host": "https://my-resource.openai.azure.com or https://api.openai.com/v1",
+                        "host": "https://my-resource.openai.azure.com[/openai/v1] or https://api.openai.com/v1",
                         "password": "the API key (sent only in a header)",
                         "extra": '{"api_type": "azure", "deployment": "gpt-4o-mini"}',
                     },

@@ -49,8 +49,15 @@ def server(mock_server: MockServer) -> Iterator[MockServer]:
     yield mock_server
 
 
+def mock_base(server: MockServer, api_type: str) -> str:
+    """The mock's base URL for a form: the resource, ``/openai/v1`` (Azure's v1 API) or ``/v1``."""
+    return {"azure": server.base_url, "azure_v1": f"{server.base_url}/openai/v1"}.get(
+        api_type, server.openai_base_url
+    )
+
+
 def make_endpoint(server: MockServer, api_type: str, **overrides: object) -> EndpointConfig:
-    base = server.base_url if api_type == "azure" else server.openai_base_url
+    base = mock_base(server, api_type)
     fields: dict[str, object] = {
         "api_base": base,
         "api_key": TEST_KEY,
@@ -64,7 +71,7 @@ def make_endpoint(server: MockServer, api_type: str, **overrides: object) -> End
     return EndpointConfig(**fields)  # type: ignore[arg-type]
 
 
-@pytest.fixture(params=["azure", "openai"])
+@pytest.fixture(params=["azure", "azure_v1", "openai"])
 def endpoint(request: pytest.FixtureRequest, server: MockServer) -> EndpointConfig:
     return make_endpoint(server, request.param)
 
@@ -135,7 +142,7 @@ def llmq_connection_env(
     headers: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """An ``llmq`` connection to the mock server as an AIRFLOW_CONN_* variable (key in the password)."""
-    base = server.base_url if api_type == "azure" else server.openai_base_url
+    base = mock_base(server, api_type)
     extra: dict[str, Any] = {"api_type": api_type, "deployment": DEPLOYMENT, "ca_cert": server.ca_path}
     if headers:
         extra["headers"] = headers

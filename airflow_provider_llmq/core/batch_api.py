@@ -1,8 +1,9 @@
 """The OpenAI / Azure OpenAI Files and Batches APIs: upload a request file, create, poll, list and
 cancel batches, stream result files. Plain ``requests``; no Airflow, no Spark.
 
-The two API forms differ in their paths, the ``api-version`` query, the per-line URL and the
-request-count limit per file, so each is one small ``_BatchForm``; URL, key header (or the
+The API forms differ in the ``api-version`` query, the per-line URL and the request-count limit
+per file, so each is one small ``_BatchForm``; the paths sit under the endpoint's ``api_root``
+(``/v1``, ``/openai``, ``/openai/v1``); URL, key header (or the
 process's Entra ID token, refreshed when due, one fresh token after a 401), TLS and proxy come from
 the :class:`EndpointConfig` as for chat requests. A management call that fails is
 classified by :func:`classify_response` like a chat request: 401/403/404 and ``insufficient_quota``
@@ -19,7 +20,8 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 
-from airflow_provider_llmq.core.endpoint import DEFAULT_AZURE_API_VERSION, EndpointConfig
+from airflow_provider_llmq.core.api_forms import DEFAULT_AZURE_API_VERSION
+from airflow_provider_llmq.core.endpoint import EndpointConfig
 from airflow_provider_llmq.core.errors import LLMQueryError
 from airflow_provider_llmq.core.payload import Failure, classify_exception, classify_response
 from airflow_provider_llmq.core.retry import RetryPolicy
@@ -44,7 +46,6 @@ class LLMQueryBatchError(LLMQueryError):
 
 
 class _BatchForm:
-    prefix: str  # before /files and /batches
     line_url: str  # each request line's "url", and the batch's "endpoint"
     max_requests: int
 
@@ -53,17 +54,24 @@ class _BatchForm:
 
 
 class _OpenAIForm(_BatchForm):
-    prefix, line_url, max_requests = "", "/v1/chat/completions", 50_000
+    line_url, max_requests = "/v1/chat/completions", 50_000
 
 
 class _AzureForm(_BatchForm):
-    prefix, line_url, max_requests = "/openai", "/chat/completions", 100_000
+    line_url, max_requests = "/chat/completions", 100_000
 
     def params(self, api_version: str | None) -> dict[str, str]:
         return {"api-version": api_version or DEFAULT_AZURE_API_VERSION}
 
 
-_FORMS: dict[str, _BatchForm] = {"openai": _OpenAIForm(), "azure": _AzureForm()}
+class _AzureV1Form(_BatchForm):
+    line_url, max_requests = "/chat/completions", 100_000
+
+    def params(self, api_version: str | None) -> dict[str, str]:
+        return {"api-version": api_version} if api_version else {}  # only preview / latest
+
+
+_FORMS: dict[str, _BatchForm] = {"openai": _OpenAIForm(), "azure": _AzureForm(), "azure_v1": _AzureV1Form()}
 
 
 @dataclass(frozen=True)
@@ -245,7 +253,7 @@ class BatchApiClient:
         self, method: str, path: str, what: str, params: Mapping[str, str] | None = None, **kwargs: Any
     ) -> requests.Response:
         """One call with the retry policy; a refused call raises, its message scrubbed."""
-        url = f"{self.endpoint.api_base}{self.form.prefix}{path}"
+        url = f"{self.endpoint.api_root}{path}"
         attempts = 0
         reauthorized = False  # the one fresh Entra ID token a 401 may ask for
         while True:

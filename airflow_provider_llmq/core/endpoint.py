@@ -1,7 +1,8 @@
 """Where requests go and how they authenticate: URL, headers and TLS for Azure OpenAI and OpenAI.
 
-The two API forms differ in exactly two things, the URL and the auth header, so each is one small
-``_ApiForm`` and everything else is shared. The key travels only in a header, never in a URL, a
+The API forms (OpenAI, Azure's dated API, Azure's v1 API) differ in the URL, the key header and
+whether the body names the model, so each is one small :class:`~.api_forms.ApiForm` and everything
+else is shared. The key travels only in a header, never in a URL, a
 ``repr()`` or an exception. With Entra ID (``entra_id``) both forms send ``Authorization: Bearer``
 with the process's token (:mod:`.entra_id`) instead of any key, added per request by the clients.
 """
@@ -15,52 +16,18 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
-from urllib.parse import SplitResult, quote, urlsplit
+from urllib.parse import SplitResult, urlsplit
 from urllib.request import getproxies
 
 from requests.utils import get_environ_proxies, select_proxy
 
+from airflow_provider_llmq.core.api_forms import API_TYPES, FORMS, ApiForm
 from airflow_provider_llmq.core.entra_id import EntraIdConfig
 from airflow_provider_llmq.core.entra_token import TokenSource, token_source
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
 from airflow_provider_llmq.core.secrets import url_credentials, without_credentials
 
-ApiType = Literal["azure", "openai"]
-API_TYPES: tuple[str, ...] = ("azure", "openai")
-DEFAULT_AZURE_API_VERSION = "2024-06-01"
-
-
-class _ApiForm:
-    def url(self, base: str, model: str | None, api_version: str | None) -> str:
-        raise NotImplementedError
-
-    def auth_headers(self, key: str) -> dict[str, str]:
-        raise NotImplementedError
-
-
-class _AzureForm(_ApiForm):
-    def url(self, base: str, model: str | None, api_version: str | None) -> str:
-        if not model:
-            raise LLMQueryConfigError(
-                "Azure OpenAI needs a deployment name: set extra 'deployment' on the connection "
-                "or pass model=..."
-            )
-        version = quote(api_version or DEFAULT_AZURE_API_VERSION, safe="")
-        return f"{base}/openai/deployments/{quote(model, safe='')}/chat/completions?api-version={version}"
-
-    def auth_headers(self, key: str) -> dict[str, str]:
-        return {"api-key": key}
-
-
-class _OpenAIForm(_ApiForm):
-    def url(self, base: str, model: str | None, api_version: str | None) -> str:
-        return f"{base}/chat/completions"
-
-    def auth_headers(self, key: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {key}"}
-
-
-_FORMS: dict[str, _ApiForm] = {"azure": _AzureForm(), "openai": _OpenAIForm()}
+ApiType = Literal["azure", "azure_v1", "openai"]
 
 
 # RFC 9110 token: what a header name may be made of
@@ -177,12 +144,13 @@ class EndpointConfig:
     """One chat-completions endpoint.
 
     :param api_base: API base URL (``https://myres.openai.azure.com``, ``https://api.openai.com/v1``);
-        a missing scheme means https.
+        a missing scheme means https; each form's rule for its path is in :mod:`.api_forms`.
     :param api_key: the key; surrounding whitespace is stripped; sent only as a header, hidden from
         ``repr()``.
-    :param api_type: ``"azure"`` (``api-key`` header, deployment in the URL) or ``"openai"`` (Bearer).
+    :param api_type: ``"azure"`` (``api-key`` header, deployment in the URL), ``"azure_v1"``
+        (Azure's ``/openai/v1`` API: ``api-key``, deployment in the body) or ``"openai"`` (Bearer).
     :param model: the Azure deployment name, or the OpenAI model sent in the body.
-    :param api_version: Azure ``api-version`` query parameter.
+    :param api_version: Azure ``api-version`` query parameter (v1 API: none, or ``preview``).
     :param ca_cert: a CA bundle path, or the PEM text itself, for a self-signed or corporate CA.
     :param verify: TLS verification; False only when asked for explicitly.
     :param timeout: deadline in seconds for one whole request (connect, headers and body).
@@ -207,9 +175,10 @@ class EndpointConfig:
     entra_id: EntraIdConfig | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if self.api_type not in _FORMS:
+        if self.api_type not in FORMS:
             raise LLMQueryConfigError(f"api_type must be one of {API_TYPES}, got {self.api_type!r}")
         object.__setattr__(self, "api_base", normalize_base_url(self.api_base))
+        self._form.check(self.api_base, self.api_version)
         try:
             timeout = float(self.timeout)
         except (TypeError, ValueError):
@@ -244,12 +213,17 @@ class EndpointConfig:
         )
 
     @property
-    def _form(self) -> _ApiForm:
-        return _FORMS[self.api_type]
+    def _form(self) -> ApiForm:
+        return FORMS[self.api_type]
 
     def url(self, model: str | None = None) -> str:
         """The chat-completions URL; ``model`` overrides the configured deployment / model."""
-        return self._form.url(self.api_base, model or self.model, self.api_version)
+        return self._form.chat_url(self.api_base, model or self.model, self.api_version)
+
+    @property
+    def api_root(self) -> str:
+        """Where ``/chat/completions``, ``/files`` and ``/batches`` sit for this form."""
+        return self._form.root(self.api_base)
 
     def request_headers(self) -> dict[str, str]:
         """Every request's headers; with Entra ID without ``Authorization``, which the clients add
@@ -270,8 +244,8 @@ class EndpointConfig:
         return token_source(self.entra_id) if self.entra_id is not None else None
 
     def body_model(self, model: str | None = None) -> str | None:
-        """The ``model`` field of the body (OpenAI needs it; Azure takes it from the URL)."""
-        return model or self.model
+        """The ``model`` field of the body: None for the dated Azure API, which takes it from the URL."""
+        return (model or self.model) if self._form.model_in_body else None
 
     def with_options(self, *, model: str | None = None, timeout: float | None = None) -> EndpointConfig:
         return replace(

@@ -70,6 +70,8 @@ class EntraIdConfig:
     :param client_secret: the service principal's secret; hidden from ``repr()``, scrubbed everywhere.
     :param certificate: the service principal's certificate with its private key, as PEM text or a
         path (read at once, so the text travels to executors).
+    :param certificate_password: the password of an encrypted private key in ``certificate``;
+        hidden from ``repr()``, scrubbed everywhere.
     :param authority_host: e.g. ``https://login.microsoftonline.us`` for a sovereign cloud; None: the
         environment's ``AZURE_AUTHORITY_HOST``, else the public cloud. Instance discovery is turned
         off for any host that is not Microsoft's (it would ask login.microsoftonline.com first).
@@ -82,6 +84,7 @@ class EntraIdConfig:
     client_id: str | None = None
     client_secret: str | None = field(default=None, repr=False)
     certificate: str | None = field(default=None, repr=False)
+    certificate_password: str | None = field(default=None, repr=False)
     authority_host: str | None = None
     scope: str = DEFAULT_SCOPE
     authority_ca_cert: str | None = field(default=None, repr=False)
@@ -97,6 +100,11 @@ class EntraIdConfig:
             object.__setattr__(self, name, value)
         if not self.scope:
             object.__setattr__(self, "scope", DEFAULT_SCOPE)
+        if self.certificate_password is not None and not isinstance(self.certificate_password, str):
+            raise LLMQueryConfigError("Entra ID certificate_password must be a string")
+        object.__setattr__(self, "certificate_password", self.certificate_password or None)
+        if self.certificate_password and not self.certificate:
+            raise LLMQueryConfigError("Entra ID: a certificate password was given without a certificate")
         if self.client_secret and self.certificate:
             raise LLMQueryConfigError("Entra ID: give a client secret or a certificate, not both")
         if (self.client_secret or self.certificate) and not (self.tenant_id and self.client_id):
@@ -124,7 +132,8 @@ class EntraIdConfig:
         return f"{name} for tenant {self.tenant_id}, client {self.client_id}"
 
     def secrets(self) -> tuple[str, ...]:
-        return tuple(value for value in (self.client_secret, self.certificate) if value)
+        values = (self.client_secret, self.certificate, self.certificate_password)
+        return tuple(value for value in values if value)
 
     def authority(self) -> str:
         """The authority this process's credential asks: the config's, else the environment's."""
@@ -186,7 +195,15 @@ def build_credential(config: EntraIdConfig) -> Any:
         return ClientSecretCredential(tenant, client, config.client_secret or "", **common)
     if config.kind == "certificate":
         data = (config.certificate or "").encode()
-        return CertificateCredential(tenant, client, certificate_data=data, **common)
+        if config.certificate_password:  # azure-identity decrypts the key with it (bytes or str)
+            common["password"] = config.certificate_password
+        try:
+            return CertificateCredential(tenant, client, certificate_data=data, **common)
+        except (TypeError, ValueError) as exc:  # no or a wrong password, an unreadable key
+            raise LLMQueryCredentialError(
+                f"{config.describe()}: the certificate's private key could not be loaded ({_reason(exc)}); "
+                "check certificate_path and certificate_password"
+            ) from None
     if config.client_id:
         common.update(
             managed_identity_client_id=config.client_id, workload_identity_client_id=config.client_id

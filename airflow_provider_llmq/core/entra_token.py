@@ -165,6 +165,13 @@ class TokenSource:
         held = self._token
         try:
             value, remaining = self._ask()
+            if held is not None and held.stale and value == held.value:
+                # the server refused this token (revoked, or expired early) but MSAL's cache hands
+                # it back while it thinks it has time left: a new credential has an empty cache
+                stale_credential, self._credential = self._credential, None
+                with contextlib.suppress(Exception):
+                    stale_credential.close()
+                value, remaining = self._ask()
         except LLMQueryAuthError as exc:
             now = self._clock()
             if held is None or held.stale or now >= held.expires_at:

@@ -138,11 +138,11 @@ class QueryOptions:
         return endpoint.with_options(model=self.model, timeout=self.request_timeout)
 
     def chat_request(self, endpoint: EndpointConfig) -> ChatRequest:
-        """The body template for ``endpoint`` (OpenAI takes the model in the body, Azure in the URL)."""
+        """The body template for ``endpoint`` (the model in the body, but for Azure's dated API)."""
         bound = self.bind(endpoint)
         return ChatRequest(
             system_prompt=self.system_prompt,
-            model=bound.body_model() if bound.api_type == "openai" else None,
+            model=bound.body_model(),
             params=self.request_params,
             output=self.structured_output(),
             limit_param=_limit_param(bound),

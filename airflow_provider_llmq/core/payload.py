@@ -37,6 +37,7 @@ TOOL_CALLS = "tool_calls"
 LENGTH = "length"
 UNEXPECTED_REDIRECT = "unexpected_redirect"
 INSUFFICIENT_QUOTA = "insufficient_quota"
+KEY_NOT_CHECKABLE = "no_db_connection"  # LiteLLM without a database: a key it cannot check
 # a 200 whose text is not JSON following the run's output schema: the model's answer to this
 # prompt, so neither retried nor asked again by a later try (the raw text stays on the row)
 INVALID_OUTPUT = "invalid_output"
@@ -170,6 +171,8 @@ def _error_fields(body: bytes) -> tuple[str | None, str]:
         code = CONTENT_FILTER
     if error.get("type") == INSUFFICIENT_QUOTA:  # OpenAI puts it in type, code or both
         code = INSUFFICIENT_QUOTA
+    if error.get("type") == KEY_NOT_CHECKABLE:
+        code = KEY_NOT_CHECKABLE
     # the code becomes a column the summary groups by: a gateway's essay must not
     return (str(code)[:100] if code is not None else None), str(error.get("message") or "")[:500]
 
@@ -245,6 +248,13 @@ def _classify(
             f"the endpoint reports insufficient_quota (HTTP {status}): the account or subscription "
             "has no quota or credit left. This is a billing state, not a rate limit: no retry can "
             "help; top up the account or raise its quota, then run again."
+        )
+    if code == KEY_NOT_CHECKABLE:
+        # LiteLLM's proxy without a database answers a key that is not its master key with a 400
+        # on every row: an auth failure, said once, not thousands of row errors
+        raise LLMQueryAuthError(
+            f"the gateway could not check the key (HTTP {status}, {code}: {message}): LiteLLM's "
+            "proxy without a database knows only its master key; check the connection's key"
         )
     if status in (401, 403):
         raise LLMQueryAuthError(

@@ -13,8 +13,9 @@ from typing import Any
 from airflow.sdk import BaseHook
 from airflow.sdk.log import mask_secret
 
+from airflow_provider_llmq.core.api_forms import API_TYPES, guess_api_type
 from airflow_provider_llmq.core.client import AsyncClient, SyncClient
-from airflow_provider_llmq.core.endpoint import API_TYPES, EndpointConfig
+from airflow_provider_llmq.core.endpoint import EndpointConfig
 from airflow_provider_llmq.core.entra_id import INSTALL_HINT, EntraIdConfig
 from airflow_provider_llmq.core.entra_token import add_token_listener
 from airflow_provider_llmq.core.errors import (
@@ -85,15 +86,9 @@ def _entra_id(extra: dict[str, Any]) -> EntraIdConfig | None:
     return EntraIdConfig(
         **fields,
         certificate=extra.get("certificate_path") or None,
+        certificate_password=str(extra.get("certificate_password") or "") or None,
         authority_ca_cert=extra.get("authority_ca_cert") or None,
     )
-
-
-def _guess_api_type(host: str, extra: dict[str, Any]) -> str:
-    """Without an explicit api_type: Azure for an Azure host or a deployment name, else OpenAI."""
-    if ".openai.azure.com" in host or ".cognitiveservices.azure.com" in host or extra.get("deployment"):
-        return "azure"
-    return "openai"
 
 
 class LLMQueryHook(BaseHook):
@@ -132,7 +127,7 @@ class LLMQueryHook(BaseHook):
         headers = _headers_extra(extra.get("headers"), self.llm_conn_id)
         proxy = extra.get("proxy") or None
         raw_secrets = [conn.password or "", *headers.values(), *url_credentials(proxy)]
-        raw_secrets += [str(extra.get("client_secret") or "")]
+        raw_secrets += [str(extra.get(name) or "") for name in ("client_secret", "certificate_password")]
         add_token_listener(mask_secret)  # every Entra ID token this process obtains, whoever asks
         _register_secrets(raw_secrets)
         self._scrubber = Scrubber(raw_secrets)
@@ -153,7 +148,9 @@ class LLMQueryHook(BaseHook):
     def _endpoint_from(
         self, conn: Any, extra: dict[str, Any], headers: dict[str, str], proxy: str | None
     ) -> EndpointConfig:
-        api_type = str(extra.get("api_type") or _guess_api_type(conn.host or "", extra)).lower()
+        api_type = str(
+            extra.get("api_type") or guess_api_type(conn.host or "", bool(extra.get("deployment")))
+        ).lower()
         if api_type not in API_TYPES:
             raise LLMQueryConfigError(f"extra api_type must be one of {API_TYPES}, got {api_type!r}")
         verify = _as_bool(extra.get("verify"), default=True)

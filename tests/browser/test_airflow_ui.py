@@ -37,7 +37,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.timeout(1200)]
 
 CONN_ID = "llmq_default"  # what dags/llmq_pipeline.py's query_llm uses
 CONN_TYPE_NAME = "LLM Query (OpenAI / Azure OpenAI)"  # hook-name in get_provider_info()
-API_VERSION = "2024-06-01"  # the form's default for the api_version field
+API_VERSION = "2024-06-01"  # typed in: the field has no default (Azure's v1 API takes none)
 # conn-fields of Entra ID authentication (auth_type is a dropdown, checked apart)
 ENTRA_FIELDS = (
     "tenant_id",
@@ -103,7 +103,8 @@ def fill_connection_form(page: Page, artifacts: Path, mock: MockServerProcess) -
     api_type = extra.locator("#element_api_type [role=combobox]")
     api_type.click()
     page.get_by_role("option", name="azure", exact=True).click()
-    assert extra.locator("input[name=element_api_version]").input_value() == API_VERSION
+    assert extra.locator("input[name=element_api_version]").input_value() == ""
+    extra.locator("input[name=element_api_version]").fill(API_VERSION)
     extra.locator("input[name=element_deployment]").fill(DEPLOYMENT)
     assert mock.ca_path
     extra.locator("input[name=element_ca_cert]").fill(mock.ca_path)

@@ -5,6 +5,7 @@ enqueued-token quota, the request-count limit, counters; and the trigger polling
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -93,13 +94,21 @@ def _results(client: BatchApiClient, info: BatchInfo) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    ("api_type", "prefix", "line_url"),
-    [("azure", "/openai", "/chat/completions"), ("openai", "/v1", "/v1/chat/completions")],
+    ("api_type", "prefix", "line_url", "bare_host"),
+    [
+        ("azure", "/openai", "/chat/completions", False),
+        ("azure_v1", "/openai/v1", "/chat/completions", False),
+        ("azure_v1", "/openai/v1", "/chat/completions", True),  # the resource URL alone
+        ("openai", "/v1", "/v1/chat/completions", False),
+        ("openai", "/v1", "/v1/chat/completions", True),  # a host without /v1 means host/v1
+    ],
 )
 def test_the_client_speaks_each_url_form_from_upload_to_results(
-    server: Any, batches: BatchMock, api_type: str, prefix: str, line_url: str
+    server: Any, batches: BatchMock, api_type: str, prefix: str, line_url: str, bare_host: bool
 ) -> None:
     endpoint = make_endpoint(server, api_type, api_version="2024-10-21" if api_type == "azure" else None)
+    if bare_host:
+        endpoint = dataclasses.replace(endpoint, api_base=server.base_url)
     prompts = {f"key-{i}": f"question {i}?" for i in range(5)}
     seen: list[str] = []
     with _client(endpoint) as client:
@@ -129,7 +138,7 @@ def test_the_client_speaks_each_url_form_from_upload_to_results(
     assert server.stats()["keys_in_url"] == 0 and server.stats()["chat_requests"] == 0
 
 
-@pytest.mark.parametrize("api_type", ["azure", "openai"])
+@pytest.mark.parametrize("api_type", ["azure", "azure_v1", "openai"])
 def test_each_line_gets_the_error_code_a_live_request_gets(
     server: Any, batches: BatchMock, api_type: str
 ) -> None:

@@ -180,13 +180,15 @@ def test_the_async_client_shares_the_token_and_refreshes_it_off_the_loop(
     assert 2 <= tokens <= seconds / lifetime * 3 + 3  # a short life: refreshed at 3/4 of it
 
 
+@pytest.mark.parametrize("claimed", [200, 3600])
 def test_a_token_refused_before_it_expires_is_refreshed_once_and_the_row_asked_again(
-    server: MockServer, authority: TokenAuthority
+    server: MockServer, authority: TokenAuthority, claimed: int
 ) -> None:
-    # the answers claim 200 s, the tokens live 2 s: every 2 s the server refuses the current one,
-    # as it would a token that expired in flight (200 s: MSAL caches no token under 300 s, so a
-    # refresh gets a new one, as for a token that really expired)
-    authority.configure(lifetime=2, reported_lifetime=200)
+    # the answers claim `claimed` s, the tokens live 2 s: every 2 s the server refuses the current
+    # one, as it would a token that expired in flight or was revoked. 200 s: MSAL caches no token
+    # under 300 s, so asking again gets a new one. 3600 s: MSAL caches it and hands the refused
+    # token back, so the refresh after the 401 must get past its cache
+    authority.configure(lifetime=2, reported_lifetime=claimed)
     endpoint = entra_endpoint(server, "azure", **service_principal(authority))
     # max_retries=0: the fresh token's request spends no retry
     results, seconds = _run(
@@ -194,7 +196,7 @@ def test_a_token_refused_before_it_expires_is_refreshed_once_and_the_row_asked_a
     )
     stats, tokens = server.stats(), authority.stats()["token_requests"]
     assert all(r.ok for r in results), [r for r in results if not r.ok][:3]
-    assert stats["expired_tokens"] >= 1 and any(r.attempts == 2 for r in results)
+    assert stats["expired_tokens"] >= 1 and any(r.attempts == 2 for r in results) and tokens >= 2
     # concurrent 401s to one token cause one refresh
     assert tokens <= seconds / 2 + 3, (tokens, seconds, stats["expired_tokens"])
 
@@ -295,6 +297,46 @@ def test_a_certificate_credential_gets_tokens(
     assert entra_id is not None and "-----BEGIN" in (entra_id.certificate or "")  # executors need no file
     ok, message = hook.test_connection()
     assert ok and "CertificateCredential" in message, message
+
+
+def test_an_encrypted_certificate_is_opened_with_its_password(
+    server: MockServer, authority: TokenAuthority, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    import trustme
+    from cryptography.hazmat.primitives import serialization
+
+    password = "cert-password-9b2e71"
+    cert = trustme.CA(key_type=trustme.KeyType.RSA).issue_cert("llmq-client", key_type=trustme.KeyType.RSA)
+    key = serialization.load_pem_private_key(cert.private_key_pem.bytes(), password=None)
+    encrypted = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(password.encode()),
+    )
+    path = tmp_path / "client-encrypted.pem"
+    path.write_bytes(encrypted + b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    entra = {"tenant_id": TENANT, "client_id": CERT_CLIENT, "certificate_path": str(path), **trust(authority)}
+    wrong = {"certificate_password": "not-the-password-55e0"}
+    connections = (
+        ("llmq_cert", {"certificate_password": password}),
+        ("llmq_nopw", {}),
+        ("llmq_badpw", wrong),
+    )
+    for conn_id, extra in connections:
+        for name, value in entra_connection(server, conn_id, **entra, **extra).items():
+            monkeypatch.setenv(name, value)
+    with pytest.raises(LLMQueryConfigError, match="without a certificate"):
+        EntraIdConfig(TENANT, CERT_CLIENT, certificate_password=password)
+    hook = LLMQueryHook("llmq_cert")
+    assert hook.endpoint.entra_id is not None and password not in repr(hook.endpoint.entra_id)
+    assert password in hook.endpoint.secrets()  # scrubbed from every message like the secret
+    ok, message = hook.test_connection()
+    assert ok and "CertificateCredential" in message, message
+    # without it the key cannot be read: the credential is named, the task fails before any row
+    for conn_id in ("llmq_nopw", "llmq_badpw"):
+        ok, message = LLMQueryHook(conn_id).test_connection()
+        assert not ok and "CertificateCredential" in message and "private key" in message, message
+        assert password not in message and "not-the-password-55e0" not in message
 
 
 def test_no_token_in_rows_logs_errors_or_airflow_logs(

@@ -94,6 +94,15 @@ def test_auth_failures_raise(status: int) -> None:
         classify_response(status, {}, b'{"error": {"code": "invalid_api_key"}}')
 
 
+def test_a_gateway_that_cannot_check_the_key_is_an_auth_failure() -> None:
+    # LiteLLM's proxy without a database, for any key but its master key (measured, 1.106.12)
+    body = b'{"error":{"message":"No connected db.","type":"no_db_connection","param":null,"code":"400"}}'
+    with pytest.raises(LLMQueryAuthError, match=r"could not check the key .*No connected db"):
+        classify_response(400, {}, body)
+    other = classify_response(400, {}, b'{"error":{"message":"bad","type":"invalid_request_error"}}')
+    assert isinstance(other, Failure) and not other.retryable  # other 400s stay row errors
+
+
 def test_not_found_raises_config_error() -> None:
     with pytest.raises(LLMQueryConfigError, match="deployment"):
         classify_response(404, {}, b'{"error": {"code": "DeploymentNotFound"}}')

@@ -25,6 +25,7 @@ from .structured import answer_text
 from .tokens import cached_prefix_tokens, count_messages, count_text, truncate_text
 
 STATE: web.AppKey[MockState] = web.AppKey("llmq_mock_state")
+AZURE_V1_PREFIX = "/openai/v1"  # Azure's v1 API: OpenAI's paths, the deployment as the body's model
 _JSON = "application/json"
 _STATUS_CODES = {400: "invalid_request_error", 408: "timeout", 409: "conflict", 429: "rate_limit_exceeded"}
 _WAIT_HEADERS = ("retry-after", "retry-after-ms")
@@ -124,6 +125,7 @@ class MockState:
         self.requests_total = 0
         self.by_status: Counter[str] = Counter()
         self.chat_requests = 0
+        self.chat_routes: Counter[str] = Counter()  # which chat route each request came by
         self.max_in_flight = self.in_flight
         self.ok_per_window: Counter[int] = Counter()
         self.per_prompt: Counter[str] = Counter()
@@ -159,6 +161,7 @@ class MockState:
             "requests_total": self.requests_total,
             "requests_by_status": dict(self.by_status),
             "chat_requests": self.chat_requests,
+            "chat_routes": dict(self.chat_routes),
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
             "per_second": {str(w): n for w, n in sorted(self.ok_per_window.items())},
@@ -217,8 +220,14 @@ class MockState:
             refused = check_token(bearer, key)
             self.bearer_tokens += refused is None
             return "expired" if refused == "expired" else refused is None
-        given = request.headers.get("api-key", "") if azure else bearer
+        # Azure's v1 API (/openai/v1/) takes the key in either header, as Azure does
+        api_key = request.headers.get("api-key", "")
+        given = api_key if azure or (api_key and _is_azure_v1(request)) else bearer
         return bool(given) and hmac.compare_digest(given.encode(), key.encode())
+
+
+def _is_azure_v1(request: web.Request) -> bool:
+    return request.path.startswith(AZURE_V1_PREFIX + "/")
 
 
 def _unauthorised() -> web.Response:
@@ -239,7 +248,16 @@ def _check_access(request: web.Request, st: MockState, azure: bool) -> web.Respo
         return _error(401, "401", "Access token has expired or is not yet valid.")
     if not allowed:
         return _unauthorised()
-    if azure and not request.query.get("api-version"):
+    if _is_azure_v1(request):
+        # the v1 API has no dated versions: Azure refuses one (only preview / latest are taken)
+        if request.query.get("api-version", "latest") not in ("preview", "latest"):
+            return _error(
+                400,
+                "BadRequest",
+                "API version not supported on the v1 API: remove the api-version query.",
+                type="invalid_request_error",
+            )
+    elif azure and not request.query.get("api-version"):
         return _error(
             400,
             "invalid_api_version",
@@ -263,6 +281,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
     st = request.app[STATE]
     st.enter_api(request)
     st.chat_requests += 1
+    resource = request.match_info.route.resource
+    st.chat_routes[resource.canonical if resource else request.path] += 1
     try:
         response = await _chat(request, st)
     except _Reset:
@@ -278,7 +298,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
 async def _chat(request: web.Request, st: MockState) -> web.StreamResponse:
     cfg = st.config
     azure = "deployment" in request.match_info
-    denied = _check_access(request, st, azure)
+    denied = _check_access(request, st, azure)  # the v1 route (no deployment): either key header
     if denied is not None:
         return denied
     try:
@@ -550,8 +570,9 @@ def build_app(config: MockConfig) -> web.Application:
     app[STATE] = MockState(config)
     app.router.add_post("/openai/deployments/{deployment}/chat/completions", chat)
     app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post(f"{AZURE_V1_PREFIX}/chat/completions", chat)
     app.router.add_post("/chat/completions", chat)
-    for path in ("/openai/models", "/v1/models", "/models"):
+    for path in ("/openai/models", f"{AZURE_V1_PREFIX}/models", "/v1/models", "/models"):
         app.router.add_get(path, models)
     app.router.add_get("/_mock/stats", admin_stats)
     app.router.add_post("/_mock/reset", admin_reset)

@@ -26,6 +26,7 @@ from . import batch_lines
 FLAVOURS = {
     "openai": ("/v1", "/v1/chat/completions", 50_000),
     "azure": ("/openai", "/chat/completions", 100_000),
+    "azure_v1": (chat_app.AZURE_V1_PREFIX, "/chat/completions", 100_000),
 }
 COUNTERS = (
     "files_created",

@@ -1,6 +1,7 @@
-"""The Files and Batches APIs of the mock server, in both flavours: OpenAI (``/v1/files``,
-``/v1/batches``, lines to ``/v1/chat/completions``) and Azure (``/openai/files``, ``/openai/batches``
-with ``?api-version=``, lines to ``/chat/completions``, the deployment as each line's model).
+"""The Files and Batches APIs of the mock server, in three flavours: OpenAI (``/v1/files``,
+``/v1/batches``, lines to ``/v1/chat/completions``), Azure (``/openai/files``, ``/openai/batches``
+with ``?api-version=``, lines to ``/chat/completions``, the deployment as each line's model) and
+Azure's v1 API (the same under ``/openai/v1``, without ``api-version``).
 
 Requests are authenticated as on the chat routes (and Azure's need an ``api-version``); the state
 and the batches' timeline live in :mod:`batch_state`. Admin routes: ``GET /_mock/batches/stats``
@@ -38,11 +39,12 @@ def _api(handler: _Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
         st, batches = request.app[chat_app.STATE], request.app[BATCHES]
         st.enter_api(request)
         azure = request.path.startswith("/openai/")
-        flavour = "azure" if azure else "openai"
+        v1 = request.path.startswith(chat_app.AZURE_V1_PREFIX + "/")
+        flavour = "azure_v1" if v1 else "azure" if azure else "openai"
         batches.counters["http_requests"] += 1
         resource = request.match_info.route.resource
         batches.routes[f"{request.method} {resource.canonical if resource else request.path}"] += 1
-        if azure:
+        if azure and not v1:
             batches.routes[f"api-version={request.query.get('api-version')}"] += 1
         denied = chat_app._check_access(request, st, azure)
         response = denied if denied is not None else await handler(request, batches, flavour)
@@ -62,7 +64,7 @@ async def upload(request: web.Request, st: BatchState, flavour: str) -> web.Resp
         return _invalid(
             f"the file is {len(data)} bytes; at most {st.config.max_file_bytes}", "file_too_large"
         )
-    pending = st.config.file_processing_s if flavour == "azure" else 0.0
+    pending = st.config.file_processing_s if flavour != "openai" else 0.0
     created = st.add_file(sent.filename, "batch", data, time.time(), pending)
     st.counters["files_created"] += 1
     return web.json_response(created.json(time.time()))
@@ -121,7 +123,7 @@ async def create_batch(request: web.Request, st: BatchState, flavour: str) -> we
     if invalid is None and flavour == "openai" and len(models) > 1:
         invalid = ("invalid_request", "every line of a batch must use the same model")
     deployments = st.chat.config.deployments
-    if invalid is None and flavour == "azure" and deployments and not models <= set(deployments):
+    if invalid is None and flavour != "openai" and deployments and not models <= set(deployments):
         invalid = ("model_not_found", "a line names a deployment that does not exist")
     now = time.time()
     batch = MockBatch(
@@ -231,7 +233,7 @@ async def admin_config(request: web.Request) -> web.Response:
 
 
 def add_batch_routes(app: web.Application) -> None:
-    """Registers the Files and Batches routes of both flavours and their admin routes."""
+    """Registers the Files and Batches routes of every flavour and their admin routes."""
     app[BATCHES] = BatchState(app[chat_app.STATE])
     routes = app.router
     for prefix, _, _ in FLAVOURS.values():
