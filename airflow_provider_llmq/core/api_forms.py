@@ -58,6 +58,11 @@ class ApiForm:
     def auth_headers(self, key: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {key}"}
 
+    def limit_param(self, api_version: str | None) -> str:
+        """The body field of a completion limit llmq sets itself (OpenAI's reasoning models refuse
+        ``max_tokens``)."""
+        return "max_completion_tokens"
+
 
 class OpenAIForm(ApiForm):
     def root(self, base: str) -> str:
@@ -90,6 +95,11 @@ class AzureForm(ApiForm):
 
     def auth_headers(self, key: str) -> dict[str, str]:
         return {"api-key": key}
+
+    def limit_param(self, api_version: str | None) -> str:
+        # api-versions before this one know only max_tokens
+        version = api_version or DEFAULT_AZURE_API_VERSION
+        return "max_completion_tokens" if version >= "2024-10-21" else "max_tokens"
 
 
 class AzureV1Form(ApiForm):

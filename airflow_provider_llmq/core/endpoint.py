@@ -216,6 +216,10 @@ class EndpointConfig:
     def _form(self) -> ApiForm:
         return FORMS[self.api_type]
 
+    def limit_param(self) -> str:
+        """The body field of a completion limit llmq sets itself, as this API knows it."""
+        return self._form.limit_param(self.api_version)
+
     def url(self, model: str | None = None) -> str:
         """The chat-completions URL; ``model`` overrides the configured deployment / model."""
         return self._form.chat_url(self.api_base, model or self.model, self.api_version)

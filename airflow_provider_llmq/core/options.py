@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from airflow_provider_llmq.core.cost import parse_prices
-from airflow_provider_llmq.core.endpoint import DEFAULT_AZURE_API_VERSION, EndpointConfig
+from airflow_provider_llmq.core.endpoint import EndpointConfig
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
 from airflow_provider_llmq.core.payload import DEFAULT_SYSTEM_PROMPT, ChatRequest
 from airflow_provider_llmq.core.retry import RetryPolicy
@@ -145,7 +145,7 @@ class QueryOptions:
             model=bound.body_model(),
             params=self.request_params,
             output=self.structured_output(),
-            limit_param=_limit_param(bound),
+            limit_param=bound.limit_param(),
         )
 
     def structured_output(self) -> StructuredOutput | None:
@@ -163,15 +163,3 @@ class QueryOptions:
             max_backoff=self.retry_backoff * 16,  # 0.5 s doubling to 8 s, as the openai SDK
             max_retry_wait=self.max_retry_wait,
         )
-
-
-# Azure's api-versions before this one know only max_tokens; OpenAI's reasoning models refuse it
-_AZURE_MAX_COMPLETION_TOKENS_SINCE = "2024-10-21"
-
-
-def _limit_param(endpoint: EndpointConfig) -> str:
-    """The body field of a completion limit llmq sets itself, as the endpoint's API version knows it."""
-    if endpoint.api_type == "openai":
-        return "max_completion_tokens"
-    version = endpoint.api_version or DEFAULT_AZURE_API_VERSION
-    return "max_completion_tokens" if version >= _AZURE_MAX_COMPLETION_TOKENS_SINCE else "max_tokens"
