@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_llmq.core.adaptive import AdaptiveRate, AdaptiveStats
+from airflow_provider_llmq.core.adaptive import QUICK_RETRY, AdaptiveRate, AdaptiveStats
 from airflow_provider_llmq.core.limits import WAKE_INTERVAL, AsyncLimiter, Pacer, ThreadLimiter
 from airflow_provider_llmq.core.payload import parse_retry_after
 from airflow_provider_llmq.core.rate_headers import parse_duration
@@ -115,6 +115,7 @@ class Simulation:
         self.noise_429, self.noise_hint, self.noise_500 = noise_429, noise_hint, noise_500
         self.noise_rng = random.Random(seed + 1)
         self.failed = 0
+        self.failed_rows: set[tuple[str, int]] = set()
         self.clock = SimClock()
         self._heap: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
@@ -209,8 +210,13 @@ class Simulation:
 
     def _failed(self, client: SimClient, row: int, sent_at: float) -> None:
         self.failed += 1
-        client.controller.on_failure(sent_at, self.clock.now, status=500)
+        quick = client.controller.on_failure(sent_at, self.clock.now, status=500)
+        # the engine's policy: the row's backoff (0.5 s, jittered), its first retry within the
+        # controller's quick one while failures are isolated
         backoff = 0.5 * (1 - 0.25 * self.noise_rng.random())
+        if quick is not None and (client.name, row) not in self.failed_rows:
+            backoff = min(backoff, quick)
+        self.failed_rows.add((client.name, row))
         self.at(self.clock.now + backoff, lambda: self._acquire(client, row))
 
 
@@ -561,6 +567,24 @@ def test_slow_start_begins_at_half_the_concurrency_per_second() -> None:
     assert AdaptiveRate(600, max_concurrency=64, clock=Clock()).rate == pytest.approx(10.0)
     settings = AdaptiveSettings(initial_round_trip=0.5)
     assert AdaptiveRate(max_concurrency=64, settings=settings, clock=Clock()).rate == pytest.approx(128.0)
+
+
+def test_an_isolated_failure_retries_soon_an_outage_backs_off() -> None:
+    """A 500 among answers: its row may retry within QUICK_RETRY, and the rate is kept; failures
+    that outnumber the answers (an outage) leave each row to its own backoff."""
+    clock = Clock()
+    controller = AdaptiveRate(max_concurrency=64, clock=clock)
+    for i in range(200):  # 100 answers/s for 2 s
+        clock.now = i / 100
+        controller.on_success(clock.now - 0.2, clock.now)
+    rate = controller.rate
+    assert controller.on_failure(clock.now - 0.2, clock.now, status=500) == QUICK_RETRY
+    assert controller.on_failure(clock.now - 0.2, clock.now, status=None) == QUICK_RETRY  # a reset
+    assert controller.rate == rate  # not congestion
+    outage = [controller.on_failure(clock.now - 0.2, clock.now, status=500) for _ in range(30)]
+    assert outage[-1] is None
+    assert controller.on_failure(clock.now - 0.2, clock.now, status=503) is None  # a refusal
+    assert controller.stats().failures == 33
 
 
 def test_cut_without_answers_halves() -> None:
