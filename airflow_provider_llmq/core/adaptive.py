@@ -38,8 +38,7 @@ What this module decides itself:
 - **Patience**: a 429 is congestion, not a row failure; :meth:`AdaptiveRate.patience_exhausted` says
   when the client has been throttled for ``patience`` seconds without a single success, so rows may
   then give up.
-- **The pacer coupling**: small steps up are batched (each push re-anchors the pacer's schedule);
-  every cut and pause is pushed at once.
+- **The pacer coupling** (:mod:`.rate_pacing`): small steps up batched, cuts and pauses at once.
 
 Thread-safe: one lock around arithmetic, never held while anything waits; the pacer's own lock is
 taken inside it and never the other way round.
@@ -57,6 +56,7 @@ from dataclasses import dataclass
 from airflow_provider_llmq.core.limits import Pacer
 from airflow_provider_llmq.core.rate_headers import RateHeaders
 from airflow_provider_llmq.core.rate_model import FIXED, SLOW_START, AdaptiveSettings, RateModel
+from airflow_provider_llmq.core.rate_pacing import PacerLink
 from airflow_provider_llmq.core.refusal_evidence import RefusalEvidence, Verdict
 
 __all__ = ["QUICK_RETRY", "AdaptiveRate", "AdaptiveStats"]
@@ -120,8 +120,7 @@ class AdaptiveRate:
         self.clock = clock
         self._ceiling = math.inf if requests_per_minute is None else requests_per_minute / 60.0
         self._lock = threading.Lock()
-        self._pacer: Pacer | None = None
-        self._pushed: float | None = None  # requests/s last given to the pacer (None: unlimited)
+        self._link = PacerLink()
 
         start = s.initial_rate
         if max_concurrency is not None:
@@ -136,8 +135,6 @@ class AdaptiveRate:
         self._successes = self._throttled = self._failures = 0
         self._throttled_since: float | None = None
         self._failed_at: deque[float] = deque(maxlen=_FAILURES_KEPT)  # when failures came (see on_failure)
-        self._pause_end = -math.inf
-        self._paused_total = 0.0
 
     # -- wiring -------------------------------------------------------------------------------------
 
@@ -148,13 +145,10 @@ class AdaptiveRate:
         enough to follow a rate that changes (see :meth:`Pacer.set_requests_per_minute`).
         """
         with self._lock:
-            self._pacer = pacer
-            fixed = self._admitted(self.clock())
-            if not self.adaptive and pacer.requests_per_minute == (None if fixed is None else fixed * 60):
-                self._pushed = fixed  # already right, and it will never change
-                return
-            self._pushed = math.nan  # forces the first push
-            self._push(self.clock(), force=True)
+            now = self.clock()
+            self._link.bind(pacer, self._admitted(now), fixed=not self.adaptive)
+            if self.adaptive:
+                self._push(now, force=True)  # the header pauses and the concurrency bound too
 
     @property
     def rate(self) -> float | None:
@@ -271,7 +265,7 @@ class AdaptiveRate:
                 throttled=self._throttled,
                 failures=self._failures,
                 episodes=self._model.episodes,
-                paused_seconds=self._paused_total - max(0.0, self._pause_end - now),
+                paused_seconds=self._link.paused_seconds(now),
                 spurious_cuts=self._evidence.undone,
                 noise_floor=self._evidence.floor,
             )
@@ -349,7 +343,7 @@ class AdaptiveRate:
 
     def _header_limits(self, now: float, apply_pauses: bool) -> tuple[float, float | None]:
         """(the lowest header ceiling in requests/s, the lowest rate a known window states or None)."""
-        pushed = self._pushed
+        pushed = self._link.pushed
         sending = pushed if pushed is not None and math.isfinite(pushed) else self._model.rate
         ceiling, stated, pause_until = self._headers.limits(now, sending, self._avg_tokens)
         if pause_until is not None and apply_pauses:
@@ -357,25 +351,8 @@ class AdaptiveRate:
         return ceiling, stated
 
     def _pause(self, now: float, deadline: float) -> None:
-        start = max(now, self._pause_end)
-        if deadline <= start:
-            return
-        self._paused_total += deadline - start
-        self._pause_end = deadline
-        if self._pacer is not None:
-            self._pacer.pause_until(deadline)
+        self._link.pause(now, deadline)
 
     def _push(self, now: float, force: bool = False) -> None:
-        if self._pacer is None:
-            return
         rate = self._admitted(now, apply_pauses=True)
-        pushed = self._pushed
-        if rate is None:
-            if pushed is not None:
-                self._pacer.set_requests_per_minute(None)
-                self._pushed = None
-            return
-        # small steps up are batched: each one re-anchors the pacer's schedule for nothing
-        if force or pushed is None or math.isnan(pushed) or rate < pushed or rate > pushed * 1.01:
-            self._pacer.set_requests_per_minute(rate * 60.0)
-            self._pushed = rate
+        self._link.push(rate, force)

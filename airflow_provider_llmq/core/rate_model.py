@@ -187,11 +187,9 @@ class RateModel:
         if sent_at <= self.probe_at:
             self._probe_count += 1
             return
-        # over the whole time they took to come in, from the cut to the first later answer (answers
-        # arriving in clumps, from a busy server or client, must not look like a higher rate), less
-        # the time nothing was sent after the cut: a retry hint's pause made the quota look 2-3x
-        # lower than it was, and the rate was then held there for the seconds the cut's test took
-        count, span = self._probe_count, now - max(self.probe_at, sent_at)
+        # over the whole time they took to come in, from the cut to the first later answer: answers
+        # arriving in clumps (a busy server, a busy client) must not look like a higher rate
+        count, span = self._probe_count, now - self.probe_at
         self.probe_at = None
         if count < _MIN_SAMPLES or span <= 0:
             return  # too few to tell (a small quota): the cut stands
