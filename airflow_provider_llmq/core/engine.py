@@ -333,13 +333,18 @@ def _row_attempts(
             conversation = repair
             body = json.dumps(repair, ensure_ascii=False).encode("utf-8")
             continue
+        quick = None
         if outcome.http_status != 200:
-            # 5xx, resets and timeouts: the controller tells an overloaded server from noise
-            rate.on_failure(sent, now, status=outcome.http_status)
+            # 5xx, resets and timeouts: the controller tells an overloaded server from noise, and
+            # an isolated failure from an outage (its row retries soon, see AdaptiveRate.on_failure)
+            quick = rate.on_failure(sent, now, status=outcome.http_status)
         failures += 1
         if not retry.should_retry(outcome, failures):
             return ended(outcome)
-        yield Sleep(retry.delay(outcome, failures))
+        delay = retry.delay(outcome, failures)
+        if quick is not None and failures == 1 and outcome.retry_after is None:
+            delay = min(delay, quick)  # a server's own hint is kept
+        yield Sleep(delay)
 
 
 _MAX_REASKS = 3  # an answer cut by llmq's own limit is asked again with 2x, 4x, 8x the room

@@ -15,8 +15,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from airflow_provider_llmq.core.adaptive import SLOW_START, AdaptiveStats
+from airflow_provider_llmq.core.adaptive import AdaptiveStats
 from airflow_provider_llmq.core.payload import EMPTY_PROMPT
+from airflow_provider_llmq.core.rate_model import SLOW_START
 from airflow_provider_llmq.core.result import QueryResult
 
 

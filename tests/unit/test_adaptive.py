@@ -22,14 +22,11 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_llmq.core.adaptive import (
-    AdaptiveRate,
-    AdaptiveSettings,
-    AdaptiveStats,
-    parse_duration,
-)
+from airflow_provider_llmq.core.adaptive import QUICK_RETRY, AdaptiveRate, AdaptiveStats
 from airflow_provider_llmq.core.limits import WAKE_INTERVAL, AsyncLimiter, Pacer, ThreadLimiter
 from airflow_provider_llmq.core.payload import parse_retry_after
+from airflow_provider_llmq.core.rate_headers import parse_duration
+from airflow_provider_llmq.core.rate_model import AdaptiveSettings
 from airflow_provider_llmq.testing.mock_server.quotas import (
     AzureWindows,
     OpenAIBuckets,
@@ -118,6 +115,7 @@ class Simulation:
         self.noise_429, self.noise_hint, self.noise_500 = noise_429, noise_hint, noise_500
         self.noise_rng = random.Random(seed + 1)
         self.failed = 0
+        self.failed_rows: set[tuple[str, int]] = set()
         self.clock = SimClock()
         self._heap: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
@@ -212,8 +210,13 @@ class Simulation:
 
     def _failed(self, client: SimClient, row: int, sent_at: float) -> None:
         self.failed += 1
-        client.controller.on_failure(sent_at, self.clock.now, status=500)
+        quick = client.controller.on_failure(sent_at, self.clock.now, status=500)
+        # the engine's policy: the row's backoff (0.5 s, jittered), its first retry within the
+        # controller's quick one while failures are isolated
         backoff = 0.5 * (1 - 0.25 * self.noise_rng.random())
+        if quick is not None and (client.name, row) not in self.failed_rows:
+            backoff = min(backoff, quick)
+        self.failed_rows.add((client.name, row))
         self.at(self.clock.now + backoff, lambda: self._acquire(client, row))
 
 
@@ -307,7 +310,7 @@ def test_azure_windows_at_3000_rpm(window: float, phase: float) -> None:
     assert all_answered(sim)
     assert client.share_429 <= 0.02, describe(sim, 50)
     assert client.throughput >= 0.9 * 50, describe(sim, 50)
-    assert client.controller._windows["requests"].period == window  # learned from the headers
+    assert client.controller._headers.windows["requests"].period == window  # learned from the headers
 
 
 @pytest.mark.parametrize("join", [0.0, 3.0, 10.0])
@@ -554,6 +557,36 @@ def test_slow_start_ramps_within_a_second_at_50_ms() -> None:
     assert (controller.rate or 0) >= 1000
 
 
+def test_slow_start_begins_at_half_the_concurrency_per_second() -> None:
+    """The start scales with the concurrency the caller chose (64 in flight: 32/s), never below
+    ``initial_rate``, never above ``requests_per_minute``; without a concurrency (bursts) it is
+    ``initial_rate``."""
+    assert AdaptiveRate(max_concurrency=64, clock=Clock()).rate == pytest.approx(32.0)
+    assert AdaptiveRate(max_concurrency=8, clock=Clock()).rate == pytest.approx(20.0)
+    assert AdaptiveRate(clock=Clock()).rate == pytest.approx(20.0)
+    assert AdaptiveRate(600, max_concurrency=64, clock=Clock()).rate == pytest.approx(10.0)
+    settings = AdaptiveSettings(initial_round_trip=0.5)
+    assert AdaptiveRate(max_concurrency=64, settings=settings, clock=Clock()).rate == pytest.approx(128.0)
+
+
+def test_an_isolated_failure_retries_soon_an_outage_backs_off() -> None:
+    """A 500 among answers: its row may retry within QUICK_RETRY, and the rate is kept; failures
+    that outnumber the answers (an outage) leave each row to its own backoff."""
+    clock = Clock()
+    controller = AdaptiveRate(max_concurrency=64, clock=clock)
+    for i in range(200):  # 100 answers/s for 2 s
+        clock.now = i / 100
+        controller.on_success(clock.now - 0.2, clock.now)
+    rate = controller.rate
+    assert controller.on_failure(clock.now - 0.2, clock.now, status=500) == QUICK_RETRY
+    assert controller.on_failure(clock.now - 0.2, clock.now, status=None) == QUICK_RETRY  # a reset
+    assert controller.rate == rate  # not congestion
+    outage = [controller.on_failure(clock.now - 0.2, clock.now, status=500) for _ in range(30)]
+    assert outage[-1] is None
+    assert controller.on_failure(clock.now - 0.2, clock.now, status=503) is None  # a refusal
+    assert controller.stats().failures == 33
+
+
 def test_cut_without_answers_halves() -> None:
     clock = Clock()
     controller = AdaptiveRate(clock=clock)
@@ -711,7 +744,7 @@ def test_azure_window_learned_from_remaining_and_hints() -> None:
     # windows of 10 s holding 100 requests, starting at 0, 10, 20...; 10/s from t=5 on
     for i in range(100):
         answer(5.0 + i * 0.1, max(0, 99 - i % 100 - (50 if i < 50 else -50)))
-    window = controller._windows["requests"]
+    window = controller._headers.windows["requests"]
     assert window.start == pytest.approx(10.0) and window.period is None  # one start seen
     # the next window runs out early: the 429's hint tells when it ends
     clock.now = 19.0
@@ -750,6 +783,7 @@ def test_not_adaptive_ignores_headers_and_429s() -> None:
         {"settings": {"decrease": 1.0}},
         {"settings": {"headroom": 1.0}},
         {"settings": {"initial_rate": 0}},
+        {"settings": {"initial_round_trip": 0}},
         {"settings": {"increase": -1}},
     ],
 )
