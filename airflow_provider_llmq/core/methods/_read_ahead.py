@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from airflow_provider_llmq.core.adaptive import AdaptiveStats
+from airflow_provider_llmq.core.packing import PackStats
 from airflow_provider_llmq.core.result import QueryResult
 
 Item = tuple[Any, Any]
@@ -76,6 +77,8 @@ class QueryStream(Iterator[QueryResult]):
     def __init__(self, results: Iterator[QueryResult], stats: Callable[[], AdaptiveStats]) -> None:
         self._results = results
         self.stats = stats
+        #: what packing did (packs, rows answered from packs, tokens saved); None without packing
+        self.packing: PackStats | None = None
 
     def __iter__(self) -> QueryStream:
         return self

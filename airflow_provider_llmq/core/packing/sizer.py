@@ -1,0 +1,111 @@
+"""How many rows go into the next pack.
+
+A fixed ``rows_per_request`` is the size asked for. ``"auto"`` starts small and grows while packs
+come back whole, up to the first of: a prompt-token target (the instruction is then a small share
+of the request, and one failed pack does not cost much), what the model's context or ``max_tokens``
+allows (learned from the answers: completion tokens per row, a context-length error), and a row
+cap. A pack that fails whole or comes back incomplete halves the size; whole packs grow it again.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+
+__all__ = ["AUTO", "PackSizer"]
+
+AUTO = "auto"
+#: the prompt tokens an automatic pack aims at: the instruction and system prompt are then a small
+#: share, and a pack is still short enough that a failure costs little to ask again
+TARGET_PROMPT_TOKENS = 2_000
+#: rows an automatic pack holds at most
+MAX_AUTO_ROWS = 64
+_FIRST_AUTO_ROWS = 4
+#: completion tokens a pack may ask for when no max_tokens is set (what current models answer at most)
+_DEFAULT_COMPLETION_CAP = 16_384
+_ITEM_OVERHEAD_TOKENS = 12  # an item's id and JSON punctuation, in the prompt and in the answer
+
+
+@dataclass
+class PackStats:
+    """What packing did, for the summary."""
+
+    packs: int = 0  # pack requests that came back (whole or not)
+    packed_rows: int = 0  # rows answered from a pack
+    whole_failures: int = 0  # packs that failed as a whole and were split
+    incomplete: int = 0  # packs that came back without every row
+    prompt_tokens_saved: int = 0  # estimated: what the answered rows would have cost alone, less their share
+
+
+class PackSizer:
+    """The next pack's size, shared by every thread or task of one client.
+
+    :param rows_per_request: a fixed size (> 1) or ``"auto"``.
+    :param max_tokens: the request's ``max_tokens``: the whole pack's answer must fit in it.
+    """
+
+    def __init__(self, rows_per_request: int | str, max_tokens: int | None = None) -> None:
+        self.auto = rows_per_request == AUTO
+        self.fixed = 0 if self.auto else int(rows_per_request)
+        self._rows = float(_FIRST_AUTO_ROWS if self.auto else self.fixed)
+        self._max_tokens = max_tokens
+        self._completion_per_row: float | None = None
+        self._context_tokens: int | None = None  # prompt tokens a pack stays under after a context error
+        self._lock = threading.Lock()
+        self.stats = PackStats()
+
+    def row_cap(self) -> int:
+        """Rows the next pack may hold."""
+        with self._lock:
+            rows = max(1, int(self._rows))
+            if self._completion_per_row and self._completion_per_row > 0:
+                cap = self._max_tokens if self._max_tokens is not None else _DEFAULT_COMPLETION_CAP
+                rows = min(rows, max(1, int(cap * 0.8 / (self._completion_per_row + _ITEM_OVERHEAD_TOKENS))))
+            return rows
+
+    def token_cap(self) -> int | None:
+        """Prompt tokens the next pack may hold (None: no limit, for a fixed size)."""
+        with self._lock:
+            caps = [] if not self.auto else [TARGET_PROMPT_TOKENS]
+            if self._context_tokens is not None:
+                caps.append(self._context_tokens)
+            return min(caps) if caps else None
+
+    def largest(self) -> int:
+        """Rows a pack can ever hold: what bounds the rows read ahead."""
+        return MAX_AUTO_ROWS if self.auto else self.fixed
+
+    def answered(self, rows: int, complete: bool, completion_tokens: int | None) -> None:
+        """A pack of ``rows`` came back: grow when every row was answered, else halve."""
+        with self._lock:
+            self.stats.packs += 1
+            if completion_tokens and rows:
+                per_row = completion_tokens / rows
+                previous = self._completion_per_row
+                self._completion_per_row = per_row if previous is None else 0.8 * previous + 0.2 * per_row
+            if not complete:
+                self.stats.incomplete += 1
+            if not self.auto:
+                return
+            if complete and rows >= int(self._rows):
+                self._rows = min(MAX_AUTO_ROWS, self._rows * 2 if self._rows < 16 else self._rows + 4)
+            elif not complete:
+                self._rows = max(1.0, self._rows / 2)
+
+    def failed(self, rows: int, prompt_tokens: int | None = None, *, size: bool, context: bool = False) -> None:
+        """A pack failed as a whole (it is split). ``size``: the failure says the pack was too big
+        (an unusable or cut answer, a context-length error): shrink. A content filter or a refusal
+        is one row's doing and leaves the size alone. A context-length error also caps the tokens."""
+        with self._lock:
+            self.stats.whole_failures += 1
+            if context and prompt_tokens:
+                cap = max(1, math.floor(prompt_tokens / 2))
+                self._context_tokens = cap if self._context_tokens is None else min(cap, self._context_tokens)
+            if self.auto and size:
+                self._rows = max(1.0, min(self._rows, rows) / 2)
+
+    def saved(self, rows: int, tokens: int) -> None:
+        with self._lock:
+            self.stats.packed_rows += rows
+            self.stats.prompt_tokens_saved += tokens
