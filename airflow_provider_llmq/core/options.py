@@ -21,7 +21,7 @@ from airflow_provider_llmq.core.payload import DEFAULT_SYSTEM_PROMPT, ChatReques
 from airflow_provider_llmq.core.retry import RetryPolicy
 from airflow_provider_llmq.core.structured import StructuredOutput
 
-__all__ = ["QueryOptions"]
+__all__ = ["QueryOptions", "check_rows_per_request"]
 
 _NUMBERS: dict[str, type] = {
     "max_retries": numbers.Integral,
@@ -125,7 +125,7 @@ class QueryOptions:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise LLMQueryConfigError(f"{name} must be >= 0, got {value!r}")
-        _check_rows_per_request(self.rows_per_request)
+        check_rows_per_request(self.rows_per_request)
         parse_prices(self.prices)  # validates the prices now
         self.retry_policy()  # validates the retry settings now, not at the first failure
         ChatRequest(params=self.request_params, output=self.structured_output())  # validates the body now
@@ -175,7 +175,7 @@ class QueryOptions:
         )
 
 
-def _check_rows_per_request(value: object) -> None:
+def check_rows_per_request(value: object) -> None:
     if value == "auto":
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:

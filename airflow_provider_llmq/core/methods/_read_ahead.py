@@ -27,17 +27,17 @@ class ReadAhead:
     """Pulls rows from the caller's iterable only while fewer than ``window`` are unanswered, so
     memory is bounded by the window whatever the row count.
 
-    :param rows: the ``(row_id, prompt)`` pairs, pulled lazily.
+    :param rows: the ``(row_id, prompt)`` pairs, or packs of them, pulled lazily.
     :param window: rows handed to the workers and not yet answered, at most.
     """
 
-    def __init__(self, rows: Iterable[Item], window: int) -> None:
+    def __init__(self, rows: Iterable[Any], window: int) -> None:
         self._source = iter(rows)
         self.window = window
         self.unanswered = 0
         self.exhausted = False
 
-    def take(self) -> list[Item]:
+    def take(self) -> list[Any]:
         """The next rows to hand over (possibly none); sets ``exhausted`` when the rows ran out."""
         if self.exhausted or self.unanswered >= self.window:
             return []

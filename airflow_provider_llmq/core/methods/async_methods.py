@@ -59,9 +59,9 @@ def _run_in_loop_thread(
 ) -> Iterator[QueryResult]:
     """Checks the settings now (a bad option raises at the call), then streams lazily."""
     client = AsyncClient(endpoint, options, concurrency=concurrency, bursts=bursts)  # no loop needed yet
-    if client.sizer is not None:  # rows_per_request: the items are packs, each emitted as a list
-        rows = group_rows(rows, client.sizer)
-    stream = QueryStream(_stream(client, ReadAhead(rows, window=2 * concurrency), schedule), client.stats)
+    # rows_per_request: the items are packs, each emitted as a list
+    items: Iterable[Any] = rows if client.sizer is None else group_rows(rows, client.sizer)
+    stream = QueryStream(_stream(client, ReadAhead(items, window=2 * concurrency), schedule), client.stats)
     stream.packing = client.sizer.stats if client.sizer is not None else None
     return stream
 

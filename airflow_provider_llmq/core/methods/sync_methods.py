@@ -105,12 +105,12 @@ def query_thread_pool(
     if max_workers < 1:
         raise LLMQueryConfigError(f"max_workers must be >= 1, got {max_workers}")
     client = SyncClient(endpoint, QueryOptions.of(options, **settings), pool_size=max_workers)
-    if client.sizer is not None:  # rows_per_request: each worker asks one pack at a time
-        rows = group_rows(rows, client.sizer)
-    return _packing(QueryStream(_pooled(client, rows, max_workers), client.stats), client)
+    # rows_per_request: each worker asks one pack at a time
+    items: Iterable[Any] = rows if client.sizer is None else group_rows(rows, client.sizer)
+    return _packing(QueryStream(_pooled(client, items, max_workers), client.stats), client)
 
 
-def _pooled(client: SyncClient, rows: Iterable[Item], max_workers: int) -> Iterator[QueryResult]:
+def _pooled(client: SyncClient, rows: Iterable[Any], max_workers: int) -> Iterator[QueryResult]:
     ahead = ReadAhead(rows, window=2 * max_workers)
     finished: queue.SimpleQueue[QueryResult | list[QueryResult] | Failed] = queue.SimpleQueue()
     failed = threading.Event()

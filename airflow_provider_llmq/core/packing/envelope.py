@@ -96,6 +96,10 @@ class PackedChatRequest(ChatRequest):
         body = super()._with_params(messages)
         body["response_format"] = {
             "type": "json_schema",
-            "json_schema": {"name": PACK_SCHEMA_NAME, "schema": pack_schema(self.item_schema), "strict": True},
+            "json_schema": {
+                "name": PACK_SCHEMA_NAME,
+                "schema": pack_schema(self.item_schema),
+                "strict": True,
+            },
         }
         return body

@@ -33,9 +33,9 @@ from airflow_provider_llmq.core.payload import CONTEXT_LENGTH, INVALID_OUTPUT, L
 from airflow_provider_llmq.core.result import STATUS_ERROR, STATUS_OK, QueryResult
 
 if TYPE_CHECKING:
+    from airflow_provider_llmq.core.adaptive import AdaptiveRate
     from airflow_provider_llmq.core.budget import Budget
     from airflow_provider_llmq.core.engine import Limiter, Received, Step, _RowPolicy
-    from airflow_provider_llmq.core.adaptive import AdaptiveRate
 
 __all__ = ["PackContext", "group_rows", "pack_attempts"]
 
@@ -108,7 +108,9 @@ def _shares(total: int | None, weights: list[int]) -> list[float | None]:
     if total is None:
         return [None] * len(weights)
     whole = sum(weights) or len(weights)
-    exact = [total * (w or 1) / whole for w in weights] if sum(weights) else [total / len(weights)] * len(weights)
+    exact = (
+        [total * (w or 1) / whole for w in weights] if sum(weights) else [total / len(weights)] * len(weights)
+    )
     floors = [int(x) for x in exact]
     order = sorted(range(len(exact)), key=lambda i: exact[i] - floors[i], reverse=True)
     for i in order[: total - sum(floors)]:
@@ -134,7 +136,9 @@ def pack_attempts(rows: list[Item], ctx: PackContext) -> Generator[Step, Receive
             continue
         prompts = [rows[i][1] for i in group]
         text = envelope_text(prompts)
-        pack = yield from _attempts(f"pack of {len(group)}", text, _policy_for(ctx, len(group)), ctx.limiter, ctx.rate, ctx.budget)
+        pack = yield from _attempts(
+            f"pack of {len(group)}", text, _policy_for(ctx, len(group)), ctx.limiter, ctx.rate, ctx.budget
+        )
         for i, prompt_share, completion_share in zip(
             group,
             _shares(pack.prompt_tokens, [weights[i] for i in group]),
@@ -146,9 +150,13 @@ def pack_attempts(rows: list[Item], ctx: PackContext) -> Generator[Step, Receive
             code = pack.error_code or ""
             if code in TRANSIENT_ERROR_CODES:
                 ended = time.monotonic()
-                results.extend(_pack_error(rows[i][0], pack, spent[i], len(group), started, ended, ctx) for i in group)
+                results.extend(
+                    _pack_error(rows[i][0], pack, spent[i], len(group), started, ended, ctx) for i in group
+                )
                 continue
-            ctx.sizer.failed(len(group), pack.prompt_tokens, size=code in _SIZE_CODES, context=code == CONTEXT_LENGTH)
+            ctx.sizer.failed(
+                len(group), pack.prompt_tokens, size=code in _SIZE_CODES, context=code == CONTEXT_LENGTH
+            )
             todo.extend(_halves(group))
             continue
         ids = [str(n) for n in range(1, len(group) + 1)]
@@ -170,7 +178,11 @@ def pack_attempts(rows: list[Item], ctx: PackContext) -> Generator[Step, Receive
             for pack_id, i in zip(ids, group, strict=True)
             if pack_id in found.answers
         )
-        share = sum(spent[i].prompt_tokens or 0 for pack_id, i in zip(ids, group, strict=True) if pack_id in found.answers)
+        share = sum(
+            spent[i].prompt_tokens or 0
+            for pack_id, i in zip(ids, group, strict=True)
+            if pack_id in found.answers
+        )
         ctx.sizer.saved(answered, max(0, alone_tokens - share) if pack.prompt_tokens is not None else 0)
         if found.missing:  # asked again together: a smaller pack than this one, so this ends
             todo.append([group[ids.index(pack_id)] for pack_id in found.missing])

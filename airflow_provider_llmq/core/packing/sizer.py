@@ -93,7 +93,9 @@ class PackSizer:
             elif not complete:
                 self._rows = max(1.0, self._rows / 2)
 
-    def failed(self, rows: int, prompt_tokens: int | None = None, *, size: bool, context: bool = False) -> None:
+    def failed(
+        self, rows: int, prompt_tokens: int | None = None, *, size: bool, context: bool = False
+    ) -> None:
         """A pack failed as a whole (it is split). ``size``: the failure says the pack was too big
         (an unusable or cut answer, a context-length error): shrink. A content filter or a refusal
         is one row's doing and leaves the size alone. A context-length error also caps the tokens."""

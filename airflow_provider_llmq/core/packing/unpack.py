@@ -77,7 +77,9 @@ def unpack(content: str, asked: list[str], output: StructuredOutput | None) -> U
     return result
 
 
-def _item_answer(item: dict[str, object], key: str, output: StructuredOutput | None) -> tuple[str, str | None]:
+def _item_answer(
+    item: dict[str, object], key: str, output: StructuredOutput | None
+) -> tuple[str, str | None]:
     if output is None:
         answer = item.get("answer")
         if not isinstance(answer, str) or set(item) != {key, "answer"}:
