@@ -75,8 +75,8 @@ class QueryOptions:
         sent, when it is better known than ``max_tokens`` (estimates and the budget's reservation).
     :param rows_per_request: rows sent in one request (a *pack*, see :mod:`~.packing`): 1 (the
         default) sends one row per request; an integer > 1 packs that many; ``"auto"`` picks the size
-        (about 2,000 prompt tokens, within ``max_tokens``, at most 64 rows). Each row keeps its own
-        answer or error; ``max_tokens`` then caps the whole pack's answer.
+        (about 2,000 prompt tokens, at most 64 rows). Each row keeps its own answer or error;
+        ``max_tokens`` stays a row's: a pack asks for each of its rows' (and their ids).
     """
 
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT

@@ -142,8 +142,8 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
         request that shows the model its invalid text and the reason.
     :param rows_per_request: ``int | "auto"``: rows sent in one request, as one JSON envelope answered
         with a JSON schema (see README, "Packing rows"). 1 (default): one row per request; an integer
-        > 1: that many; ``"auto"``: about 2,000 prompt tokens per request, within ``max_tokens``
-        (which then caps a whole pack's answer), at most 64 rows, smaller after packs that fail.
+        > 1: that many; ``"auto"``: about 2,000 prompt tokens per request, at most 64 rows, smaller
+        after packs that fail or come back incomplete (``max_tokens`` stays a row's).
         Each row keeps its own answer or error: a row missing from an answer is asked again, a pack
         that fails whole is split down to the row that made it fail. Not for long prompts, for
         tasks where rows would influence each other, nor for models that follow JSON schemas poorly.

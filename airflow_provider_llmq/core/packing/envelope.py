@@ -10,6 +10,7 @@ own (``"1"``..``"n"``), never the rows' ids: shorter, and nothing of the table r
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,9 +18,20 @@ from typing import Any
 
 from airflow_provider_llmq.core.payload import ChatRequest, Failure
 
-__all__ = ["PACK_INSTRUCTION", "PACK_SCHEMA_NAME", "PackedChatRequest", "envelope_text", "item_id_key"]
+__all__ = [
+    "ITEM_ANSWER_OVERHEAD",
+    "PACK_INSTRUCTION",
+    "PACK_SCHEMA_NAME",
+    "PackedChatRequest",
+    "envelope_text",
+    "item_id_key",
+    "pack_max_tokens",
+]
 
 PACK_SCHEMA_NAME = "llmq_pack"
+#: completion tokens an item's id and JSON punctuation add to its answer: a row's ``max_tokens``
+#: plus this, times the rows, is a pack's ``max_tokens``
+ITEM_ANSWER_OVERHEAD = 16
 PACK_INSTRUCTION = (
     'The user message is a JSON object whose "items" each hold an "id" and a "prompt". Answer each '
     "item's prompt on its own, exactly as if it were the only prompt you were given: items must not "
@@ -57,6 +69,11 @@ def pack_schema(item_schema: Mapping[str, Any] | None) -> dict[str, Any]:
     }
 
 
+def pack_max_tokens(per_row: int, rows: int) -> int:
+    """A pack's ``max_tokens``: each row's, plus its item's id and JSON punctuation."""
+    return rows * (per_row + ITEM_ANSWER_OVERHEAD)
+
+
 def envelope_text(prompts: Sequence[str]) -> str:
     """The one user message of a pack: its prompts with the ids ``"1"``..``"n"``."""
     items = [{"id": str(index), "prompt": prompt} for index, prompt in enumerate(prompts, start=1)]
@@ -75,6 +92,7 @@ class PackedChatRequest(ChatRequest):
     """
 
     item_schema: Mapping[str, Any] | None = None
+    rows: int = 1  # rows in this pack: a row's max_tokens is scaled to the whole pack's answer
 
     @classmethod
     def of(cls, request: ChatRequest) -> PackedChatRequest:
@@ -92,8 +110,18 @@ class PackedChatRequest(ChatRequest):
     def repair_body(self, prompt: str, failure: Failure) -> dict[str, Any] | None:
         return None  # a pack is never repaired: its bad items are asked again alone
 
+    def for_rows(self, rows: int) -> PackedChatRequest:
+        return dataclasses.replace(self, rows=rows)
+
+    def max_completion_tokens(self) -> int | None:
+        per_row = super().max_completion_tokens()
+        return None if per_row is None else pack_max_tokens(per_row, self.rows)
+
     def _with_params(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
         body = super()._with_params(messages)
+        for name in ("max_tokens", "max_completion_tokens"):
+            if isinstance(body.get(name), int):
+                body[name] = pack_max_tokens(body[name], self.rows)
         body["response_format"] = {
             "type": "json_schema",
             "json_schema": {

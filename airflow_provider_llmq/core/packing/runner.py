@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_llmq.core.cost import TokenCounter
-from airflow_provider_llmq.core.packing.envelope import envelope_text
+from airflow_provider_llmq.core.packing.envelope import PackedChatRequest, envelope_text
 from airflow_provider_llmq.core.packing.sizer import PackSizer
 from airflow_provider_llmq.core.packing.unpack import unpack
 from airflow_provider_llmq.core.payload import CONTEXT_LENGTH, INVALID_OUTPUT, LENGTH, TRANSIENT_ERROR_CODES
@@ -190,11 +190,16 @@ def pack_attempts(rows: list[Item], ctx: PackContext) -> Generator[Step, Receive
 
 
 def _policy_for(ctx: PackContext, rows: int) -> _RowPolicy:
-    """The pack policy with the budget's completion reservation for ``rows`` rows (the request's
-    ``max_tokens`` caps the whole pack's answer when set)."""
-    if ctx.policy.request.max_completion_tokens() is not None or ctx.expected_completion is None:
-        return ctx.pack_policy
-    return dataclasses.replace(ctx.pack_policy, completion_estimate=ctx.expected_completion * rows)
+    """The pack policy for ``rows`` rows: its ``max_tokens`` (each row's, scaled), and what tokens/min
+    and the budget reserve for its answer (that cap, else the expected completion per row)."""
+    request = ctx.pack_policy.request
+    if isinstance(request, PackedChatRequest):
+        request = request.for_rows(rows)
+    cap = request.max_completion_tokens()
+    if cap is None and ctx.expected_completion is None:
+        return dataclasses.replace(ctx.pack_policy, request=request)
+    estimate = cap if cap is not None else (ctx.expected_completion or 0) * rows
+    return dataclasses.replace(ctx.pack_policy, request=request, completion_estimate=estimate)
 
 
 def _halves(group: list[int]) -> list[list[int]]:

@@ -2,9 +2,9 @@
 
 A fixed ``rows_per_request`` is the size asked for. ``"auto"`` starts small and grows while packs
 come back whole, up to the first of: a prompt-token target (the instruction is then a small share
-of the request, and one failed pack does not cost much), what the model's context or ``max_tokens``
-allows (learned from the answers: completion tokens per row, a context-length error), and a row
-cap. A pack that fails whole or comes back incomplete halves the size; whole packs grow it again.
+of the request, and one failed pack does not cost much), what the model's context and its longest
+answer allow (a context-length error; each row's ``max_tokens``, else the completion tokens per row
+learned from the answers), and a row cap. A pack that fails whole or comes back incomplete halves the size; whole packs grow it again.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
+
+from airflow_provider_llmq.core.packing.envelope import ITEM_ANSWER_OVERHEAD
 
 __all__ = ["AUTO", "PackSizer"]
 
@@ -22,9 +24,8 @@ TARGET_PROMPT_TOKENS = 2_000
 #: rows an automatic pack holds at most
 MAX_AUTO_ROWS = 64
 _FIRST_AUTO_ROWS = 4
-#: completion tokens a pack may ask for when no max_tokens is set (what current models answer at most)
-_DEFAULT_COMPLETION_CAP = 16_384
-_ITEM_OVERHEAD_TOKENS = 12  # an item's id and JSON punctuation, in the prompt and in the answer
+#: completion tokens a pack's answer may need at most (what current models write in one answer)
+_COMPLETION_CAP = 16_384
 
 
 @dataclass
@@ -42,7 +43,7 @@ class PackSizer:
     """The next pack's size, shared by every thread or task of one client.
 
     :param rows_per_request: a fixed size (> 1) or ``"auto"``.
-    :param max_tokens: the request's ``max_tokens``: the whole pack's answer must fit in it.
+    :param max_tokens: a row's ``max_tokens`` (a pack asks for that many per row).
     """
 
     def __init__(self, rows_per_request: int | str, max_tokens: int | None = None) -> None:
@@ -59,9 +60,13 @@ class PackSizer:
         """Rows the next pack may hold."""
         with self._lock:
             rows = max(1, int(self._rows))
-            if self._completion_per_row and self._completion_per_row > 0:
-                cap = self._max_tokens if self._max_tokens is not None else _DEFAULT_COMPLETION_CAP
-                rows = min(rows, max(1, int(cap * 0.8 / (self._completion_per_row + _ITEM_OVERHEAD_TOKENS))))
+            # the pack's answer must fit in what a model writes at most: each row's max_tokens, else
+            # the completion per row learned from the answers (with a margin)
+            per_row = self._max_tokens
+            if per_row is None and self._completion_per_row:
+                per_row = int(self._completion_per_row * 1.25)
+            if per_row is not None:
+                rows = min(rows, max(1, _COMPLETION_CAP // (per_row + ITEM_ANSWER_OVERHEAD)))
             return rows
 
     def token_cap(self) -> int | None:

@@ -21,7 +21,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from airflow_provider_llmq.core.packing.envelope import PACK_INSTRUCTION, PACK_SCHEMA_NAME, item_id_key
+from airflow_provider_llmq.core.packing.envelope import (
+    ITEM_ANSWER_OVERHEAD,
+    PACK_INSTRUCTION,
+    PACK_SCHEMA_NAME,
+    item_id_key,
+)
 from airflow_provider_llmq.core.structured import DEFAULT_SCHEMA_NAME
 
 from .faults import Fault, MockConfig, _noise, plan, prompt_hash
@@ -73,6 +78,9 @@ class Pack:
             None,
         )
         alone = {k: v for k, v in params.items() if k != "response_format"}
+        for name in ("max_tokens", "max_completion_tokens"):  # a pack asks for each row's, scaled
+            if isinstance(alone.get(name), int):
+                alone[name] = alone[name] // len(self.ids) - ITEM_ANSWER_OVERHEAD
         if self.item_schema is not None:
             alone["response_format"] = {
                 "type": "json_schema",
