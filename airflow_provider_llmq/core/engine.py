@@ -31,7 +31,7 @@ from airflow_provider_llmq.core.endpoint import EndpointConfig
 from airflow_provider_llmq.core.entra_token import TokenSource
 from airflow_provider_llmq.core.limits import AsyncLimiter, ThreadLimiter, estimate_request_tokens
 from airflow_provider_llmq.core.options import QueryOptions
-from airflow_provider_llmq.core.packing import PackContext, PackedChatRequest, PackSizer, pack_attempts
+from airflow_provider_llmq.core.packing import PackContext, PackSizer, pack_attempts, pack_policy_of
 from airflow_provider_llmq.core.payload import (
     BUDGET_EXCEEDED,
     EMPTY_PROMPT,
@@ -356,7 +356,7 @@ class ClientBase(Generic[L]):
         self._packs: PackContext | None = None
         if self.options.packed:
             self.sizer = PackSizer(self.options.rows_per_request, request.max_completion_tokens())
-            pack_policy = dataclasses.replace(self._policy, request=PackedChatRequest.of(request))
+            pack_policy = pack_policy_of(self._policy)
             expected = self.options.expected_completion_tokens or self._policy.completion_estimate or None
             self._packs = PackContext(
                 self._policy, pack_policy, self.limiter, self.rate, self.budget, self.sizer, expected

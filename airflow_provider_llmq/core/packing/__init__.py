@@ -5,7 +5,7 @@
 """
 
 from airflow_provider_llmq.core.packing.envelope import PACK_INSTRUCTION, PACK_SCHEMA_NAME, PackedChatRequest
-from airflow_provider_llmq.core.packing.runner import PackContext, group_rows, pack_attempts
+from airflow_provider_llmq.core.packing.runner import PackContext, group_rows, pack_attempts, pack_policy_of
 from airflow_provider_llmq.core.packing.sizer import AUTO, PackSizer, PackStats
 
 __all__ = [
@@ -18,4 +18,5 @@ __all__ = [
     "PackedChatRequest",
     "group_rows",
     "pack_attempts",
+    "pack_policy_of",
 ]

@@ -25,8 +25,8 @@ from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_llmq.core.cost import TokenCounter
-from airflow_provider_llmq.core.packing.envelope import PackedChatRequest, envelope_text
+from airflow_provider_llmq.core.cost import MESSAGE_OVERHEAD_TOKENS, TokenCounter
+from airflow_provider_llmq.core.packing.envelope import PACK_INSTRUCTION, PackedChatRequest, envelope_text
 from airflow_provider_llmq.core.packing.sizer import PackSizer
 from airflow_provider_llmq.core.packing.unpack import unpack
 from airflow_provider_llmq.core.payload import CONTEXT_LENGTH, INVALID_OUTPUT, LENGTH, TRANSIENT_ERROR_CODES
@@ -37,10 +37,10 @@ if TYPE_CHECKING:
     from airflow_provider_llmq.core.budget import Budget
     from airflow_provider_llmq.core.engine import Limiter, Received, Step, _RowPolicy
 
-__all__ = ["PackContext", "group_rows", "pack_attempts"]
+__all__ = ["PackContext", "group_rows", "pack_attempts", "pack_policy_of"]
 
 Item = tuple[Any, Any]
-_ITEM_TOKENS = 12  # an item's id and JSON punctuation in the envelope
+_ITEM_TOKENS = 16  # an item's id and JSON punctuation in the envelope
 # failures that say the pack was too big, not that one row is bad: the sizer shrinks on them
 _SIZE_CODES = frozenset({CONTEXT_LENGTH, LENGTH, INVALID_OUTPUT})
 
@@ -69,6 +69,26 @@ def group_rows(rows: Iterable[Item], sizer: PackSizer) -> Iterator[list[Item]]:
         tokens += weight
     if pack:
         yield pack
+
+
+def pack_policy_of(policy: _RowPolicy) -> _RowPolicy:
+    """The policy a pack is asked with: the row policy's, with the pack's body and estimates."""
+    from airflow_provider_llmq.core.engine import _RowPolicy
+
+    @dataclass(frozen=True)
+    class _PackPolicy(_RowPolicy):
+        def budget_estimate(self, prompt: str) -> tuple[int, int]:
+            # the instruction, its message's framing, and each item's id and JSON punctuation,
+            # which a word count of the envelope misses
+            request = self.request
+            rows = request.rows if isinstance(request, PackedChatRequest) else 1
+            counter = TokenCounter.shared()
+            counted = counter.prompt_tokens(request.system_prompt, prompt) + counter.count(PACK_INSTRUCTION)
+            return counted + MESSAGE_OVERHEAD_TOKENS + _ITEM_TOKENS * rows, self.completion_estimate
+
+    fields = {f.name: getattr(policy, f.name) for f in dataclasses.fields(policy)}
+    fields["request"] = PackedChatRequest.of(policy.request)
+    return _PackPolicy(**fields)
 
 
 @dataclass(frozen=True)
@@ -136,9 +156,8 @@ def pack_attempts(rows: list[Item], ctx: PackContext) -> Generator[Step, Receive
             continue
         prompts = [rows[i][1] for i in group]
         text = envelope_text(prompts)
-        pack = yield from _attempts(
-            f"pack of {len(group)}", text, _policy_for(ctx, len(group)), ctx.limiter, ctx.rate, ctx.budget
-        )
+        policy = _policy_for(ctx, len(group))
+        pack = yield from _attempts(f"pack of {len(group)}", text, policy, ctx.limiter, ctx.rate, ctx.budget)
         for i, prompt_share, completion_share in zip(
             group,
             _shares(pack.prompt_tokens, [weights[i] for i in group]),
@@ -173,17 +192,7 @@ def pack_attempts(rows: list[Item], ctx: PackContext) -> Generator[Step, Receive
             if answer is not None:
                 answered += 1
                 results.append(_answered(rows[i][0], answer, pack, spent[i], started, ended, ctx))
-        alone_tokens = sum(
-            TokenCounter.shared().prompt_tokens(ctx.policy.request.system_prompt, rows[i][1])
-            for pack_id, i in zip(ids, group, strict=True)
-            if pack_id in found.answers
-        )
-        share = sum(
-            spent[i].prompt_tokens or 0
-            for pack_id, i in zip(ids, group, strict=True)
-            if pack_id in found.answers
-        )
-        ctx.sizer.saved(answered, max(0, alone_tokens - share) if pack.prompt_tokens is not None else 0)
+        ctx.sizer.saved(answered, _saved(ctx, policy, text, prompts, found.answers, ids))
         if found.missing:  # asked again together: a smaller pack than this one, so this ends
             todo.append([group[ids.index(pack_id)] for pack_id in found.missing])
     return results
@@ -200,6 +209,27 @@ def _policy_for(ctx: PackContext, rows: int) -> _RowPolicy:
         return dataclasses.replace(ctx.pack_policy, request=request)
     estimate = cap if cap is not None else (ctx.expected_completion or 0) * rows
     return dataclasses.replace(ctx.pack_policy, request=request, completion_estimate=estimate)
+
+
+def _saved(
+    ctx: PackContext,
+    policy: _RowPolicy,
+    text: str,
+    prompts: list[str],
+    answers: dict[str, str],
+    ids: list[str],
+) -> int:
+    """Prompt tokens the answered rows of a pack saved against one request each, both sides counted
+    the same way before sending (so the estimate's own error cancels out)."""
+    counter = TokenCounter.shared()
+    system = ctx.policy.request.system_prompt
+    alone = sum(
+        counter.prompt_tokens(system, p)
+        for pack_id, p in zip(ids, prompts, strict=True)
+        if pack_id in answers
+    )
+    packed = policy.budget_estimate(text)[0] * len(answers) / len(ids)
+    return round(alone - packed)
 
 
 def _halves(group: list[int]) -> list[list[int]]:

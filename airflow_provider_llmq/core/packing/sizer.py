@@ -4,7 +4,8 @@ A fixed ``rows_per_request`` is the size asked for. ``"auto"`` starts small and 
 come back whole, up to the first of: a prompt-token target (the instruction is then a small share
 of the request, and one failed pack does not cost much), what the model's context and its longest
 answer allow (a context-length error; each row's ``max_tokens``, else the completion tokens per row
-learned from the answers), and a row cap. A pack that fails whole or comes back incomplete halves the size; whole packs grow it again.
+learned from the answers), and a row cap. A pack that fails whole or comes back incomplete halves
+the size; whole packs grow it again.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ class PackStats:
     packed_rows: int = 0  # rows answered from a pack
     whole_failures: int = 0  # packs that failed as a whole and were split
     incomplete: int = 0  # packs that came back without every row
-    prompt_tokens_saved: int = 0  # estimated: what the answered rows would have cost alone, less their share
+    # counted before sending (tiktoken, else the heuristic), for both sides: what the answered rows
+    # would have cost alone, less their share of their packs; negative when packing cost more
+    prompt_tokens_saved: int = 0
 
 
 class PackSizer:
