@@ -29,6 +29,11 @@ class QueryResult:
         without a price for the model.
     :param cached: the result was copied from the cross-run answer cache, not asked by this run (its
         usage and cost are those of the run that asked it).
+    :param pack_rows: rows of the request that gave this result (``rows_per_request``; 1: asked alone).
+    :param requests: this row's share of the requests sent: 1/n for each request of n rows that
+        carried it (``attempts`` counts each of them once); None: ``attempts``, unpacked.
+    :param prompt_tokens_saved: prompt tokens this row saved against being asked alone, both sides
+        counted before sending (negative when packing cost more); None when not packed.
     """
 
     row_id: Any
@@ -45,6 +50,9 @@ class QueryResult:
     throttled: int = 0
     cost: float | None = None
     cached: bool = False
+    pack_rows: int = 1
+    requests: float | None = None
+    prompt_tokens_saved: int | None = None
 
     @property
     def ok(self) -> bool:

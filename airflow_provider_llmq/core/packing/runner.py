@@ -113,9 +113,13 @@ class _Spent:
     throttled: int = 0
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    share: float = 0.0  # of the requests sent: 1/n for each request of n rows
 
-    def add(self, attempts: int, throttled: int, prompt: float | None, completion: float | None) -> None:
+    def add(
+        self, attempts: int, throttled: int, prompt: float | None, completion: float | None, rows: int = 1
+    ) -> None:
         self.attempts += attempts
+        self.share += attempts / rows
         self.throttled += throttled
         if prompt is not None:
             self.prompt_tokens = (self.prompt_tokens or 0) + round(prompt)
@@ -164,7 +168,7 @@ def pack_attempts(rows: list[Item], ctx: PackContext) -> Generator[Step, Receive
             _shares(pack.completion_tokens, [weights[i] for i in group]),
             strict=True,
         ):
-            spent[i].add(pack.attempts, pack.throttled, prompt_share, completion_share)
+            spent[i].add(pack.attempts, pack.throttled, prompt_share, completion_share, len(group))
         if not pack.ok:
             code = pack.error_code or ""
             if code in TRANSIENT_ERROR_CODES:
@@ -186,13 +190,14 @@ def pack_attempts(rows: list[Item], ctx: PackContext) -> Generator[Step, Receive
             continue
         ctx.sizer.answered(len(group), complete=not found.missing, completion_tokens=pack.completion_tokens)
         ended = time.monotonic()
-        answered = 0
-        for pack_id, i in zip(ids, group, strict=True):
+        saved = _saved(ctx, policy, text, prompts)
+        for pack_id, i, row_saved in zip(ids, group, saved, strict=True):
             answer = found.answers.get(pack_id)
             if answer is not None:
-                answered += 1
-                results.append(_answered(rows[i][0], answer, pack, spent[i], started, ended, ctx))
-        ctx.sizer.saved(answered, _saved(ctx, policy, text, prompts, found.answers, ids))
+                row = _answered(rows[i][0], answer, pack, spent[i], started, ended, ctx)
+                results.append(dataclasses.replace(row, pack_rows=len(group), prompt_tokens_saved=row_saved))
+        kept = [n for pack_id, n in zip(ids, saved, strict=True) if pack_id in found.answers]
+        ctx.sizer.saved(len(kept), sum(kept))
         if found.missing:  # asked again together: a smaller pack than this one, so this ends
             todo.append([group[ids.index(pack_id)] for pack_id in found.missing])
     return results
@@ -211,25 +216,15 @@ def _policy_for(ctx: PackContext, rows: int) -> _RowPolicy:
     return dataclasses.replace(ctx.pack_policy, request=request, completion_estimate=estimate)
 
 
-def _saved(
-    ctx: PackContext,
-    policy: _RowPolicy,
-    text: str,
-    prompts: list[str],
-    answers: dict[str, str],
-    ids: list[str],
-) -> int:
-    """Prompt tokens the answered rows of a pack saved against one request each, both sides counted
-    the same way before sending (so the estimate's own error cancels out)."""
+def _saved(ctx: PackContext, policy: _RowPolicy, text: str, prompts: list[str]) -> list[int]:
+    """Prompt tokens each row of a pack saved against one request of its own, both sides counted the
+    same way before sending (so the counter's own error cancels out); the pack's count is shared by
+    the rows' weights, as its usage is."""
     counter = TokenCounter.shared()
     system = ctx.policy.request.system_prompt
-    alone = sum(
-        counter.prompt_tokens(system, p)
-        for pack_id, p in zip(ids, prompts, strict=True)
-        if pack_id in answers
-    )
-    packed = policy.budget_estimate(text)[0] * len(answers) / len(ids)
-    return round(alone - packed)
+    packed = policy.budget_estimate(text)[0]
+    shares = _shares(packed, [row_tokens(p) for p in prompts])
+    return [counter.prompt_tokens(system, p) - round(s or 0) for p, s in zip(prompts, shares, strict=True)]
 
 
 def _halves(group: list[int]) -> list[list[int]]:
@@ -243,7 +238,13 @@ def _cost(ctx: PackContext, spent: _Spent) -> float | None:
 
 
 def _answered(
-    row_id: Any, answer: str, pack: QueryResult, spent: _Spent, started: float, ended: float, ctx: PackContext
+    row_id: Any,
+    answer: str,
+    pack: QueryResult,
+    spent: _Spent,
+    started: float,
+    ended: float,
+    ctx: PackContext,
 ) -> QueryResult:
     return QueryResult(
         row_id,
@@ -257,6 +258,7 @@ def _answered(
         finish_reason=pack.finish_reason,
         throttled=spent.throttled,
         cost=_cost(ctx, spent),
+        requests=round(spent.share, 6),
     )
 
 
@@ -277,6 +279,8 @@ def _pack_error(
         finish_reason=pack.finish_reason,
         throttled=spent.throttled,
         cost=_cost(ctx, spent),
+        pack_rows=rows,
+        requests=round(spent.share, 6),
     )
 
 
@@ -293,4 +297,5 @@ def _merged(alone: QueryResult, spent: _Spent, ctx: PackContext) -> QueryResult:
         prompt_tokens=total.prompt_tokens,
         completion_tokens=total.completion_tokens,
         cost=_cost(ctx, total) if ctx.policy.price is not None else alone.cost,
+        requests=round(spent.share + alone.attempts, 6),
     )
