@@ -68,7 +68,7 @@ def summarize(
             F.sum(COST_COL).alias("cost"),
         ).first()
         assert totals is not None
-        sent = {name: int(round(totals[name] or 0)) for name in _SENT}
+        sent = {name: round(totals[name] or 0) for name in _SENT}
         extra.update(cache_hits=hits, cost_this_try=_rounded(totals["cost"]))
         packing = _packing(new_results)
         if packing is not None:
