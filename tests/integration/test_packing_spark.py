@@ -16,6 +16,8 @@ from airflow_provider_llmq.testing.mock_server import expected_answer
 from airflow_provider_llmq.testing.mock_server.faults import prompt_hash
 from tests.conftest import DEPLOYMENT, llmq_connection_env, run_dag_file
 
+# a dag.test() with Spark each: about 30 s on an idle 2-core machine
+pytestmark = pytest.mark.slow
 SYSTEM = "Answer with exactly one word: positive, neutral or negative. " * 8
 MAX_TOKENS = 12
 

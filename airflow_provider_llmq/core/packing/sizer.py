@@ -1,11 +1,13 @@
 """How many rows go into the next pack.
 
-A fixed ``rows_per_request`` is the size asked for. ``"auto"`` starts small and grows while packs
-come back whole, up to the first of: a prompt-token target (the instruction is then a small share
+A fixed ``rows_per_request`` is the size asked for. ``"auto"`` packs as many rows as fit the first
+of: a prompt-token target (the instruction is then a small share
 of the request, and one failed pack does not cost much), what the model's context and its longest
 answer allow (a context-length error; each row's ``max_tokens``, else the completion tokens per row
-learned from the answers), and a row cap. A pack that fails whole or comes back incomplete halves
-the size; whole packs grow it again.
+learned from the answers), and a row cap. A pack that comes back incomplete or fails whole in a way
+that says it was too big halves the row count; whole packs grow it again (doubling, then by 4s).
+It starts at the cap, not small: the methods read packs ahead (a window per worker), so a slow
+start would have packed most of a run's rows at its first, small size before any answer came back.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ AUTO = "auto"
 TARGET_PROMPT_TOKENS = 2_000
 #: rows an automatic pack holds at most
 MAX_AUTO_ROWS = 64
-_FIRST_AUTO_ROWS = 4
 #: completion tokens a pack's answer may need at most (what current models write in one answer)
 _COMPLETION_CAP = 16_384
 
@@ -52,7 +53,7 @@ class PackSizer:
     def __init__(self, rows_per_request: int | str, max_tokens: int | None = None) -> None:
         self.auto = rows_per_request == AUTO
         self.fixed = 0 if self.auto else int(rows_per_request)
-        self._rows = float(_FIRST_AUTO_ROWS if self.auto else self.fixed)
+        self._rows = float(MAX_AUTO_ROWS if self.auto else self.fixed)
         self._max_tokens = max_tokens
         self._completion_per_row: float | None = None
         self._context_tokens: int | None = None  # prompt tokens a pack stays under after a context error
