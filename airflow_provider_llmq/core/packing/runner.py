@@ -161,6 +161,11 @@ def pack_attempts(rows: list[Item], ctx: PackContext) -> Generator[Step, Receive
         prompts = [rows[i][1] for i in group]
         text = envelope_text(prompts)
         policy = _policy_for(ctx, len(group))
+        if ctx.budget is not None and not _fits(ctx.budget, policy.budget_estimate(text)):
+            # the budget closes at the first request it refuses: a pack too big for what is left
+            # is split first, so the budget still ends at one clear row, not at a whole pack
+            todo.extend(_halves(group))
+            continue
         pack = yield from _attempts(f"pack of {len(group)}", text, policy, ctx.limiter, ctx.rate, ctx.budget)
         for i, prompt_share, completion_share in zip(
             group,
@@ -225,6 +230,18 @@ def _saved(ctx: PackContext, policy: _RowPolicy, text: str, prompts: list[str]) 
     packed = policy.budget_estimate(text)[0]
     shares = _shares(packed, [row_tokens(p) for p in prompts])
     return [counter.prompt_tokens(system, p) - round(s or 0) for p, s in zip(prompts, shares, strict=True)]
+
+
+def _fits(budget: Budget, estimate: tuple[int, int]) -> bool:
+    """Whether a request of this estimate would be reserved now (a closed budget refuses anyway)."""
+    prompt, completion = estimate
+    if budget.closed:
+        return True
+    tokens = budget.spent_tokens + budget.reserved_tokens + prompt + completion
+    if budget.max_total_tokens is not None and tokens > budget.max_total_tokens:
+        return False
+    cost = budget.price.cost(prompt, completion) if budget.price is not None else 0.0
+    return budget.max_cost is None or budget.spent_cost + budget.reserved_cost + cost <= budget.max_cost
 
 
 def _halves(group: list[int]) -> list[list[int]]:
