@@ -179,6 +179,4 @@ def check_rows_per_request(value: object) -> None:
     if value == "auto":
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
-        raise LLMQueryConfigError(
-            f'rows_per_request must be an integer >= 1 or "auto", got {value!r}'
-        )
+        raise LLMQueryConfigError(f'rows_per_request must be an integer >= 1 or "auto", got {value!r}')
