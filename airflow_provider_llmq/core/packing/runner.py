@@ -177,9 +177,8 @@ def pack_attempts(rows: list[Item], ctx: PackContext) -> Generator[Step, Receive
         if not pack.ok:
             code = pack.error_code or ""
             if code in TRANSIENT_ERROR_CODES:
-                ended = time.monotonic()
                 results.extend(
-                    _pack_error(rows[i][0], pack, spent[i], len(group), started, ended, ctx) for i in group
+                    _from_pack(rows[i][0], pack, spent[i], len(group), started, ctx, None) for i in group
                 )
                 continue
             ctx.sizer.failed(
@@ -194,13 +193,12 @@ def pack_attempts(rows: list[Item], ctx: PackContext) -> Generator[Step, Receive
             todo.extend(_halves(group))
             continue
         ctx.sizer.answered(len(group), complete=not found.missing, completion_tokens=pack.completion_tokens)
-        ended = time.monotonic()
         saved = _saved(ctx, policy, text, prompts)
         for pack_id, i, row_saved in zip(ids, group, saved, strict=True):
             answer = found.answers.get(pack_id)
             if answer is not None:
-                row = _answered(rows[i][0], answer, pack, spent[i], started, ended, ctx)
-                results.append(dataclasses.replace(row, pack_rows=len(group), prompt_tokens_saved=row_saved))
+                row = _from_pack(rows[i][0], pack, spent[i], len(group), started, ctx, answer)
+                results.append(dataclasses.replace(row, prompt_tokens_saved=row_saved))
         kept = [n for pack_id, n in zip(ids, saved, strict=True) if pack_id in found.answers]
         ctx.sizer.saved(len(kept), sum(kept))
         if found.missing:  # asked again together: a smaller pack than this one, so this ends
@@ -254,45 +252,34 @@ def _cost(ctx: PackContext, spent: _Spent) -> float | None:
     return None if price is None else price.cost(spent.prompt_tokens, spent.completion_tokens)
 
 
-def _answered(
+def _from_pack(
     row_id: Any,
-    answer: str,
     pack: QueryResult,
     spent: _Spent,
+    rows: int,
     started: float,
-    ended: float,
     ctx: PackContext,
+    answer: str | None,
 ) -> QueryResult:
+    """A row's result from the pack of ``rows`` rows that ended it: its ``answer``, else the pack's
+    error (which outlived its retries), with what the row's packs spent on it."""
+    if answer is not None:
+        fate: dict[str, Any] = {"response": answer, "status": STATUS_OK, "http_status": 200}
+    else:
+        fate = {
+            "response": None,
+            "status": STATUS_ERROR,
+            "error_code": pack.error_code,
+            "error_message": f"{pack.error_message} (asked in a pack of {rows} rows)",
+            "http_status": pack.http_status,
+        }
     return QueryResult(
         row_id,
-        answer,
-        STATUS_OK,
-        http_status=200,
+        **fate,
         attempts=spent.attempts,
         prompt_tokens=spent.prompt_tokens,
         completion_tokens=spent.completion_tokens,
-        latency_ms=round((ended - started) * 1000, 3),
-        finish_reason=pack.finish_reason,
-        throttled=spent.throttled,
-        cost=_cost(ctx, spent),
-        requests=round(spent.share, 6),
-    )
-
-
-def _pack_error(
-    row_id: Any, pack: QueryResult, spent: _Spent, rows: int, started: float, ended: float, ctx: PackContext
-) -> QueryResult:
-    return QueryResult(
-        row_id,
-        None,
-        STATUS_ERROR,
-        pack.error_code,
-        f"{pack.error_message} (asked in a pack of {rows} rows)",
-        http_status=pack.http_status,
-        attempts=spent.attempts,
-        prompt_tokens=spent.prompt_tokens,
-        completion_tokens=spent.completion_tokens,
-        latency_ms=round((ended - started) * 1000, 3),
+        latency_ms=round((time.monotonic() - started) * 1000, 3),
         finish_reason=pack.finish_reason,
         throttled=spent.throttled,
         cost=_cost(ctx, spent),
