@@ -231,3 +231,18 @@ def test_packed_methods_read_rows_lazily(server: Any) -> None:
     assert first.ok
     stream.close()
     assert len(pulled) <= 2 * 2 * 10 + 10 + 1
+
+
+def test_packs_without_a_system_prompt_on_the_openai_form(server: Any) -> None:
+    """The pack's instruction is then the only system message; each item is still answered as the
+    same prompt asked alone (no system prompt, the model in the body)."""
+    endpoint = make_endpoint(server, "openai")
+    rows = _prompts(12)
+    results = {
+        r.row_id: r
+        for r in METHODS["thread_pool"](
+            endpoint, rows, system_prompt=None, rows_per_request=6, max_workers=2, **FAST
+        )
+    }
+    assert all(results[i].response == expected_answer(DEPLOYMENT, None, p, {}) for i, p in rows)
+    assert server.stats()["chat_requests"] == 2
