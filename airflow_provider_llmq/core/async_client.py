@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import Generator
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiohttp
 
 from airflow_provider_llmq.core.endpoint import EndpointConfig
-from airflow_provider_llmq.core.engine import Acquire, ClientBase, Received, Sleep
+from airflow_provider_llmq.core.engine import Acquire, ClientBase, Received, Sleep, Step
 from airflow_provider_llmq.core.limits import AsyncLimiter
 from airflow_provider_llmq.core.options import QueryOptions
 from airflow_provider_llmq.core.result import QueryResult
@@ -89,7 +90,15 @@ class AsyncClient(ClientBase[AsyncLimiter]):
             self._session = None
 
     async def query(self, row_id: Any, prompt: Any) -> QueryResult:
-        plan = self._plan(row_id, prompt)
+        result: QueryResult = await self._run(self._plan(row_id, prompt))
+        return result
+
+    async def query_pack(self, rows: list[tuple[Any, Any]]) -> list[QueryResult]:
+        """The rows of one pack (``rows_per_request``), each with its own result."""
+        results: list[QueryResult] = await self._run(self._pack_plan(rows))
+        return results
+
+    async def _run(self, plan: Generator[Step, Received | None, Any]) -> Any:
         received: Received | None = None
         try:
             while True:
@@ -102,8 +111,7 @@ class AsyncClient(ClientBase[AsyncLimiter]):
                 else:
                     received = await self._post(step.body)
         except StopIteration as done:
-            result: QueryResult = done.value
-            return result
+            return done.value
 
     async def _post(self, body: bytes) -> Received:
         if self._session is None:

@@ -148,6 +148,13 @@ class Budget:
             self.refused += 1
             return None
 
+    def fits_alone(self, prompt_estimate: int, completion_tokens: int) -> bool:
+        """Whether an attempt of this estimate fits beside what was billed, once nothing else is in
+        flight (a pack too large for that is split before it is asked)."""
+        prompt = self.prompt_worst_case(prompt_estimate)
+        with self._lock:
+            return not self._passes(prompt + completion_tokens, self._cost(prompt, completion_tokens), 0, 0.0)
+
     def _passes(self, tokens: int, cost: float, reserved_tokens: int, reserved_cost: float) -> bool:
         over_tokens = (
             self.max_total_tokens is not None

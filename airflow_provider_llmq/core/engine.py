@@ -31,6 +31,7 @@ from airflow_provider_llmq.core.endpoint import EndpointConfig
 from airflow_provider_llmq.core.entra_token import TokenSource
 from airflow_provider_llmq.core.limits import AsyncLimiter, ThreadLimiter, estimate_request_tokens
 from airflow_provider_llmq.core.options import QueryOptions
+from airflow_provider_llmq.core.packing import PackContext, PackSizer, pack_attempts, pack_policy_of
 from airflow_provider_llmq.core.payload import (
     BUDGET_EXCEEDED,
     CONNECTION_ERROR,
@@ -424,6 +425,15 @@ class ClientBase(Generic[L]):
             clock=self.limiter.pacer.clock,
         )
         self.rate.bind(self.limiter.pacer)  # before any request waits on the pacer
+        # rows_per_request: one sizer per client, shared by its threads or tasks, as the rate is
+        self.sizer: PackSizer | None = None
+        self._packs: PackContext | None = None
+        if self.options.packed:
+            self.sizer = PackSizer(self.options.rows_per_request, request.max_completion_tokens())
+            pack_policy = pack_policy_of(self._policy)
+            self._packs = PackContext(
+                self._policy, pack_policy, self.limiter, self.rate, self.budget, self.sizer
+            )
 
     @property
     def scrubber(self) -> Scrubber:
@@ -443,6 +453,11 @@ class ClientBase(Generic[L]):
 
     def _plan(self, row_id: Any, prompt: Any) -> Generator[Step, Received | None, QueryResult]:
         return _attempts(row_id, prompt, self._policy, self.limiter, self.rate, self.budget)
+
+    def _pack_plan(self, rows: list[tuple[Any, Any]]) -> Generator[Step, Received | None, list[QueryResult]]:
+        if self._packs is None:
+            raise RuntimeError("this client does not pack rows (rows_per_request is 1)")
+        return pack_attempts(rows, self._packs)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.endpoint!r})"

@@ -21,7 +21,7 @@ from airflow_provider_llmq.core.payload import DEFAULT_SYSTEM_PROMPT, ChatReques
 from airflow_provider_llmq.core.retry import RetryPolicy
 from airflow_provider_llmq.core.structured import StructuredOutput
 
-__all__ = ["QueryOptions"]
+__all__ = ["QueryOptions", "check_rows_per_request"]
 
 _NUMBERS: dict[str, type] = {
     "max_retries": numbers.Integral,
@@ -73,6 +73,10 @@ class QueryOptions:
     :param max_cost: the cost this run may spend, at ``prices`` (which must price the model).
     :param expected_completion_tokens: the completion length to count per request before it is
         sent, when it is better known than ``max_tokens`` (estimates and the budget's reservation).
+    :param rows_per_request: rows sent in one request (a *pack*, see :mod:`~.packing`): 1 (the
+        default) sends one row per request; an integer > 1 packs that many; ``"auto"`` picks the size
+        (about 2,000 prompt tokens, at most 64 rows). Each row keeps its own answer or error;
+        ``max_tokens`` stays a row's: a pack asks for each of its rows' (and their ids).
     """
 
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
@@ -93,6 +97,7 @@ class QueryOptions:
     max_total_tokens: int | None = None
     max_cost: float | None = None
     expected_completion_tokens: int | None = None
+    rows_per_request: int | str = 1
 
     def __post_init__(self) -> None:
         # a wrong type is a configuration error like a wrong value, never a TypeError deep in a retry
@@ -120,6 +125,7 @@ class QueryOptions:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise LLMQueryConfigError(f"{name} must be >= 0, got {value!r}")
+        check_rows_per_request(self.rows_per_request)
         parse_prices(self.prices)  # validates the prices now
         self.retry_policy()  # validates the retry settings now, not at the first failure
         ChatRequest(params=self.request_params, output=self.structured_output())  # validates the body now
@@ -156,6 +162,11 @@ class QueryOptions:
             self.output_schema, self.output_check_schema, repair=self.repair_invalid_output
         )
 
+    @property
+    def packed(self) -> bool:
+        """Rows go several to a request."""
+        return self.rows_per_request != 1
+
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy(
             max_retries=self.max_retries,
@@ -163,3 +174,10 @@ class QueryOptions:
             max_backoff=self.retry_backoff * 16,  # 0.5 s doubling to 8 s, as the openai SDK
             max_retry_wait=self.max_retry_wait,
         )
+
+
+def check_rows_per_request(value: object) -> None:
+    if value == "auto":
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
+        raise LLMQueryConfigError(f'rows_per_request must be an integer >= 1 or "auto", got {value!r}')

@@ -31,6 +31,11 @@ class QueryResult:
         (``usage.prompt_tokens_details.cached_tokens``), priced at the cached rate when one is given.
     :param cached: the result was copied from the cross-run answer cache, not asked by this run (its
         usage and cost are those of the run that asked it).
+    :param pack_rows: rows of the request that gave this result (``rows_per_request``; 1: asked alone).
+    :param requests: this row's share of the requests sent: 1/n for each request of n rows that
+        carried it (``attempts`` counts each of them once); None: ``attempts``, unpacked.
+    :param prompt_tokens_saved: prompt tokens this row saved against being asked alone, both sides
+        counted before sending (negative when packing cost more); None when not packed.
     """
 
     row_id: Any
@@ -48,6 +53,9 @@ class QueryResult:
     cost: float | None = None
     cached: bool = False
     cached_prompt_tokens: int | None = None
+    pack_rows: int = 1
+    requests: float | None = None
+    prompt_tokens_saved: int | None = None
 
     @property
     def ok(self) -> bool:

@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Generator
 from typing import Any
 
 import requests
@@ -20,7 +21,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from airflow_provider_llmq.core.endpoint import EndpointConfig
-from airflow_provider_llmq.core.engine import Acquire, ClientBase, Received, Sleep
+from airflow_provider_llmq.core.engine import Acquire, ClientBase, Received, Sleep, Step
 from airflow_provider_llmq.core.limits import ThreadLimiter
 from airflow_provider_llmq.core.options import QueryOptions
 from airflow_provider_llmq.core.result import QueryResult
@@ -213,7 +214,15 @@ class SyncClient(ClientBase[ThreadLimiter]):
         self._session.mount("http://", adapter)
 
     def query(self, row_id: Any, prompt: Any) -> QueryResult:
-        plan = self._plan(row_id, prompt)
+        result: QueryResult = self._run(self._plan(row_id, prompt))
+        return result
+
+    def query_pack(self, rows: list[tuple[Any, Any]]) -> list[QueryResult]:
+        """The rows of one pack (``rows_per_request``), each with its own result."""
+        results: list[QueryResult] = self._run(self._pack_plan(rows))
+        return results
+
+    def _run(self, plan: Generator[Step, Received | None, Any]) -> Any:
         received: Received | None = None
         try:
             while True:
@@ -226,8 +235,7 @@ class SyncClient(ClientBase[ThreadLimiter]):
                 else:
                     received = self._post(step.body)
         except StopIteration as done:
-            result: QueryResult = done.value
-            return result
+            return done.value
 
     def _post(self, body: bytes) -> Received:
         try:

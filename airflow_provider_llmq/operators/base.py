@@ -13,12 +13,12 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from functools import cached_property, partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.sdk import BaseOperator
 
 from airflow_provider_llmq.core.errors import LLMQueryConfigError, LLMQueryError
-from airflow_provider_llmq.core.options import QueryOptions
+from airflow_provider_llmq.core.options import QueryOptions, check_rows_per_request
 from airflow_provider_llmq.core.payload import BUDGET_EXCEEDED, DEFAULT_SYSTEM_PROMPT
 from airflow_provider_llmq.core.progress import Progress
 from airflow_provider_llmq.hooks.llmq import LLMQueryHook
@@ -144,6 +144,13 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
         ``<response_col>_<field>`` (True) or ``<prefix><field>`` (a string prefix).
     :param repair_invalid_output: with ``output_schema``, follow an invalid answer with one more
         request that shows the model its invalid text and the reason.
+    :param rows_per_request: ``int | "auto"``: rows sent in one request, as one JSON envelope answered
+        with a JSON schema (see README, "Packing rows"). 1 (default): one row per request; an integer
+        > 1: that many; ``"auto"``: about 2,000 prompt tokens per request, at most 64 rows, smaller
+        after packs that fail or come back incomplete (``max_tokens`` stays a row's).
+        Each row keeps its own answer or error: a row missing from an answer is asked again, a pack
+        that fails whole is split down to the row that made it fail. Not for long prompts, for
+        tasks where rows would influence each other, nor for models that follow JSON schemas poorly.
     """
 
     template_fields: Sequence[str] = (
@@ -162,6 +169,8 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
     )  # not prompt_template: Jinja would eat its {{ }} literal braces
     template_ext: Sequence[str] = (".sql",)
     template_fields_renderers = {"sql": "sql"}
+    #: whether ``rows_per_request`` > 1 is supported (not yet by the Batch API operator)
+    packs_rows: ClassVar[bool] = True
     ui_color = "#e8f4fd"
 
     def __init__(
@@ -210,9 +219,14 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
         output_schema: str | StructType | dict[str, Any] | None = None,
         flatten_output: bool | str = False,
         repair_invalid_output: bool = False,
+        rows_per_request: int | str = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        check_rows_per_request(rows_per_request)  # at parse time: nothing is started for a bad value
+        if rows_per_request != 1 and not self.packs_rows:
+            raise LLMQueryConfigError(f"{type(self).__name__} does not support rows_per_request (use 1)")
+        self.rows_per_request = rows_per_request
         if not self.outlets:
             self.outlets = [task_asset(self.dag_id, self.task_id, output_table, output_path)]
         self.llm_conn_id = llm_conn_id
@@ -285,6 +299,7 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
             max_total_tokens=self.max_total_tokens,
             max_cost=self.max_cost,
             expected_completion_tokens=self.expected_completion_tokens,
+            rows_per_request=self.rows_per_request,
         )
 
     @cached_property

@@ -54,6 +54,8 @@ class LLMQueryBatchAPIOperator(LLMQueryBaseOperator):
         needs 2024-10-21 or later); None keeps the connection's.
     """
 
+    packs_rows = False  # Batch API request lines are one row each (rows_per_request: issue 23, later)
+
     def __init__(
         self,
         *,

@@ -34,6 +34,7 @@ from airflow_provider_llmq.spark.schema import (
     ERROR_CODE_COL,
     KEY_COL,
     PROMPT_COL,
+    REQUESTS_COL,
     RESULT_COLUMNS,
     STATUS_COL,
     THROTTLED_COL,
@@ -95,6 +96,8 @@ class AnswerCache:
             *[
                 F.lit(0).alias(name)
                 if name in (ATTEMPTS_COL, THROTTLED_COL)
+                else F.lit(0.0).alias(name)
+                if name == REQUESTS_COL  # nothing sent for a hit, packed or not
                 else F.lit(True).alias(name)
                 if name == CACHED_COL
                 else F.col(name)

@@ -20,6 +20,9 @@ COMPLETION_TOKENS_COL = "llmq_completion_tokens"
 THROTTLED_COL = "llmq_throttled"
 COST_COL = "llmq_cost"
 CACHED_COL = "llmq_cached"
+PACK_ROWS_COL = "llmq_pack_rows"
+REQUESTS_COL = "llmq_requests"
+TOKENS_SAVED_COL = "llmq_prompt_tokens_saved"
 MISSING_RESULT = "missing_result"
 
 # (name, Spark SQL type, pyarrow type, QueryResult field)
@@ -37,6 +40,9 @@ _RESULT_FIELDS: tuple[tuple[str, str, pa.DataType, str], ...] = (
     (THROTTLED_COL, "int", pa.int32(), "throttled"),
     (COST_COL, "double", pa.float64(), "cost"),
     (CACHED_COL, "boolean", pa.bool_(), "cached"),
+    (PACK_ROWS_COL, "int", pa.int32(), "pack_rows"),
+    (REQUESTS_COL, "double", pa.float64(), "requests"),
+    (TOKENS_SAVED_COL, "int", pa.int32(), "prompt_tokens_saved"),
 )
 RESULT_COLUMNS: tuple[str, ...] = tuple(name for name, *_ in _RESULT_FIELDS)
 RESULT_SQL_TYPES: dict[str, str] = {name: sql_type for name, sql_type, *_ in _RESULT_FIELDS}

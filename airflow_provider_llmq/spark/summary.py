@@ -14,9 +14,12 @@ from airflow_provider_llmq.spark.schema import (
     COMPLETION_TOKENS_COL,
     COST_COL,
     ERROR_CODE_COL,
+    PACK_ROWS_COL,
     PROMPT_TOKENS_COL,
+    REQUESTS_COL,
     STATUS_COL,
     THROTTLED_COL,
+    TOKENS_SAVED_COL,
 )
 
 if TYPE_CHECKING:
@@ -59,7 +62,8 @@ def summarize(
         hits = new_results.where(cached).count()
         new_results = new_results.where(~cached)
         totals = new_results.agg(
-            F.sum(ATTEMPTS_COL).alias("requests_sent"),
+            # a packed row's share of its requests (rows_per_request), else its attempts
+            F.sum(F.coalesce(F.col(REQUESTS_COL), F.col(ATTEMPTS_COL).cast("double"))).alias("requests_sent"),
             # a 429 is congestion, not a retry: counted apart
             F.sum(
                 F.greatest(F.col(ATTEMPTS_COL) - 1 - F.coalesce(F.col(THROTTLED_COL), F.lit(0)), F.lit(0))
@@ -71,8 +75,11 @@ def summarize(
             F.sum(COST_COL).alias("cost"),
         ).first()
         assert totals is not None
-        sent = {name: int(totals[name] or 0) for name in _SENT}
+        sent = {name: round(totals[name] or 0) for name in _SENT}
         extra.update(cache_hits=hits, cost_this_try=_rounded(totals["cost"]))
+        packing = _packing(new_results)
+        if packing is not None:
+            extra["packing"] = packing
     if all_results is not None:
         total = all_results.agg(F.sum(COST_COL).alias("cost")).first()
         extra["cost"] = _rounded(total["cost"] if total is not None else None)
@@ -87,6 +94,33 @@ def summarize(
         **sent,
     }
     return {"schema_version": SCHEMA_VERSION, **counts, **extra}
+
+
+def _packing(new_results: DataFrame) -> dict[str, Any] | None:
+    """What ``rows_per_request`` did this try: the packs that answered rows, rows per pack, and the
+    prompt tokens saved against one row per request (counted before sending); None when no row of
+    this try was answered from a pack."""
+    from pyspark.sql import functions as F
+
+    packed = F.coalesce(F.col(PACK_ROWS_COL), F.lit(1)) > 1
+    row = (
+        new_results.where(packed)
+        .agg(
+            F.count(F.lit(1)).alias("rows"),
+            F.sum(1.0 / F.col(PACK_ROWS_COL)).alias("packs"),
+            F.sum(TOKENS_SAVED_COL).alias("saved"),
+        )
+        .first()
+    )
+    if row is None or not row["rows"]:
+        return None
+    packs = max(1, round(row["packs"]))
+    return {
+        "packs_answered": packs,
+        "packed_rows": int(row["rows"]),
+        "rows_per_pack": round(row["rows"] / packs, 2),
+        "prompt_tokens_saved": int(row["saved"] or 0),
+    }
 
 
 def _rounded(cost: float | None) -> float | None:

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from airflow_provider_llmq.core.adaptive import AdaptiveStats
+from airflow_provider_llmq.core.packing import PackStats
 from airflow_provider_llmq.core.result import QueryResult
 
 Item = tuple[Any, Any]
@@ -26,17 +27,17 @@ class ReadAhead:
     """Pulls rows from the caller's iterable only while fewer than ``window`` are unanswered, so
     memory is bounded by the window whatever the row count.
 
-    :param rows: the ``(row_id, prompt)`` pairs, pulled lazily.
+    :param rows: the ``(row_id, prompt)`` pairs, or packs of them, pulled lazily.
     :param window: rows handed to the workers and not yet answered, at most.
     """
 
-    def __init__(self, rows: Iterable[Item], window: int) -> None:
+    def __init__(self, rows: Iterable[Any], window: int) -> None:
         self._source = iter(rows)
         self.window = window
         self.unanswered = 0
         self.exhausted = False
 
-    def take(self) -> list[Item]:
+    def take(self) -> list[Any]:
         """The next rows to hand over (possibly none); sets ``exhausted`` when the rows ran out."""
         if self.exhausted or self.unanswered >= self.window:
             return []
@@ -76,6 +77,8 @@ class QueryStream(Iterator[QueryResult]):
     def __init__(self, results: Iterator[QueryResult], stats: Callable[[], AdaptiveStats]) -> None:
         self._results = results
         self.stats = stats
+        #: what packing did (packs, rows answered from packs, tokens saved); None without packing
+        self.packing: PackStats | None = None
 
     def __iter__(self) -> QueryStream:
         return self

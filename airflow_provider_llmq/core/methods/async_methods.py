@@ -22,9 +22,10 @@ from airflow_provider_llmq.core.endpoint import EndpointConfig
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
 from airflow_provider_llmq.core.methods._read_ahead import Failed, Item, QueryStream, ReadAhead, drain
 from airflow_provider_llmq.core.options import QueryOptions
+from airflow_provider_llmq.core.packing import group_rows
 from airflow_provider_llmq.core.result import QueryResult
 
-Emit = Callable[[QueryResult], None]
+Emit = Callable[[QueryResult | list[QueryResult]], None]
 Schedule = Callable[[AsyncClient, "asyncio.Queue[Any]", Emit], Awaitable[None]]
 
 
@@ -58,7 +59,18 @@ def _run_in_loop_thread(
 ) -> Iterator[QueryResult]:
     """Checks the settings now (a bad option raises at the call), then streams lazily."""
     client = AsyncClient(endpoint, options, concurrency=concurrency, bursts=bursts)  # no loop needed yet
-    return QueryStream(_stream(client, ReadAhead(rows, window=2 * concurrency), schedule), client.stats)
+    # rows_per_request: the items are packs, each emitted as a list
+    items: Iterable[Any] = rows if client.sizer is None else group_rows(rows, client.sizer)
+    stream = QueryStream(_stream(client, ReadAhead(items, window=2 * concurrency), schedule), client.stats)
+    stream.packing = client.sizer.stats if client.sizer is not None else None
+    return stream
+
+
+async def _ask(client: AsyncClient, item: Any) -> QueryResult | list[QueryResult]:
+    """One row, or one pack's rows."""
+    if client.sizer is not None:
+        return await client.query_pack(item)
+    return await client.query(*item)
 
 
 def _stream(client: AsyncClient, ahead: ReadAhead, schedule: Schedule) -> Iterator[QueryResult]:
@@ -122,7 +134,10 @@ def _stream(client: AsyncClient, ahead: ReadAhead, schedule: Schedule) -> Iterat
                     stopped = True  # the loop is ending by itself
                     raise message.error
                 ahead.answered()
-                yield message
+                if isinstance(message, list):  # a pack's rows
+                    yield from message
+                else:
+                    yield message
     finally:
         if not stopped and main_task is not None:
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing left to cancel
@@ -168,7 +183,7 @@ async def _run_batch(client: AsyncClient, batch: list[Item], emit: Emit) -> None
     """Runs the batch, emitting each result as it completes; an auth error cancels the rest at once."""
     if not batch:
         return
-    tasks = [asyncio.ensure_future(client.query(row_id, prompt)) for row_id, prompt in batch]
+    tasks = [asyncio.ensure_future(_ask(client, item)) for item in batch]
     try:
         for next_done in asyncio.as_completed(tasks):
             emit(await next_done)
@@ -203,7 +218,7 @@ def query_async_limited(
                 if item is _END:
                     inbox.put_nowait(_END)  # let the next worker see it too
                     return
-                emit(await client.query(*item))
+                emit(await _ask(client, item))
 
         async with asyncio.TaskGroup() as group:  # an auth error cancels the other workers
             for _ in range(max_concurrency):

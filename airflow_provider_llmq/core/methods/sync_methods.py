@@ -13,6 +13,7 @@ from airflow_provider_llmq.core.endpoint import EndpointConfig
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
 from airflow_provider_llmq.core.methods._read_ahead import Failed, Item, QueryStream, ReadAhead, drain
 from airflow_provider_llmq.core.options import QueryOptions
+from airflow_provider_llmq.core.packing import group_rows
 from airflow_provider_llmq.core.result import QueryResult
 
 _clients: dict[tuple[object, ...], SyncClient] = {}
@@ -64,15 +65,27 @@ def query_sync(
     if options.max_total_tokens is not None or options.max_cost is not None:
         # a budget is this call's own: a client of its own, not the process's shared one
         own = SyncClient(endpoint, options, pool_size=1)
-        return QueryStream(_one_by_one(own, rows), own.stats)
+        return _packing(QueryStream(_one_by_one(own, rows), own.stats), own)
     client = sync_client_for(endpoint, options)
-    return QueryStream((client.query(row_id, prompt) for row_id, prompt in rows), client.stats)
+    return _packing(QueryStream(_each(client, rows), client.stats), client)
+
+
+def _packing(stream: QueryStream, client: SyncClient) -> QueryStream:
+    stream.packing = client.sizer.stats if client.sizer is not None else None
+    return stream
+
+
+def _each(client: SyncClient, rows: Iterable[Item]) -> Iterator[QueryResult]:
+    """Row after row, or pack after pack (``rows_per_request``), in input order."""
+    if client.sizer is None:
+        return (client.query(row_id, prompt) for row_id, prompt in rows)
+    sizer = client.sizer
+    return (result for pack in group_rows(rows, sizer) for result in client.query_pack(pack))
 
 
 def _one_by_one(client: SyncClient, rows: Iterable[Item]) -> Iterator[QueryResult]:
     with client:
-        for row_id, prompt in rows:
-            yield client.query(row_id, prompt)
+        yield from _each(client, rows)
 
 
 def query_thread_pool(
@@ -92,19 +105,21 @@ def query_thread_pool(
     if max_workers < 1:
         raise LLMQueryConfigError(f"max_workers must be >= 1, got {max_workers}")
     client = SyncClient(endpoint, QueryOptions.of(options, **settings), pool_size=max_workers)
-    return QueryStream(_pooled(client, rows, max_workers), client.stats)
+    # rows_per_request: each worker asks one pack at a time
+    items: Iterable[Any] = rows if client.sizer is None else group_rows(rows, client.sizer)
+    return _packing(QueryStream(_pooled(client, items, max_workers), client.stats), client)
 
 
-def _pooled(client: SyncClient, rows: Iterable[Item], max_workers: int) -> Iterator[QueryResult]:
+def _pooled(client: SyncClient, rows: Iterable[Any], max_workers: int) -> Iterator[QueryResult]:
     ahead = ReadAhead(rows, window=2 * max_workers)
-    finished: queue.SimpleQueue[QueryResult | Failed] = queue.SimpleQueue()
+    finished: queue.SimpleQueue[QueryResult | list[QueryResult] | Failed] = queue.SimpleQueue()
     failed = threading.Event()
 
-    def work(row_id: Any, prompt: Any) -> None:
+    def work(item: Any) -> None:
         if failed.is_set():  # the run is ending: send nothing more
             return
         try:
-            finished.put(client.query(row_id, prompt))
+            finished.put(client.query_pack(item) if client.sizer is not None else client.query(*item))
         except BaseException as exc:  # an auth / config error ends the run in the caller's thread
             failed.set()
             finished.put(Failed(exc))
@@ -112,15 +127,18 @@ def _pooled(client: SyncClient, rows: Iterable[Item], max_workers: int) -> Itera
     with client, ThreadPoolExecutor(max_workers, thread_name_prefix="llmq-query") as pool:
         try:
             while True:
-                for row_id, prompt in ahead.take():
-                    pool.submit(work, row_id, prompt)
+                for item in ahead.take():
+                    pool.submit(work, item)
                 if ahead.finished:
                     return
                 for outcome in drain(finished):
                     if isinstance(outcome, Failed):
                         raise outcome.error
                     ahead.answered()
-                    yield outcome
+                    if isinstance(outcome, list):  # a pack's rows
+                        yield from outcome
+                    else:
+                        yield outcome
         finally:
             # rows not yet started are dropped; the ones in flight finish (at most one request each)
             pool.shutdown(wait=True, cancel_futures=True)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from airflow_provider_llmq.core.errors import LLMQueryConfigError, LLMQueryError
 from airflow_provider_llmq.core.methods import sync_client_for
 from airflow_provider_llmq.spark.placements.base import PlacementStopped, Work, job_share, portable
+from airflow_provider_llmq.spark.placements.udf_packs import packed_answers
 from airflow_provider_llmq.spark.plan import bucket_of, bucket_sizes
 from airflow_provider_llmq.spark.schema import KEY_COL, PROMPT_COL, RESULT_DDL, result_values
 from airflow_provider_llmq.spark.session import default_parallelism
@@ -64,11 +65,15 @@ class UDFPlacement:
             if work.stop.is_set():
                 raise PlacementStopped("stopped between two bucket jobs")
             options = job_share(work.options, work.checkpoint.spent(written), workers)
-            ask = _query_udf(endpoint, options, arrow=threaded)
             rows = bucket_of(work.pending, bucket).repartition(partitions)
-            answered = rows.select(KEY_COL, ask(F.col(KEY_COL), F.col(PROMPT_COL)).alias("r"))
+            if options.packed:  # rows_per_request: packs formed over each partition's rows
+                answered = packed_answers(rows, endpoint, options, _scope(options), self.requests_per_worker)
+            else:
+                ask = _query_udf(endpoint, options, arrow=threaded)
+                answered = rows.select(KEY_COL, ask(F.col(KEY_COL), F.col(PROMPT_COL)).alias("r"))
+                answered = answered.select(KEY_COL, "r.*")
             try:
-                name = work.checkpoint.write_frame(answered.select(KEY_COL, "r.*"))
+                name = work.checkpoint.write_frame(answered)
             except Exception as exc:  # a Spark job failure wraps the executor's Python error
                 if work.stop.is_set():  # the job was cancelled by the stop
                     raise PlacementStopped("stopped: the running bucket job was cancelled") from None
@@ -82,14 +87,18 @@ def _query_udf(endpoint: EndpointConfig, options: QueryOptions, arrow: bool) -> 
     column as a struct. Each Python worker reuses one pooled client across rows and tasks."""
     from pyspark.sql import functions as F
 
-    # a budget is this job's own (a worker's share): its clients are not reused by the next job
-    budgeted = options.max_total_tokens is not None or options.max_cost is not None
-    scope = uuid.uuid4().hex if budgeted else None
+    scope = _scope(options)
 
     def ask(key: str, prompt: str | None) -> tuple[Any, ...]:
         return result_values(sync_client_for(endpoint, options, scope=scope).query(key, prompt))
 
     return F.udf(ask, RESULT_DDL, useArrow=arrow).asNondeterministic()
+
+
+def _scope(options: QueryOptions) -> str | None:
+    """A budget is this job's own (a worker's share): its clients are not reused by the next job."""
+    budgeted = options.max_total_tokens is not None or options.max_cost is not None
+    return uuid.uuid4().hex if budgeted else None
 
 
 def unwrap_spark_error(exc: Exception) -> Exception:

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from ..token_authority import TOKEN_PREFIX, check_token
 from .faults import ANSWER_KINDS, Fault, MockConfig, expected_answer, jitter_ms, plan, prompt_hash
+from .packing import parse_pack
 from .quotas import QuotaPolicy, build_policy
 from .structured import answer_text
 from .tokens import cached_prefix_tokens, count_messages, count_text, truncate_text
@@ -346,9 +347,13 @@ async def _chat(request: web.Request, st: MockState) -> web.StreamResponse:
         st.admitted_per_window[int(now)] += 1
         st.admitted_tokens_per_window[int(now)] += cost
         quota_headers = decision.headers
-    key = prompt_hash(prompt)
-    st.per_prompt[key] += 1
-    attempt = st.per_prompt[key]
+    pack = parse_pack(body, prompt)  # several rows in one request: each item its own attempt
+    if pack is None:
+        key = prompt_hash(prompt)
+        st.per_prompt[key] += 1
+        attempt = st.per_prompt[key]
+    else:
+        pack.count(st.per_prompt)
 
     if cfg.max_concurrency is not None and st.in_flight >= cfg.max_concurrency:
         return _rate_limited(50, why="Too many concurrent requests")
@@ -368,7 +373,7 @@ async def _chat(request: web.Request, st: MockState) -> web.StreamResponse:
                 return _rate_limited(max(1, math.ceil((window + 1 - now) * 1000)))
             st.rps_count += 1
 
-        extra_ms, fault = plan(prompt, attempt, cfg)
+        extra_ms, fault = plan(prompt, attempt, cfg) if pack is None else pack.plan(cfg)
         delay = cfg.latency_ms + jitter_ms(prompt, cfg) + extra_ms
         if delay > 0:
             await asyncio.sleep(delay / 1000)
@@ -380,7 +385,10 @@ async def _chat(request: web.Request, st: MockState) -> web.StreamResponse:
 
         system_prompt = _content_text(system.get("content")) if system else None
         params = {k: v for k, v in body.items() if k not in ("messages", "model", "stream")}
-        answer = answer_text(model, system_prompt, prompt, params)
+        if pack is None:
+            answer = answer_text(model, system_prompt, prompt, params)
+        else:
+            answer = pack.answer(model, messages, params)
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         cut = isinstance(limit, int) and not isinstance(limit, bool) and _tokens(answer) > limit
         if cut:  # a model stops writing at max_tokens, as the real services do

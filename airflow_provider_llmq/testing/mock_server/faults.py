@@ -230,11 +230,12 @@ def _make_fault(kind: str, unit: str | None, value: int | None, config: MockConf
     return Fault(kind, retry_after_s=max(1, math.ceil(ms / 1000)), retry_after_ms=ms)
 
 
-def plan(prompt: str, attempt: int, config: MockConfig) -> tuple[float, Fault | None]:
+def plan(prompt: str, attempt: int, config: MockConfig, noise: bool = True) -> tuple[float, Fault | None]:
     """Extra delay (ms) and the fault, if any, for the ``attempt``-th request carrying ``prompt``.
 
     Markers win over rates; ``slow`` adds delay on every attempt; the first marker active on this
-    attempt decides the fault; permanent kinds fail on every attempt.
+    attempt decides the fault; permanent kinds fail on every attempt. ``noise=False``: the prompt is
+    an item of a pack, whose request meets the noise once, not once per item.
     """
     delay = 0.0
     fault: Fault | None = None
@@ -259,7 +260,7 @@ def plan(prompt: str, attempt: int, config: MockConfig) -> tuple[float, Fault | 
         and (rate_kind in PERMANENT_KINDS or attempt <= config.fault_attempts)
     ):
         fault = _make_fault(rate_kind, None, None, config)
-    if fault is None and config.noise:
+    if fault is None and config.noise and noise:
         fault = _noise(prompt, attempt, config)
     if fault is not None:
         headers = header_markers(prompt)
