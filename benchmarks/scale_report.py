@@ -132,6 +132,17 @@ def targets(results: dict[str, Any], limit: float) -> list[tuple[str, str, str]]
         )
     for placement in ("driver", "executors"):
         mine = {run["rows"]: run for run in runs if run["placement"] == placement}
+        if 10_000 in mine and 100_000 in mine:
+            small, large = _outside(mine[10_000]), _outside(mine[100_000])
+            marginal = (large - small) / 9
+            found.append(
+                (
+                    f"Spark outside asking grows no faster than rows ({placement}, 10k -> 100k)",
+                    f"{small:.1f} s -> {large:.1f} s: {large / small:.2f}x for 10x the rows; "
+                    f"{marginal:.1f} s per 10k rows beyond the first 10k",
+                    _verdict(large / small <= 10),
+                )
+            )
         if 100_000 in mine and 1_000_000 in mine:
             a = mine[100_000]["wall_seconds"] / 1e5
             b = mine[1_000_000]["wall_seconds"] / 1e6
