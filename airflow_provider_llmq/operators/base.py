@@ -35,6 +35,7 @@ from airflow_provider_llmq.spark.cache import AnswerCache
 from airflow_provider_llmq.spark.checkpoint import Checkpoint, checkpoint_location
 from airflow_provider_llmq.spark.estimate import estimate
 from airflow_provider_llmq.spark.lease import Lease, Owner
+from airflow_provider_llmq.spark.phases import Phases, describe
 from airflow_provider_llmq.spark.placements import Placement, Work
 from airflow_provider_llmq.spark.placements.base import left_for_this_try
 from airflow_provider_llmq.spark.plan import (
@@ -331,13 +332,14 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
             threading.Thread(target=cancel, name="llmq-cancel", daemon=True).start()
 
     def _execute(self, context: Context) -> dict[str, Any]:
-        started = time.monotonic()
+        self._phases = phases = Phases()
         self._check_arguments()
         options, placement = self._query_options(), self._placement()
         endpoint = options.bind(self.hook.endpoint)
         if endpoint.is_tls:
             endpoint.ssl_context()  # a CA that cannot be loaded fails here, not after Spark started
         spark = get_spark_session(self.spark_conn_id, self.spark_conf, app_name=f"llmq-{self.task_id}")
+        phases.lap("spark_start")
         location = checkpoint_location(spark, self.checkpoint_dir, self.output_path, self.checkpoint_key)
         require_shared_paths(
             spark,
@@ -361,9 +363,11 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
             self._cancel_jobs = None
             spark.removeTag(tag)
             lease.release()
-        seconds = time.monotonic() - started
-        summary.update(timings(summary["rows"], asked, seconds, query_seconds))
+        phases.lap("summary")
+        seconds = time.monotonic() - phases.started
+        summary.update(timings(summary["rows"], asked, seconds, query_seconds, phases.report(seconds)))
         self.log.info("llmq summary: %s", summary)
+        self.log.info("llmq: %.1f s: %s", seconds, describe(summary["phases"]))
         self._record_lineage(context, spark, summary, endpoint.model)
         if summary.get("estimate_only"):
             return summary  # nothing was asked: the checkpoint (answers already paid for) stays
@@ -396,6 +400,7 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
     ) -> tuple[dict[str, Any], int, float]:
         """read -> checkpoint -> placement -> write -> summary; returns the summary, the requests
         this try asked and the seconds it spent asking."""
+        phases = getattr(self, "_phases", None) or Phases()
         checkpoint.clean_temporaries()
         refuse_existing_output(
             spark,
@@ -415,15 +420,18 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
             bucket_size=self.chunk_size,
             fingerprint=self._fingerprint(source, endpoint),
         )
+        phases.lap("materialize")  # the source read, its prompts rendered and written: one Spark job
         results_before = set(checkpoint.result_names())
         requests = requests_frame(materialized, manifest.n_buckets)
         pending = pending_requests(requests, checkpoint.read_results(spark))
         to_ask = pending.count() if results_before else manifest.total_requests  # a new run asks all
+        phases.lap("plan")
         cache = self._answer_cache(endpoint, options)
         if cache is not None and to_ask and cache.copy_hits(spark, pending, checkpoint) is not None:
             pending = pending_requests(requests, checkpoint.read_results(spark))
             hits, to_ask = to_ask - (left := pending.count()), left
             self.log.info("llmq: %d requests answered from the cache at %s", hits, cache.uri)
+            phases.lap("cache")
         already = manifest.total_requests - to_ask
         self.log.info(
             "llmq: %d rows, %d distinct requests, %d to ask (%s), checkpoint %s",
@@ -458,6 +466,7 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
                 flush_rows=self.chunk_size,
                 progress=progress,
                 stop=self._stopping,
+                phases=phases,
             )
             try:
                 placement.run(work)
@@ -465,9 +474,11 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
                 log_interrupted(self.log, spark, checkpoint, manifest.total_requests, exc)
                 raise
         query_seconds = time.monotonic() - query_started
+        phases.lap("ask")
         if cache is not None:
             added = cache.add(spark, requests, checkpoint)
             self.log.info("llmq: %d answers added to the cache at %s", added, cache.uri)
+            phases.lap("cache")
 
         output = attach_results(
             materialized,
@@ -500,6 +511,7 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
                 self.checkpoint_key,
             )
             raise
+        phases.lap("write")  # the join with the results is evaluated by this write
         new_results = self._new_result_names(checkpoint, results_before)
         summary = summarize(
             output,

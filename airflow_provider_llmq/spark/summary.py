@@ -127,10 +127,13 @@ def _rounded(cost: float | None) -> float | None:
     return None if cost is None else round(float(cost), 9)
 
 
-def timings(rows: int, requests: int, seconds: float, query_seconds: float) -> dict[str, Any]:
-    """The whole task's time and rate, and the querying phase's alone (without Spark's reading and
-    writing)."""
+def timings(
+    rows: int, requests: int, seconds: float, query_seconds: float, phases: dict[str, float] | None = None
+) -> dict[str, Any]:
+    """The whole task's time and rate, the querying phase's alone (without Spark's reading and
+    writing), and the seconds of each phase (``spark.phases``), which add up to ``seconds``."""
     return {
+        "phases": phases or {},
         "seconds": round(seconds, 3),
         "rows_per_second": round(rows / seconds, 3) if seconds else None,
         "query_seconds": round(query_seconds, 3),

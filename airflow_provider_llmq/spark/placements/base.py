@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from airflow_provider_llmq.core.endpoint import EndpointConfig
 from airflow_provider_llmq.core.errors import LLMQueryConfigError, LLMQueryError
+from airflow_provider_llmq.spark.phases import Phases
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -31,6 +32,7 @@ class Work:
     :param flush_rows: results per checkpoint write, at most.
     :param progress: counts settled requests.
     :param stop: set when the task is being stopped: send nothing more, keep what was answered.
+    :param phases: the task's phase timer; a placement times its checkpoint writes as ``flush``.
     """
 
     spark: SparkSession
@@ -42,6 +44,7 @@ class Work:
     flush_rows: int
     progress: Progress
     stop: threading.Event = field(default_factory=threading.Event)
+    phases: Phases = field(default_factory=Phases)
 
 
 class PlacementStopped(LLMQueryError):

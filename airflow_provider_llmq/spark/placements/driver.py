@@ -52,7 +52,8 @@ class DriverPlacement:
                     if now >= cut_at:
                         break
                 if len(batch) >= work.flush_rows or now - flushed_at >= MAX_FLUSH_SECONDS:
-                    work.checkpoint.flush(batch)
+                    with work.phases("flush", within="ask"):
+                        work.checkpoint.flush(batch)
                     batch, flushed_at = [], now
             if work.stop.is_set():
                 raise PlacementStopped("stopped: the answers received are flushed to the checkpoint")
@@ -61,7 +62,8 @@ class DriverPlacement:
             if close is not None:
                 close()
             if batch:  # what was answered before an error is kept for the retry
-                work.checkpoint.flush(batch)
+                with work.phases("flush", within="ask"):
+                    work.checkpoint.flush(batch)
 
     def _ask(
         self, endpoint: EndpointConfig, rows: Iterable[tuple[Any, Any]], options: QueryOptions

@@ -12,21 +12,31 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
 from airflow_provider_llmq.spark.placements.base import PlacementStopped, Work, job_share, portable
 from airflow_provider_llmq.spark.placements.driver import QueryMethod
 from airflow_provider_llmq.spark.placements.udf import unwrap_spark_error
-from airflow_provider_llmq.spark.plan import bucket_of, bucket_sizes, job_groups
-from airflow_provider_llmq.spark.schema import KEY_COL, RESULT_ARROW_FIELDS, RESULT_DDL, result_columns
+from airflow_provider_llmq.spark.plan import BUCKET_COL, bucket_of, bucket_sizes, job_groups
+from airflow_provider_llmq.spark.schema import (
+    KEY_COL,
+    PROMPT_COL,
+    RESULT_ARROW_FIELDS,
+    RESULT_DDL,
+    result_columns,
+)
 from airflow_provider_llmq.spark.session import default_parallelism
 
 if TYPE_CHECKING:
+    from pyspark.sql import DataFrame
+
     from airflow_provider_llmq.core.endpoint import EndpointConfig
     from airflow_provider_llmq.core.options import QueryOptions
 
@@ -34,6 +44,7 @@ _OUTPUT_DDL = f"`{KEY_COL}` string, {RESULT_DDL}"
 _OUTPUT_ARROW = pa.schema([(KEY_COL, pa.string()), *RESULT_ARROW_FIELDS])
 _BATCH_ROWS = 500  # results handed back to Spark per Arrow batch
 JOB_SECONDS = 30.0  # how long a bucket job should run, once the rate is known
+_STAGED = "pending-"  # the pending requests of one try, one folder per bucket
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,13 @@ class ExecutorPlacement:
     parallelism: int | None = None
 
     def run(self, work: Work) -> None:
+        pending, staged = _stage(work)
+        try:
+            self._run(dataclasses.replace(work, pending=pending))
+        finally:
+            work.checkpoint.fs.delete_dir(staged)
+
+    def _run(self, work: Work) -> None:
         from pyspark.sql import functions as F
 
         slots = self.parallelism or default_parallelism(work.spark)
@@ -127,6 +145,23 @@ class ExecutorPlacement:
             asked = sum(remaining.pop(bucket) for bucket in group)
             rate = asked / max(time.monotonic() - started, 1e-3)
             work.progress.add(asked, work.checkpoint.tally(written_file))
+
+
+def _stage(work: Work) -> tuple[DataFrame, str]:
+    """The pending requests written once under the checkpoint, one folder per bucket, and read back
+    (with the folder's path, to remove it). A bucket job then reads only its buckets' files: without
+    this, every job planned the pending requests again (the whole input, its dedupe, the anti-join
+    with the results), so the Spark work per job grew with the table and the run's quadratically."""
+    fs, root = work.checkpoint.fs, work.checkpoint.root
+    for info in fs.get_file_info(pafs.FileSelector(root)):
+        if info.base_name.startswith(_STAGED):  # left by a killed try
+            fs.delete_dir(info.path)
+    name = f"{_STAGED}{uuid.uuid4().hex[:12]}"
+    uri = f"{work.checkpoint.uri}/{name}"
+    frame = work.pending.select(KEY_COL, PROMPT_COL, BUCKET_COL)
+    frame.write.partitionBy(BUCKET_COL).parquet(uri)
+    # the schema given: an empty folder has none to infer
+    return work.spark.read.schema(frame.schema).parquet(uri), f"{root}/{name}"
 
 
 def _partition_asker(
