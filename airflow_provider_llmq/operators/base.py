@@ -449,7 +449,9 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
         query_started = time.monotonic()
         progress = Progress(self.log, to_ask, self.progress_interval)
         if to_ask:
-            options, spent = left_for_this_try(options, checkpoint)
+            spent = (0, 0.0)
+            if not placement.keeps_its_own_ledger:
+                options, spent = left_for_this_try(options, checkpoint)
             if spent[0]:
                 self.log.info(
                     "llmq: earlier tries of this run were billed %d tokens (cost %.6g): this try may "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
 from airflow_provider_llmq.operators.base import LLMQueryBaseOperator
@@ -190,6 +190,7 @@ class _Deferring:
 
     placement: BatchAPIPlacement
     operator: LLMQueryBatchAPIOperator
+    keeps_its_own_ledger: ClassVar[bool] = True  # the placement's batches.json
 
     def run(self, work: Work) -> None:
         waiting = self.placement.step(work)

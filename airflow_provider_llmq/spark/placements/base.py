@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from airflow_provider_llmq.core.endpoint import EndpointConfig
 from airflow_provider_llmq.core.errors import LLMQueryConfigError, LLMQueryError
@@ -52,6 +52,10 @@ class PlacementStopped(LLMQueryError):
 
 
 class Placement(Protocol):
+    #: the placement counts what earlier tries of the run billed itself (the Batch API's ledger);
+    #: False: the operator gives a try what the checkpoint's results say the budget has left
+    keeps_its_own_ledger: ClassVar[bool]
+
     def run(self, work: Work) -> None:
         """Settles every pending request in the checkpoint; an ``LLMQueryError`` ends the run after
         what was answered is checkpointed (:class:`PlacementStopped` when ``work.stop`` was set)."""

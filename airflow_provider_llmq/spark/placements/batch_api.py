@@ -14,6 +14,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 from airflow_provider_llmq.core.batch_api import (
     TOKEN_LIMIT_EXCEEDED,
@@ -56,6 +57,7 @@ ORPHAN_SLACK = 300.0  # seconds: created_at is whole seconds, and clocks differ
 
 @dataclass(frozen=True)
 class BatchAPIPlacement:
+    keeps_its_own_ledger: ClassVar[bool] = True  # batches.json: what each batch billed or may bill
     settings: BatchSettings
 
     def run(self, work: Work) -> None:

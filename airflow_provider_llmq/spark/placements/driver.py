@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from airflow_provider_llmq.core.endpoint import EndpointConfig
 from airflow_provider_llmq.core.options import QueryOptions
@@ -29,6 +29,8 @@ class DriverPlacement:
     :param method: called as ``method(endpoint, rows, options=options)``; bind its scheduling
         argument first, e.g. ``functools.partial(query_async_limited, max_concurrency=64)``.
     """
+
+    keeps_its_own_ledger: ClassVar[bool] = False
 
     method: QueryMethod
 

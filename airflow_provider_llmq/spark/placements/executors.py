@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -81,6 +81,8 @@ class ExecutorPlacement:
     :param concurrency: its global value, shared between the partitions.
     :param parallelism: task slots, where Spark cannot tell them (Spark Connect); None reads them.
     """
+
+    keeps_its_own_ledger: ClassVar[bool] = False
 
     method: QueryMethod
     concurrency_arg: str

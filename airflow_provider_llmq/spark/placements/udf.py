@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow_provider_llmq.core.errors import LLMQueryConfigError, LLMQueryError
 from airflow_provider_llmq.core.methods import sync_client_for
@@ -31,6 +31,8 @@ class UDFPlacement:
         more runs the UDF Arrow-optimized with that many threads per worker (Spark's
         ``pythonUDF.arrow.concurrency.level``), so a wide cluster is not held to one request per core.
     """
+
+    keeps_its_own_ledger: ClassVar[bool] = False
 
     num_partitions: int | None = None
     requests_per_worker: int = 1
