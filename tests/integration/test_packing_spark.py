@@ -19,7 +19,7 @@ from tests.conftest import DEPLOYMENT, llmq_connection_env, run_dag_file
 # a dag.test() with Spark each: about 30 s on an idle 2-core machine
 pytestmark = pytest.mark.slow
 SYSTEM = "Answer with exactly one word: positive, neutral or negative. " * 8
-MAX_TOKENS = 12
+MAX_TOKENS = 32  # room for the mock's whole answer (about 20 tokens): nothing is cut
 
 DAG = """
 import json
