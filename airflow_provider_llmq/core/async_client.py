@@ -16,8 +16,9 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiohttp
 
+from airflow_provider_llmq.core.client_base import ClientBase
 from airflow_provider_llmq.core.endpoint import EndpointConfig
-from airflow_provider_llmq.core.engine import Acquire, ClientBase, Received, Sleep, Step
+from airflow_provider_llmq.core.engine import Acquire, Received, Sleep, Step
 from airflow_provider_llmq.core.limits import AsyncLimiter
 from airflow_provider_llmq.core.options import QueryOptions
 from airflow_provider_llmq.core.result import QueryResult

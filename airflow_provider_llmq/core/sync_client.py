@@ -20,8 +20,9 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from airflow_provider_llmq.core.client_base import ClientBase
 from airflow_provider_llmq.core.endpoint import EndpointConfig
-from airflow_provider_llmq.core.engine import Acquire, ClientBase, Received, Sleep, Step
+from airflow_provider_llmq.core.engine import Acquire, Received, Sleep, Step
 from airflow_provider_llmq.core.limits import ThreadLimiter
 from airflow_provider_llmq.core.options import QueryOptions
 from airflow_provider_llmq.core.result import QueryResult

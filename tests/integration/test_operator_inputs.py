@@ -158,19 +158,22 @@ def test_empty_source_warns_or_fails_when_asked_to(
         _run(source_path=path, id_col="id", output_path=out, fail_on_empty=True, checkpoint_key="e")
 
 
-def test_a_server_that_is_down_fails_the_task_not_green(
-    llm: Any, spark: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Nothing answered is no success: every row ``connection_error``, the output written, the task
-    failed (so Airflow emits no Asset event) with the error kinds in its message."""
+@pytest.fixture
+def down_port(llm: Any, monkeypatch: pytest.MonkeyPatch) -> int:
+    """The connection points at a port nothing listens on: a server that is down."""
     import socket
 
-    with socket.socket() as probe:  # a port nothing listens on
+    with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = llmq_connection_env(llm)
-    for name, value in env.items():
+        port = int(probe.getsockname()[1])
+    for name, value in llmq_connection_env(llm).items():
         monkeypatch.setenv(name, value.replace(llm.base_url, f"https://127.0.0.1:{port}"))
+    return port
+
+
+def test_a_server_that_is_down_fails_the_task_not_green(spark: Any, tmp_path: Path, down_port: int) -> None:
+    """Nothing answered is no success: every row ``connection_error``, the output written, the task
+    failed (so Airflow emits no Asset event) with the error kinds in its message."""
     path = str(tmp_path / "src")
     spark.createDataFrame([(i, f"down {i}") for i in range(12)], "id int, prompt string").write.parquet(path)
     out = str(tmp_path / "out")
@@ -182,20 +185,14 @@ def test_a_server_that_is_down_fails_the_task_not_green(
 
 
 def test_a_server_that_is_down_fails_the_task_in_seconds_not_after_every_row(
-    llm: Any, spark: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    spark: Any, tmp_path: Path, down_port: int
 ) -> None:
     """Default retries (about 24 s per row), 2,000 rows, 32 in flight: the run ends once requests
     have failed to connect for 5 s with none answered, with one message that names the endpoint,
     and writes no output (nothing downstream runs on it)."""
-    import socket
     import time
 
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = llmq_connection_env(llm)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value.replace(llm.base_url, f"https://127.0.0.1:{port}"))
+    port = down_port
     path = str(tmp_path / "src")
     spark.createDataFrame([(i, f"down {i}") for i in range(2000)], "id int, prompt string").write.parquet(
         path
