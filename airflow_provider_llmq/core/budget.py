@@ -222,7 +222,7 @@ class RowBudget:
         self.request = request
         self.user_limit = request.max_completion_tokens()
         self.limit: int | None = None  # the limit llmq sent with the latest attempt
-        self._cut_at = 0
+        self.cut_at = 0  # the limit that cut the latest cut answer
 
     @property
     def owns_limit(self) -> bool:
@@ -234,7 +234,7 @@ class RowBudget:
         the limit that cut the previous answer, if one did)."""
         if not self.owns_limit:
             return conversation
-        self.limit = max(self.budget.completion_limit(), 2 * self._cut_at)
+        self.limit = max(self.budget.completion_limit(), 2 * self.cut_at)
         return self.request.with_limit(conversation, self.limit)
 
     def reserve(self, body: dict[str, Any]) -> Hold | _Wait | None:
@@ -245,4 +245,4 @@ class RowBudget:
 
     def cut(self) -> None:
         """The latest answer stopped at llmq's limit: the next attempt asks for twice as much."""
-        self._cut_at = self.limit or 0
+        self.cut_at = self.limit or 0

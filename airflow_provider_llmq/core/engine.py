@@ -211,8 +211,8 @@ def _row_attempts(
                 if _cut(last):
                     return ended(
                         last,
-                        f"the answer stopped at max_tokens={guard.limit}, which llmq set to keep the budget; "
-                        f"a longer one does not fit in it. {budget.refusal()}",
+                        f"the answer stopped at max_tokens={guard.cut_at}, which llmq set to keep the "
+                        f"budget; a longer one does not fit in it. {budget.refusal()}",
                         code=CUT_BY_BUDGET,
                     )
                 return not_sent(BUDGET_EXCEEDED, f"{budget.refusal()} (after {last.code}: {last.message})")
