@@ -169,21 +169,21 @@ class Budget:
         prompt_tokens: int | None,
         completion_tokens: int | None,
         cut: bool = False,
-        cost: float | None = None,
     ) -> None:
         """The attempt came back: its reservation becomes what the API reported it billed (nothing
         when no usage came back: a request refused or lost before an answer is not billed).
 
         :param cut: the answer stopped at its limit (``finish_reason: length``): the answer wanted at
             least that many tokens.
-        :param cost: the billed cost when known better than at the list price (cached tokens).
+
+        Cached prompt tokens count at the full input price here: the budget errs on the safe side.
         """
         with self._lock:
             self.reserved_tokens -= hold.tokens
             self.reserved_cost -= hold.cost
             self.in_flight -= 1
             self.spent_tokens += (prompt_tokens or 0) + (completion_tokens or 0)
-            self.spent_cost += self._cost(prompt_tokens, completion_tokens) if cost is None else cost
+            self.spent_cost += self._cost(prompt_tokens, completion_tokens)
             if prompt_tokens and hold.prompt_estimate:
                 ratio = prompt_tokens / hold.prompt_estimate
                 self._prompt_ratio = max(self._prompt_ratio or 0.0, ratio)

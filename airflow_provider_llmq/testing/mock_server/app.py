@@ -23,7 +23,7 @@ from .faults import ANSWER_KINDS, Fault, MockConfig, expected_answer, jitter_ms,
 from .packing import parse_pack
 from .quotas import QuotaPolicy, build_policy
 from .structured import answer_text
-from .tokens import cached_prefix_tokens, count_messages, count_text, truncate_text
+from .tokens import cached_prefix_tokens, count_messages, count_text, within_max_tokens
 
 STATE: web.AppKey[MockState] = web.AppKey("llmq_mock_state")
 AZURE_V1_PREFIX = "/openai/v1"  # Azure's v1 API: OpenAI's paths, the deployment as the body's model
@@ -389,10 +389,7 @@ async def _chat(request: web.Request, st: MockState) -> web.StreamResponse:
             answer = answer_text(model, system_prompt, prompt, params)
         else:
             answer = pack.answer(model, messages, params)
-        limit = body.get("max_completion_tokens", body.get("max_tokens"))
-        cut = isinstance(limit, int) and not isinstance(limit, bool) and _tokens(answer) > limit
-        if cut:  # a model stops writing at max_tokens, as the real services do
-            answer = truncate_text(answer, limit)
+        answer, cut = within_max_tokens(answer, body)  # a model stops at max_tokens, as the real ones do
         billed = usage(messages, _tokens(answer))
         st.prompt_tokens_total += billed["prompt_tokens"]
         st.completion_tokens_total += billed["completion_tokens"]

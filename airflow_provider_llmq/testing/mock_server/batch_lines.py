@@ -17,7 +17,7 @@ from typing import Any
 from . import app
 from .faults import ANSWER_KINDS, Fault, MockConfig, plan
 from .structured import answer_text
-from .tokens import count_text, truncate_text
+from .tokens import within_max_tokens
 
 
 def tokens(body: dict[str, Any]) -> int:
@@ -53,10 +53,7 @@ def answer(body: dict[str, Any], config: MockConfig) -> tuple[int, Any]:
     system_prompt = app._content_text(system.get("content")) if system else None
     params = {k: v for k, v in body.items() if k not in ("messages", "model", "stream")}
     text = answer_text(model, system_prompt, prompt, params)  # as a live request answers
-    cap = body.get("max_completion_tokens", body.get("max_tokens"))
-    cut = isinstance(cap, int) and not isinstance(cap, bool) and count_text(text) > cap
-    if cut and isinstance(cap, int):  # a model writes no more than max_tokens: the answer stops there
-        text = truncate_text(text, cap)
+    text, cut = within_max_tokens(text, body)  # a model writes no more than max_tokens
     message: dict[str, Any] = {"role": "assistant", "content": text}
     finish_reason = "length" if cut else "stop"
     kind = fault.kind if fault is not None else None

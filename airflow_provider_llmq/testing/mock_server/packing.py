@@ -31,7 +31,7 @@ from airflow_provider_llmq.core.structured import DEFAULT_SCHEMA_NAME
 
 from .faults import Fault, MockConfig, _noise, plan, prompt_hash
 from .structured import answer_text
-from .tokens import count_text, truncate_text
+from .tokens import within_max_tokens
 
 __all__ = ["Pack", "parse_pack"]
 
@@ -89,11 +89,8 @@ class Pack:
             }
         key = item_id_key(self.item_schema)
         items: list[dict[str, Any]] = []
-        limit = alone.get("max_completion_tokens", alone.get("max_tokens"))
         for item_id, prompt in zip(self.ids, self.prompts, strict=True):
-            text = answer_text(model, system, prompt, alone)
-            if isinstance(limit, int) and count_text(text) > limit:  # as it would be asked alone
-                text = truncate_text(text, max(limit, 0))
+            text, _ = within_max_tokens(answer_text(model, system, prompt, alone), alone)  # as if alone
             if self.item_schema is None:
                 fields: dict[str, Any] = {"answer": text}
             else:

@@ -24,7 +24,8 @@ estimate can be measured against it rather than against its own formula:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 __all__ = [
     "CACHE_MIN_TOKENS",
@@ -33,6 +34,7 @@ __all__ = [
     "count_messages",
     "count_text",
     "truncate_text",
+    "within_max_tokens",
 ]
 
 MESSAGE_TOKENS = 3
@@ -65,6 +67,15 @@ def truncate_text(text: str, limit: int) -> str:
             return text[: match.start() + room]
         count += cost
     return text
+
+
+def within_max_tokens(text: str, body: Mapping[str, Any]) -> tuple[str, bool]:
+    """``text`` as a model writes it under the request's ``max_completion_tokens`` (or
+    ``max_tokens``): cut at that limit, and whether it was cut."""
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    if not isinstance(limit, int) or isinstance(limit, bool) or count_text(text) <= limit:
+        return text, False
+    return truncate_text(text, max(limit, 0)), True
 
 
 def count_messages(texts: Iterable[str]) -> int:
