@@ -105,6 +105,10 @@ class Manifest:
         return hashlib.sha256(json.dumps(self.fingerprint, sort_keys=True, default=str).encode()).hexdigest()
 
 
+# a record rewritten while it is read tears for one read at most, unless rewritten faster than it is read
+_TORN_READ_TRIES = 8
+
+
 def _unique_name(kind: str) -> str:
     # time first, so a listing is in write order; the uuid keeps concurrent writers apart
     return f"{kind}-{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
@@ -138,12 +142,27 @@ class Checkpoint:
         self.fs.move(tmp, self._path(*parts))
 
     def read_json(self, name: str) -> Any:
-        """A small JSON record beside the results (manifest, lease, output record); None if absent."""
-        try:
-            with self.fs.open_input_stream(self._path(name)) as stream:
-                return json.loads(stream.read())
-        except FileNotFoundError:
-            return None
+        """A small JSON record beside the results (manifest, lease, output record); None if absent.
+
+        On S3 a read can tear: pyarrow takes the size from a HEAD and then GETs that many bytes, so
+        a record replaced in between (a lease heartbeat) reads cut or padded. Such a read is re-read.
+        """
+        for attempt in range(_TORN_READ_TRIES):
+            try:
+                with self.fs.open_input_stream(self._path(name)) as stream:
+                    payload = stream.read()
+            except FileNotFoundError:
+                return None
+            try:
+                return json.loads(payload)
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                if attempt == _TORN_READ_TRIES - 1:
+                    raise LLMQueryConfigError(
+                        f"{name} in the checkpoint {self.uri} is not valid JSON after {_TORN_READ_TRIES} reads "
+                        f"({error}); remove the file if no task is running on this checkpoint"
+                    ) from error
+                time.sleep(0.02 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def write_json(self, name: str, data: Any) -> None:
         self._write_file([name], json.dumps(data, indent=2, sort_keys=True, default=str).encode())

@@ -59,6 +59,7 @@ def _cost(prompt: int, completion: int, cached: int) -> float:
     ) / 1e6
 
 
+@pytest.mark.slow  # over 7 s: CI's slow step runs it
 def test_batch_rows_carry_what_the_batch_billed_and_cached_tokens_are_priced(
     spark: Any, server: Any, batch_mock: BatchMock, monkeypatch: Any, tmp_path: Path
 ) -> None:

@@ -325,6 +325,7 @@ def test_a_try_killed_between_create_and_record_finds_its_batch_by_metadata(
 EXPIRING = {"validating_s": 0.1, "in_progress_s": 0.0, "line_s": 0.05, "completion_window_s": 0.725}
 
 
+@pytest.mark.slow  # over 7 s: CI's slow step runs it
 def test_a_batch_that_expires_halfway_keeps_its_answers_and_the_next_try_asks_the_rest(
     airflow_db: Path, spark: Any, server: Any, batch_mock: BatchMock, monkeypatch: Any, tmp_path: Path
 ) -> None:

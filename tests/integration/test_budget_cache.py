@@ -181,6 +181,7 @@ def _run(tmp_path: Path, dag_id: str, tasks: list[tuple[str, dict[str, Any]]]) -
     return {name: json.loads((out / f"{name}.summary.json").read_text()) for name, _ in tasks}
 
 
+@pytest.mark.slow  # over 7 s: CI's slow step runs it
 def test_budget_exceeded_rows_are_asked_by_a_run_with_a_larger_budget(
     airflow_db: Path, spark: Any, server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -240,6 +241,7 @@ def test_budget_exceeded_rows_are_asked_by_a_run_with_a_larger_budget(
     assert larger["schema_version"] == 5
 
 
+@pytest.mark.slow  # over 7 s: CI's slow step runs it
 def test_cache_asks_only_the_rows_a_grown_table_added(
     airflow_db: Path, spark: Any, server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -142,6 +142,7 @@ def _run(method: Any, endpoint: EndpointConfig, rows: int, **settings: Any) -> t
     return results, time.monotonic() - started
 
 
+@pytest.mark.slow  # over 7 s: CI's slow step runs it
 def test_a_2000_row_run_refreshes_its_token_about_once_per_lifetime(
     server: MockServer, authority: TokenAuthority
 ) -> None:

@@ -114,6 +114,7 @@ def test_executor_placement_answers_every_row_once_from_worker_processes(
     assert names <= {"pyspark.worker"}, names
 
 
+@pytest.mark.slow  # over 7 s: CI's slow step runs it
 def test_a_cap_below_the_slot_count_still_holds(llm: Any, spark: Any, tmp_path: Path) -> None:
     source = str(tmp_path / "src")
     spark.createDataFrame([(i, f"q {i}") for i in range(200)], "id long, prompt string").write.parquet(source)

@@ -70,6 +70,7 @@ def _events(log_file: Path, job: str) -> list[dict[str, Any]]:
     return [e for e in lines if e.get("job", {}).get("name") == job]
 
 
+@pytest.mark.slow  # over 7 s: CI's slow step runs it
 def test_a_run_emits_its_lineage_and_an_asset_event_with_the_concrete_output(
     airflow_db: Path, server: Any, tmp_path: Path
 ) -> None:

@@ -59,6 +59,7 @@ def _answers(spark: Any, path: str, key: str = "id") -> dict[Any, Any]:
     return _stable(spark.read.parquet(path).collect(), key)
 
 
+@pytest.mark.slow  # over 7 s: CI's slow step runs it
 def test_sql_table_and_path_sources_give_the_same_rows(
     llm: Any, spark: Any, source: str, tmp_path: Path
 ) -> None:

@@ -92,6 +92,7 @@ def faulty_server(server: Any) -> Any:
     return server
 
 
+@pytest.mark.slow  # over 7 s: CI's slow step runs it
 def test_each_operator_writes_every_row_once_with_its_own_answer(
     airflow_db: Path, spark: Any, faulty_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

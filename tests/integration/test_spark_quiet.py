@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = """
 import logging, sys, time
 from airflow_provider_llmq.spark.session import build_session
@@ -24,6 +26,7 @@ time.sleep(1)  # the reader thread hands it over
 """
 
 
+@pytest.mark.slow  # over 7 s: CI's slow step runs it
 def test_the_driver_llmq_starts_is_quiet_on_stderr() -> None:
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -108,6 +108,7 @@ def test_a_retry_after_an_error_policy_failure_writes_each_row_once(
     assert llm.stats()["requests_by_status"].get("500", 0) == 5  # each marked row failed once only
 
 
+@pytest.mark.slow  # over 7 s: CI's slow step runs it
 def test_mapped_instances_keep_separate_checkpoints(
     airflow_db: Path, spark: Any, llm: Any, tmp_path: Path
 ) -> None:

@@ -117,6 +117,66 @@ def test_json_records_round_trip_and_reset_keeps_the_lease(checkpoint: Checkpoin
     assert checkpoint.read_json(LEASE) is None
 
 
+def test_a_record_rewritten_while_it_is_read_is_read_whole(checkpoint: Checkpoint) -> None:
+    """On S3 a read takes the size from a HEAD, then GETs: a record rewritten in between tore a
+    lease read (CI, stop 29). Records of changing length, rewritten as fast as they can be."""
+    import threading
+
+    stop = threading.Event()
+    written = [0]
+
+    def rewrite() -> None:
+        while not stop.is_set() and written[0] < 40:
+            n = written[0] + 1
+            checkpoint.write_json("record.json", {"n": n, "pad": "x" * (n % 7)})
+            written[0] = n
+            time.sleep(0.005)  # a heartbeat far faster than a real one (seconds), not a busy loop
+
+    checkpoint.write_json("record.json", {"n": 0, "pad": ""})
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    seen = []
+    try:
+        while writer.is_alive():  # every read while the writer runs parses, whatever it meets
+            seen.append(checkpoint.read_json("record.json")["n"])
+    finally:
+        stop.set()
+        writer.join()
+    assert written[0] == 40 and seen == sorted(seen)
+
+
+class _TearsFirstReads:
+    """A filesystem whose first reads of a file come back cut, as a torn S3 read does."""
+
+    def __init__(self, fs: object, tears: int) -> None:
+        self._fs, self.tears = fs, tears
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._fs, name)
+
+    def open_input_stream(self, path: str) -> object:
+        import io
+
+        with self._fs.open_input_stream(path) as stream:  # type: ignore[attr-defined]
+            payload = stream.read()
+        if self.tears > 0:
+            self.tears -= 1
+            payload = payload[:-1]
+        return io.BytesIO(payload)
+
+
+def test_a_torn_read_is_read_again_and_a_broken_record_is_named(tmp_path: Path) -> None:
+    from airflow_provider_llmq.core.errors import LLMQueryConfigError
+
+    checkpoint = Checkpoint(str(tmp_path / "ckpt"))
+    checkpoint.write_json("lease.json", {"token": "t", "heartbeat": 1.25})
+    checkpoint.fs = _TearsFirstReads(checkpoint.fs, tears=2)  # type: ignore[assignment]
+    assert checkpoint.read_json("lease.json") == {"token": "t", "heartbeat": 1.25}
+    checkpoint.fs = _TearsFirstReads(checkpoint.fs, tears=99)  # type: ignore[assignment]
+    with pytest.raises(LLMQueryConfigError, match=r"lease.json in the checkpoint .* is not valid JSON"):
+        checkpoint.read_json("lease.json")
+
+
 def _lease(checkpoint: Checkpoint, owner: Owner, **kwargs: float) -> Lease:
     return Lease(checkpoint, owner, settle=0.01, **kwargs)
 
