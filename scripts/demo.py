@@ -169,9 +169,14 @@ def show_results(report_path: Path) -> None:
         print(f"    {row['review_id']}  {row['product']}, {row['rating']}*  [{row['expected_sentiment']}]")
         print(f"        {review}")
         print(f"        -> {answer}")
+    answered = final["by_status"].get("ok", 0)
+    agreeing = final.get("agreeing_with_stars", 0)
+    share = f"{agreeing / answered:.0%}" if answered else "-"
     print(
-        "\n    The mock server picks a label from the schema, deterministically per request; point"
-        "\n    llmq_default at a real Azure OpenAI / OpenAI deployment (README) for real labels."
+        f"\n    Labels agreeing with the stars: {agreeing} of {answered} answered ({share})."
+        "\n    These answers come from the mock server, not a model: it reads the review's words"
+        "\n    with a small lexicon. Point llmq_default at a real Azure OpenAI / OpenAI deployment"
+        "\n    (README) for real labels."
     )
 
 
