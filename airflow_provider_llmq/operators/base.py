@@ -35,7 +35,7 @@ from airflow_provider_llmq.spark.cache import AnswerCache
 from airflow_provider_llmq.spark.checkpoint import Checkpoint, checkpoint_location
 from airflow_provider_llmq.spark.estimate import estimate
 from airflow_provider_llmq.spark.lease import Lease, Owner
-from airflow_provider_llmq.spark.phases import Phases, describe
+from airflow_provider_llmq.spark.phases import Phases
 from airflow_provider_llmq.spark.placements import Placement, Work
 from airflow_provider_llmq.spark.placements.base import left_for_this_try
 from airflow_provider_llmq.spark.plan import (
@@ -50,6 +50,7 @@ from airflow_provider_llmq.spark.sink import attach_results, refuse_existing_out
 from airflow_provider_llmq.spark.source import check_one_source, read_source, validate_source
 from airflow_provider_llmq.spark.structured import OutputSpec, output_spec
 from airflow_provider_llmq.spark.summary import rate, summarize, timings
+from airflow_provider_llmq.spark.summary_text import summary_block
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -366,8 +367,7 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
         phases.lap("summary")
         seconds = time.monotonic() - phases.started
         summary.update(timings(summary["rows"], asked, seconds, query_seconds, phases.report(seconds)))
-        self.log.info("llmq summary: %s", summary)
-        self.log.info("llmq: %.1f s: %s", seconds, describe(summary["phases"]))
+        self.log.info("%s", summary_block(summary))
         self._record_lineage(context, spark, summary, endpoint.model)
         if summary.get("estimate_only"):
             return summary  # nothing was asked: the checkpoint (answers already paid for) stays
