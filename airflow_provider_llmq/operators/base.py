@@ -49,7 +49,7 @@ from airflow_provider_llmq.spark.session import cancel_tagged_jobs, require_shar
 from airflow_provider_llmq.spark.sink import attach_results, refuse_existing_output, write_output
 from airflow_provider_llmq.spark.source import check_one_source, read_source, validate_source
 from airflow_provider_llmq.spark.structured import OutputSpec, output_spec
-from airflow_provider_llmq.spark.summary import rate, summarize, timings
+from airflow_provider_llmq.spark.summary import observe_outcomes, observed_metrics, rate, summarize, timings
 from airflow_provider_llmq.spark.summary_text import summary_block
 
 if TYPE_CHECKING:
@@ -491,10 +491,11 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
             output_type=self._output.spark_type if self._output else None,
             flatten_output=self.flatten_output,
         )
+        output, observation = observe_outcomes(output)
         location = self.output_table or self.output_path
         self.log.info("llmq: writing %d rows to %s (mode %s)", manifest.total_rows, location, self.mode)
         try:
-            write_output(
+            wrote = write_output(
                 output,
                 output_table=self.output_table,
                 output_path=self.output_path,
@@ -519,6 +520,7 @@ class LLMQueryBaseOperator(LineageMixin, BaseOperator):
             output,
             checkpoint.read_results(spark, new_results) if new_results else None,
             checkpoint.read_results(spark) if self.prices else None,
+            observed=observed_metrics(observation) if observation is not None and wrote else None,
         )
         if self.keep_checkpoint:
             checkpoint.compact(spark)

@@ -30,10 +30,11 @@ def summary_block(summary: dict[str, Any]) -> str:
         f"tokens: prompt {summary.get('prompt_tokens', 0):,}, "
         f"completion {summary.get('completion_tokens', 0):,}" + ("" if cost is None else f"; cost {cost:.4f}")
     )
-    if summary.get("packs_answered"):
+    packing = summary.get("packing") or {}
+    if packing.get("packs_answered"):
         lines.append(
-            f"packs: {summary['packs_answered']:,} answered, {summary.get('rows_per_pack')} rows each on "
-            f"average, {summary.get('prompt_tokens_saved', 0):,} prompt tokens saved"
+            f"packs: {packing['packs_answered']:,} answered, {packing.get('rows_per_pack')} rows each on "
+            f"average, {packing.get('prompt_tokens_saved', 0):,} prompt tokens saved"
         )
     rate = summary.get("query_requests_per_second")
     admitted = summary.get("admitted_requests_per_second")

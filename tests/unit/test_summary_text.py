@@ -45,7 +45,16 @@ def test_the_block_has_one_line_per_subject_and_every_count() -> None:
 
 def test_cost_and_packs_appear_when_the_run_had_them() -> None:
     text = summary_block(
-        {**SUMMARY, "cost": 0.01234, "packs_answered": 30, "rows_per_pack": 20.0, "prompt_tokens_saved": 9000}
+        {
+            **SUMMARY,
+            "cost": 0.01234,
+            "packing": {
+                "packs_answered": 30,
+                "packed_rows": 600,
+                "rows_per_pack": 20.0,
+                "prompt_tokens_saved": 9000,
+            },
+        }
     )
     assert "; cost 0.0123" in text
     assert "  packs: 30 answered, 20.0 rows each on average, 9,000 prompt tokens saved" in text
