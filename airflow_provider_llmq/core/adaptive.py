@@ -129,6 +129,10 @@ class AdaptiveRate:
         self._model = RateModel(s, rate, self._ceiling, max_concurrency)
         if not adaptive:
             self._model.phase = FIXED
+        # unpaced once slow start reaches the concurrency's rate, until the first refusal or rate
+        # header (see the module docstring): the concurrency alone bounds it, as a bare client's
+        self._may_unpace = adaptive and requests_per_minute is None and max_concurrency is not None
+        self._unpaced = False
         self._headers = RateHeaders()
         self._evidence = RefusalEvidence()
         self._avg_tokens: float | None = None
@@ -203,6 +207,8 @@ class AdaptiveRate:
                 # answers to requests sent before a cut say nothing new, and a rate held down by a
                 # ceiling has not been tried: neither may grow it
                 model.grow(now)
+                if self._may_unpace and not self._unpaced:
+                    self._unpaced = model.reached_concurrency()
             self._push(now)
 
     def on_throttled(
@@ -279,6 +285,8 @@ class AdaptiveRate:
         if self._throttled_since is None:
             self._throttled_since = now
         hinted = retry_after is not None and retry_after > 0
+        if self._unpaced:
+            self._start_pacing(now)
         if not self.adaptive:
             if hinted:
                 assert retry_after is not None
@@ -316,7 +324,11 @@ class AdaptiveRate:
                 evidence.start_test(now, latency, model.rate, before)
         self._push(now, force=True)
         if retry_after is None:
-            return None  # no usable hint: the row backs off by its own policy, noise or quota
+            # no usable hint: with quota evidence the row backs off by its own policy (a server
+            # answering every request with 429 must not be asked again within milliseconds); a
+            # refusal the evidence takes for noise retries soon, as an isolated 500 does
+            noise = not quota and evidence.floor > 0 and model.phase != SLOW_START
+            return QUICK_RETRY if noise else None
         return 0.0 if pause else retry_after
 
     def _isolated(self, now: float) -> bool:
@@ -332,12 +344,26 @@ class AdaptiveRate:
             self._model.undo(verdict.before, now)
             self._push(now, force=True)
 
+    def _start_pacing(self, now: float) -> None:
+        """The first refusal (or rate header) of an unpaced start: from now on the learned rate is
+        paced, from what the server answered so far (the quota's rate when there is one; the
+        concurrency's when the refusal is noise), never above what slow start had grown to."""
+        self._unpaced = self._may_unpace = False
+        model = self._model
+        answered = model.answered_rate(now)
+        if answered is not None:
+            model.rate = min(model.rate, max(model.start_rate, answered))
+
     def _admitted(self, now: float, apply_pauses: bool = False) -> float | None:
         """The rate given to the pacer: the learned rate, or the server's stated one, under every
-        ceiling (None: unlimited)."""
+        ceiling (None: unlimited, as ``adaptive=False`` without a ceiling, or an unpaced start)."""
         if not self.adaptive:
             return None if math.isinf(self._ceiling) else self._ceiling
         ceiling, stated = self._header_limits(now, apply_pauses)
+        if self._unpaced:
+            if stated is None and math.isinf(ceiling):
+                return None
+            self._start_pacing(now)
         rate = min(self._model.rate if stated is None else stated, self._ceiling, ceiling)
         return max(self.settings.min_rate, rate)
 

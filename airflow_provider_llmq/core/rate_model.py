@@ -222,6 +222,13 @@ class RateModel:
         if self.rate >= 0.97 * self._refused_at:
             self._end_calm(now)  # back near the rate the quota refused: refusals may be its own again
 
+    def reached_concurrency(self) -> bool:
+        """Whether slow start grew the rate to what the concurrency allows (``max_concurrency /
+        latency``): no pacer can add anything there, only lose the slots a late answer leaves idle."""
+        if self.phase != SLOW_START or self.max_concurrency is None or not self.latency:
+            return False
+        return self.rate >= 0.95 * self.max_concurrency / self.latency
+
     # -- the undo of a spurious cut ---------------------------------------------------------------
 
     def state(self) -> tuple[Any, ...]:

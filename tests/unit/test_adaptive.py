@@ -549,12 +549,32 @@ def test_slow_start_ramps_within_a_second_at_50_ms() -> None:
     controller = AdaptiveRate(max_concurrency=64, clock=clock)
     sent: list[float] = []
     while clock.now < 1.0:
-        rate = controller.rate or 0
+        rate = controller.rate
+        if rate is None:  # the concurrency's rate (64 / 50 ms) reached: unpaced from here on
+            break
         clock.now += 1 / rate
         sent.append(clock.now)
         while sent and sent[0] <= clock.now - 0.05:  # answered 50 ms after it was sent
             controller.on_success(sent.pop(0), clock.now)
-    assert (controller.rate or 0) >= 1000
+    assert controller.rate is None and clock.now < 1.0
+    assert controller._model.rate >= 1000
+
+
+def test_unpaced_at_the_concurrency_until_the_first_refusal() -> None:
+    """Slow start that reaches the concurrency's rate stops pacing (a bare client's start, nothing a
+    pacer could add); the first refusal paces again, from the rate the server answered."""
+    clock = Clock()
+    pacer = Pacer(None, None, clock)
+    controller = AdaptiveRate(max_concurrency=64, clock=clock)
+    controller.bind(pacer)
+    steady(controller, clock, 320, 2.0, latency=0.2)  # 64 in flight, 200 ms answers
+    assert controller.rate is None and pacer.requests_per_minute is None
+    controller.on_throttled(clock.now - 0.2, clock.now, retry_after=0.3)
+    rate = controller.rate
+    assert rate is not None and 0.8 * 320 <= rate <= 1.1 * 320
+    assert pacer.requests_per_minute == pytest.approx(rate * 60)
+    steady(controller, clock, rate, 2.0, latency=0.2)
+    assert controller.rate is not None  # paced for good: a quota may be near
 
 
 def test_slow_start_begins_at_half_the_concurrency_per_second() -> None:
@@ -615,8 +635,9 @@ def test_growth_stops_where_answers_do_not_follow() -> None:
     clock = Clock()
     controller = AdaptiveRate(max_concurrency=8, clock=clock)
     steady(controller, clock, 8, 10.0, latency=1.0)  # 8 workers, 1 s answers: 8/s at most
-    assert controller.rate == pytest.approx(20.0)  # slow start would be at 420/s by now
+    assert controller._model.rate == pytest.approx(20.0)  # slow start would be at 420/s by now
     assert controller.stats().phase == "slow_start"
+    assert controller.rate is None  # 20/s is past what 8 workers send: the concurrency bounds it
 
 
 def test_patience() -> None:
