@@ -311,9 +311,7 @@ class AdaptiveRate:
         # a hint pauses everyone only with quota evidence: headers at zero or a cluster of refusals
         # (over a floor of zero too: a slow start's first refusal paused everyone for its hint, and
         # two clients on one quota took turns pausing, 21 of 48 simulated pairs unfair, now 14)
-        pause = hinted and (
-            exhausted or (quota and evidence.clustered(now, latency))
-        )
+        pause = hinted and (exhausted or (quota and evidence.clustered(now, latency)))
         if pause:
             assert retry_after is not None
             self._pause(now, now + retry_after)

@@ -115,7 +115,7 @@ class Simulation:
         self.noise_429, self.noise_hint, self.noise_500 = noise_429, noise_hint, noise_500
         self.noise_rng = random.Random(seed + 1)
         self.failed = 0
-        self.failed_rows: set[tuple[str, int]] = set()
+        self.failed_rows: dict[tuple[str, int], int] = {}  # failures so far, by row
         self.clock = SimClock()
         self._heap: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
@@ -211,12 +211,13 @@ class Simulation:
     def _failed(self, client: SimClient, row: int, sent_at: float) -> None:
         self.failed += 1
         quick = client.controller.on_failure(sent_at, self.clock.now, status=500)
-        # the engine's policy: the row's backoff (0.5 s, jittered), its first retry within the
-        # controller's quick one while failures are isolated
-        backoff = 0.5 * (1 - 0.25 * self.noise_rng.random())
-        if quick is not None and (client.name, row) not in self.failed_rows:
-            backoff = min(backoff, quick)
-        self.failed_rows.add((client.name, row))
+        # the engine's policy: the row's backoff (0.5 s doubling, jittered), its retries within
+        # the controller's quick one (doubling too) while failures are isolated
+        failures = self.failed_rows.get((client.name, row), 0) + 1
+        self.failed_rows[(client.name, row)] = failures
+        backoff = 0.5 * 2 ** (failures - 1) * (1 - 0.25 * self.noise_rng.random())
+        if quick is not None:
+            backoff = min(backoff, quick * 2 ** (failures - 1))
         self.at(self.clock.now + backoff, lambda: self._acquire(client, row))
 
 
