@@ -35,6 +35,7 @@ class QuotaCase:
     processes: int = 1
     llmq_options: tuple[tuple[str, Any], ...] = ()  # what llmq's methods are told: nothing, mostly
     mixed_lengths: bool = False
+    noise: tuple[tuple[str, float], ...] = ()  # the mock's random refusals on top of the quota
     blurb: str = ""
 
 
@@ -78,6 +79,14 @@ CASES = [
         Target(0.97, 0.0),
         llmq_options=(("requests_per_minute", 6000),),
         blurb="the 100/s bucket, llmq told requests_per_minute=6000 (the others cannot be told)",
+    ),
+    QuotaCase(
+        "noisy-cap-150",
+        {"kind": "token_bucket", "rate": 150},
+        Target(0.92, 0.05),
+        noise=(("429", 0.03),),
+        blurb="a 150/s bucket, and 3 % of requests refused at random besides (a short retry hint): "
+        "issue 21's noisy cap, the quota to find under the noise",
     ),
     QuotaCase(
         "tokens-per-minute",

@@ -1018,6 +1018,7 @@ def quota_scenario(case: QuotaCase, args: argparse.Namespace) -> Scenario:
         processes=case.processes,
         llmq_options=dict(case.llmq_options),
         mixed_lengths=case.mixed_lengths,
+        noise=dict(case.noise) or None,
         target=case.target,
         blurb=case.blurb,
     )

@@ -339,8 +339,11 @@ def _row_attempts(
         if not retry.should_retry(outcome, failures):
             return ended(outcome)
         delay = retry.delay(outcome, failures)
-        if quick is not None and failures == 1 and outcome.retry_after is None:
-            delay = min(delay, quick)  # a server's own hint is kept
+        if quick is not None and outcome.retry_after is None:
+            # isolated failures are independent: a row failed twice by noise is no outage, and its
+            # second backoff of 1 s ended short runs late (2 % of 500s: the async 0.65 against the
+            # threads' 0.78 of the limit, the row that met two). A server's own hint is kept.
+            delay = min(delay, quick * 2 ** (failures - 1))
         yield Sleep(delay)
 
 

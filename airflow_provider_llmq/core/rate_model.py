@@ -121,6 +121,8 @@ class RateModel:
         self.max_concurrency = max_concurrency
         self.phase = SLOW_START
         self.episodes = 0
+        self.may_unpace = False  # set by the controller: no ceiling and a known concurrency
+        self.unpaced = False  # the pacer is unlimited: the concurrency alone bounds the client
         self.last_cut = -math.inf
         self.latency: float | None = None  # smoothed seconds from send to answer
         self._since_cut = 0  # answers since the last cut
@@ -221,6 +223,28 @@ class RateModel:
         self.rate = min(self.ceiling, max(rate, min(grown, limit)))
         if self.rate >= 0.97 * self._refused_at:
             self._end_calm(now)  # back near the rate the quota refused: refusals may be its own again
+
+    def check_concurrency(self) -> None:
+        """Unpaced from now on when slow start grew the rate to what the concurrency allows
+        (``max_concurrency / latency``) and nothing refused yet: no pacer adds anything there, it
+        only loses the slots a late answer leaves idle (see :mod:`.rate_pacing`)."""
+        if not self.may_unpace or self.unpaced or self.phase != SLOW_START:
+            return
+        if self.max_concurrency is not None and self.latency:
+            self.unpaced = self.rate >= 0.95 * self.max_concurrency / self.latency
+
+    def start_pacing(self, now: float) -> None:
+        """The first refusal (or rate header): paced for good from here, at what the server answered
+        so far (the quota's rate when there is one, the concurrency's when the refusal is noise),
+        never above what slow start had grown to."""
+        if not self.may_unpace:
+            return
+        self.may_unpace = False
+        if self.unpaced:
+            self.unpaced = False
+            answered = self.answered_rate(now)
+            if answered is not None:
+                self.rate = min(self.rate, max(self.start_rate, answered))
 
     # -- the undo of a spurious cut ---------------------------------------------------------------
 

@@ -5,14 +5,15 @@ The controller (:mod:`.adaptive`) decides the rate; :class:`PacerLink` hands it 
 
 - **Small steps up are batched**: every rate given to the pacer re-anchors its schedule, so a rise
   under 1 % waits for the next; every cut (and any push the controller forces) goes at once.
-- **Always paced, even where the concurrency is the limit.** Pacing evenly at the workers' own rate
-  (``max_concurrency / latency``) costs the event loop a wake-up per request (client CPU per request
-  0.66 ms against 0.39 ms with ``adaptive=False``, 200 ms, 64 in flight) and the clean simulated run
-  0.02-0.03 of the limit (a no-burst pacer loses every slot a late answer leaves idle). Leaving the
-  pacer unlimited there was tried (CPU 0.48 ms, simulated clean 0.861 -> 0.881, 2 % 500s 0.817 ->
-  0.839) and not shipped: over real sockets on a loaded machine the latency measured high made a
-  200/s quota look concurrency-bound, and the unpaced bursts drew 18-22 % 429s around its drop
-  (the test allows 15 %), even when the answers also had to come at the bound.
+- **Paced wherever a quota may be near; unpaced at the start while nothing refused.** Pacing
+  evenly at the workers' own rate (``max_concurrency / latency``) costs the event loop a wake-up per
+  request and the clean run 0.02-0.03 of the limit (a no-burst pacer loses every slot a late answer
+  leaves idle). So a slow start that reaches that rate before anything refused hands the pacer
+  ``None`` (unlimited) and the concurrency alone bounds the client, as a bare client's semaphore does
+  (:class:`~.adaptive.AdaptiveRate`, simulated clean run at 200 ms 0.861 -> 0.888 of the limit). The
+  first refusal or rate header paces it again, for good: once a quota may be near, the old finding
+  holds (over real sockets on a loaded machine a latency measured high made a 200/s quota look
+  concurrency-bound, and unpaced bursts drew 18-22 % 429s around its drop).
 - **Pauses** (retry hints with quota evidence, an exhausted Azure window) extend, never shorten, and
   are counted once however they overlap.
 
