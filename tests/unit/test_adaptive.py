@@ -27,10 +27,10 @@ from airflow_provider_llmq.core.limits import WAKE_INTERVAL, AsyncLimiter, Pacer
 from airflow_provider_llmq.core.payload import parse_retry_after
 from airflow_provider_llmq.core.rate_headers import parse_duration
 from airflow_provider_llmq.core.rate_model import AdaptiveSettings
+from airflow_provider_llmq.testing.mock_server.quota_policy import QuotaPolicy
 from airflow_provider_llmq.testing.mock_server.quotas import (
     AzureWindows,
     OpenAIBuckets,
-    QuotaPolicy,
     ScheduledBucket,
     TokenBucket,
     TokensPerMinute,

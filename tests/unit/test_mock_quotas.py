@@ -9,17 +9,15 @@ import pytest
 
 from airflow_provider_llmq.core.payload import parse_retry_after
 from airflow_provider_llmq.core.rate_headers import parse_duration
+from airflow_provider_llmq.testing.mock_server.quota_policy import Decision, QuotaPolicy, format_duration
 from airflow_provider_llmq.testing.mock_server.quotas import (
     AllOf,
     AzureWindows,
-    Decision,
     OpenAIBuckets,
-    QuotaPolicy,
     ScheduledBucket,
     TokenBucket,
     TokensPerMinute,
     build_policy,
-    format_duration,
 )
 
 

@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import Any
 
-from . import app
+from . import responses
 from .faults import ANSWER_KINDS, Fault, MockConfig, plan
 from .structured import answer_text
 from .tokens import within_max_tokens
@@ -23,7 +23,7 @@ from .tokens import within_max_tokens
 def tokens(body: dict[str, Any]) -> int:
     """The prompt tokens a line enqueues: what the chat route bills for its messages."""
     messages = body.get("messages") or []
-    return app._prompt_tokens(messages)
+    return responses.prompt_tokens(messages)
 
 
 def check_line(line: Any, url: str) -> str | None:
@@ -45,12 +45,12 @@ def answer(body: dict[str, Any], config: MockConfig) -> tuple[int, Any]:
     messages = body["messages"]
     user = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"][-1]
     system = next((m for m in messages if isinstance(m, dict) and m.get("role") == "system"), None)
-    prompt = app._content_text(user.get("content"))
+    prompt = responses.content_text(user.get("content"))
     _, fault = plan(prompt, 1, config)
     if fault is not None and fault.kind not in ANSWER_KINDS:
         return _fault(fault)
     model = str(body["model"])
-    system_prompt = app._content_text(system.get("content")) if system else None
+    system_prompt = responses.content_text(system.get("content")) if system else None
     params = {k: v for k, v in body.items() if k not in ("messages", "model", "stream")}
     text = answer_text(model, system_prompt, prompt, params)  # as a live request answers
     text, cut = within_max_tokens(text, body)  # a model writes no more than max_tokens
@@ -64,7 +64,7 @@ def answer(body: dict[str, Any], config: MockConfig) -> tuple[int, Any]:
         call = {"name": "get_weather", "arguments": '{"city": "Paris"}'}
         message["tool_calls"] = [{"id": "call_mock", "type": "function", "function": call}]
     elif kind == "refusal":
-        message["content"], message["refusal"] = None, app._REFUSAL
+        message["content"], message["refusal"] = None, responses.REFUSAL
     elif kind == "length":
         message["content"], finish_reason = "", "length"
     elif kind == "length_text":
@@ -78,24 +78,24 @@ def answer(body: dict[str, Any], config: MockConfig) -> tuple[int, Any]:
         "created": int(time.time()),
         "model": model,
         "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
-        "usage": app.usage(messages, app._tokens(text)),
+        "usage": responses.usage(messages, responses.completion_tokens_of(text)),
     }
 
 
 def _fault(fault: Fault) -> tuple[int, Any]:
     kind = fault.kind
     if kind == "content_filter":
-        return 400, {"error": app._CONTENT_FILTER}
+        return 400, {"error": responses.CONTENT_FILTER}
     if kind == "context_length":
-        return 400, {"error": app._CONTEXT_LENGTH}
+        return 400, {"error": responses.CONTEXT_LENGTH}
     if kind == "quota":
-        return 429, {"error": app._INSUFFICIENT_QUOTA}
+        return 429, {"error": responses.INSUFFICIENT_QUOTA}
     if kind == "malformed":
         return 200, '{"choices": ['
     if kind == "empty":
         return 200, {"id": "chatcmpl-empty", "object": "chat.completion", "choices": []}
     status = int(kind) if kind.isdigit() else 500
-    code = app._STATUS_CODES.get(status, "server_error")
+    code = responses.STATUS_CODES.get(status, "server_error")
     message = f"The server had an error while processing your request ({status})."
     return status, {"error": {"code": code, "message": message, "type": "server_error"}}
 

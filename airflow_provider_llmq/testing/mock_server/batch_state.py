@@ -19,14 +19,14 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from . import app as chat_app
 from . import batch_lines
+from . import state as chat_state
 
 # flavour -> (path prefix, the line url / batch endpoint, requests per file)
 FLAVOURS = {
     "openai": ("/v1", "/v1/chat/completions", 50_000),
     "azure": ("/openai", "/chat/completions", 100_000),
-    "azure_v1": (chat_app.AZURE_V1_PREFIX, "/chat/completions", 100_000),
+    "azure_v1": (chat_state.AZURE_V1_PREFIX, "/chat/completions", 100_000),
 }
 COUNTERS = (
     "files_created",
@@ -160,7 +160,7 @@ class BatchState:
     :param chat: the chat routes' state, whose config (faults, seed, deployments) answers the lines.
     """
 
-    def __init__(self, chat: chat_app.MockState) -> None:
+    def __init__(self, chat: chat_state.MockState) -> None:
         self.chat = chat
         self.reset()
 

@@ -20,8 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import app as chat_app
-from . import batch_lines
+from . import access, batch_lines, responses, state
 from .batch_state import FLAVOURS, BatchConfig, BatchState, MockBatch, MockFile
 
 BATCHES: web.AppKey[BatchState] = web.AppKey("llmq_mock_batches")
@@ -29,24 +28,24 @@ _Handler = Callable[[web.Request, BatchState, str], Awaitable[web.Response]]
 
 
 def _invalid(message: str, code: str = "invalid_request") -> web.Response:
-    return chat_app._error(400, code, message, type="invalid_request_error")
+    return responses.error(400, code, message, type="invalid_request_error")
 
 
 def _api(handler: _Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
     """Authentication (and Azure's api-version) as on the chat routes, and the counters."""
 
     async def wrapped(request: web.Request) -> web.Response:
-        st, batches = request.app[chat_app.STATE], request.app[BATCHES]
+        st, batches = request.app[state.STATE], request.app[BATCHES]
         st.enter_api(request)
         azure = request.path.startswith("/openai/")
-        v1 = request.path.startswith(chat_app.AZURE_V1_PREFIX + "/")
+        v1 = request.path.startswith(state.AZURE_V1_PREFIX + "/")
         flavour = "azure_v1" if v1 else "azure" if azure else "openai"
         batches.counters["http_requests"] += 1
         resource = request.match_info.route.resource
         batches.routes[f"{request.method} {resource.canonical if resource else request.path}"] += 1
         if azure and not v1:
             batches.routes[f"api-version={request.query.get('api-version')}"] += 1
-        denied = chat_app._check_access(request, st, azure)
+        denied = access.check_access(request, st, azure)
         response = denied if denied is not None else await handler(request, batches, flavour)
         st.finish(response)
         return response
@@ -73,7 +72,7 @@ async def upload(request: web.Request, st: BatchState, flavour: str) -> web.Resp
 def _file(request: web.Request, st: BatchState) -> MockFile | web.Response:
     found = st.files.get(request.match_info["file_id"])
     if found is None:
-        return chat_app._error(404, "not_found", "No such File object", type="invalid_request_error")
+        return responses.error(404, "not_found", "No such File object", type="invalid_request_error")
     return found
 
 
@@ -109,7 +108,7 @@ async def create_batch(request: web.Request, st: BatchState, flavour: str) -> we
     _, url, default_limit = FLAVOURS[flavour]
     source = st.files.get(str(body.get("input_file_id")))
     if source is None or source.purpose != "batch":
-        return chat_app._error(404, "not_found", "No such File object", type="invalid_request_error")
+        return responses.error(404, "not_found", "No such File object", type="invalid_request_error")
     if body.get("endpoint") != url or body.get("completion_window") != "24h":
         return _invalid(f"endpoint must be {url} and completion_window 24h")
     if (
@@ -174,7 +173,7 @@ def _batch(request: web.Request, st: BatchState) -> MockBatch | web.Response:
     st.advance(time.time())
     found = st.batches.get(request.match_info["batch_id"])
     if found is None:
-        return chat_app._error(404, "not_found", "No such Batch object", type="invalid_request_error")
+        return responses.error(404, "not_found", "No such Batch object", type="invalid_request_error")
     return found
 
 
@@ -234,7 +233,7 @@ async def admin_config(request: web.Request) -> web.Response:
 
 def add_batch_routes(app: web.Application) -> None:
     """Registers the Files and Batches routes of every flavour and their admin routes."""
-    app[BATCHES] = BatchState(app[chat_app.STATE])
+    app[BATCHES] = BatchState(app[state.STATE])
     routes = app.router
     for prefix, _, _ in FLAVOURS.values():
         routes.add_post(f"{prefix}/files", _api(upload))

@@ -24,144 +24,26 @@ What each policy imitates:
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
+
+from .quota_policy import (
+    EPSILON,
+    Bucket,
+    QuotaPolicy,
+    format_duration,
+    positive,
+)
 
 __all__ = [
-    "RETRY_HINTS",
     "AllOf",
     "AzureWindows",
-    "Decision",
     "OpenAIBuckets",
-    "QuotaPolicy",
     "ScheduledBucket",
     "TokenBucket",
     "TokensPerMinute",
     "build_policy",
-    "format_duration",
 ]
-
-RetryHint = Literal["ms", "seconds", "both", "none"]
-RETRY_HINTS: tuple[str, ...] = ("ms", "seconds", "both", "none")
-_EPSILON = 1e-9  # float dust in bucket levels must not refuse a request that exactly fits
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What to do with one request.
-
-    :param allowed: serve it (True) or answer 429 (False).
-    :param headers: rate headers to send with the answer, the retry hint included on a 429.
-    :param wait: seconds until this request would have fitted (0 when allowed); the truth, whether or
-        not the hint tells it.
-    """
-
-    allowed: bool
-    headers: dict[str, str] = field(default_factory=dict)
-    wait: float = 0.0
-
-
-def format_duration(seconds: float) -> str:
-    """OpenAI's reset format: ``17ms`` below a second, ``1.5s`` below a minute, then ``6m0s``/``1h2m3s``."""
-    seconds = max(0.0, seconds)
-    if seconds < 1.0:
-        return f"{math.ceil(seconds * 1000)}ms"
-    hours, rest = divmod(seconds, 3600.0)
-    minutes, secs = divmod(rest, 60.0)
-    text = f"{round(secs, 3):g}s"
-    if hours or minutes:
-        text = f"{int(minutes)}m{text}"
-    if hours:
-        text = f"{int(hours)}h{text}"
-    return text
-
-
-def _retry_headers(wait: float, hint: str) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    if hint in ("ms", "both"):
-        headers["retry-after-ms"] = str(max(1, math.ceil(wait * 1000)))
-    if hint in ("seconds", "both"):
-        headers["Retry-After"] = str(max(1, math.ceil(wait)))
-    return headers
-
-
-def _positive(value: float, name: str) -> float:
-    value = float(value)
-    if not value > 0 or math.isinf(value):
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return value
-
-
-class QuotaPolicy(ABC):
-    """A quota the server enforces. Subclasses say how long a request must wait to fit, how it uses
-    the quota, and which headers describe the quota; :meth:`admit` puts that together."""
-
-    def __init__(self, retry_hint: str = "ms") -> None:
-        if retry_hint not in RETRY_HINTS:
-            raise ValueError(f"retry_hint must be one of {RETRY_HINTS}, got {retry_hint!r}")
-        self.retry_hint = retry_hint
-        self.origin: float | None = None  # time of the first request: schedules and windows count from it
-
-    def admit(self, now: float, tokens: int = 0) -> Decision:
-        """Admit (and charge) a request of ``tokens`` estimated tokens arriving at ``now``, or refuse it."""
-        if tokens < 0:
-            raise ValueError(f"tokens must be >= 0, got {tokens}")
-        self._start(now)
-        self.advance(now)
-        wait = self.wait(now, tokens)
-        if wait <= 0:
-            self.consume(now, tokens)
-            return Decision(True, self.headers(now))
-        return Decision(False, {**self.headers(now), **_retry_headers(wait, self.retry_hint)}, wait)
-
-    def _start(self, now: float) -> None:
-        if self.origin is None:
-            self.origin = now
-            self.on_start(now)
-
-    def on_start(self, now: float) -> None:  # noqa: B027 (an optional hook)
-        """Called once, at the first request."""
-
-    @abstractmethod
-    def advance(self, now: float) -> None:
-        """Bring the quota up to ``now`` (refill buckets, roll windows)."""
-
-    @abstractmethod
-    def wait(self, now: float, tokens: int) -> float:
-        """Seconds until a request of ``tokens`` fits; 0 when it fits now. Changes nothing."""
-
-    @abstractmethod
-    def consume(self, now: float, tokens: int) -> None:
-        """Charge an admitted request."""
-
-    def headers(self, now: float) -> dict[str, str]:
-        """Rate headers sent on every answer; none by default."""
-        return {}
-
-
-class _Bucket:
-    """A continuously refilling bucket; the level may go below 0 after one oversized request (debt)."""
-
-    def __init__(self, rate: float, capacity: float) -> None:
-        self.rate = rate
-        self.capacity = capacity
-        self.level = capacity
-        self.at: float | None = None
-
-    def advance(self, now: float) -> None:
-        if self.at is not None and now > self.at:
-            self.level = min(self.capacity, self.level + (now - self.at) * self.rate)
-        self.at = now if self.at is None else max(self.at, now)
-
-    def wait(self, cost: float) -> float:
-        # a request bigger than the whole bucket fits once the bucket is full, or it never would
-        need = min(cost, self.capacity) - self.level
-        return 0.0 if need <= _EPSILON else need / self.rate
-
-    def time_to_full(self) -> float:
-        return max(0.0, self.capacity - self.level) / self.rate
 
 
 class TokenBucket(QuotaPolicy):
@@ -174,9 +56,9 @@ class TokenBucket(QuotaPolicy):
 
     def __init__(self, rate: float, burst: float | None = None, retry_hint: str = "ms") -> None:
         super().__init__(retry_hint)
-        rate = _positive(rate, "rate")
-        capacity = max(1.0, rate / 10.0) if burst is None else _positive(burst, "burst")
-        self.bucket = _Bucket(rate, capacity)
+        rate = positive(rate, "rate")
+        capacity = max(1.0, rate / 10.0) if burst is None else positive(burst, "burst")
+        self.bucket = Bucket(rate, capacity)
 
     @property
     def rate(self) -> float:
@@ -185,7 +67,7 @@ class TokenBucket(QuotaPolicy):
     def set_rate(self, now: float, rate: float) -> None:
         """Change the refill rate from ``now`` on (the level earned so far is kept)."""
         self.bucket.advance(now)
-        self.bucket.rate = _positive(rate, "rate")
+        self.bucket.rate = positive(rate, "rate")
 
     def advance(self, now: float) -> None:
         self.bucket.advance(now)
@@ -204,7 +86,7 @@ class ScheduledBucket(TokenBucket):
     def __init__(
         self, steps: Sequence[tuple[float, float]], burst: float | None = None, retry_hint: str = "ms"
     ) -> None:
-        ordered = sorted((float(t), _positive(r, "rate")) for t, r in steps)
+        ordered = sorted((float(t), positive(r, "rate")) for t, r in steps)
         if not ordered or ordered[0][0] > 0:
             raise ValueError("steps must start at offset 0 or earlier, e.g. [[0, 200], [10, 80]]")
         self.steps = ordered
@@ -236,9 +118,9 @@ class TokensPerMinute(QuotaPolicy):
 
     def __init__(self, tokens_per_minute: float, burst_seconds: float = 1.0, retry_hint: str = "ms") -> None:
         super().__init__(retry_hint)
-        per_second = _positive(tokens_per_minute, "tokens_per_minute") / 60.0
+        per_second = positive(tokens_per_minute, "tokens_per_minute") / 60.0
         self.tokens_per_minute = float(tokens_per_minute)
-        self.bucket = _Bucket(per_second, per_second * _positive(burst_seconds, "burst_seconds"))
+        self.bucket = Bucket(per_second, per_second * positive(burst_seconds, "burst_seconds"))
 
     def advance(self, now: float) -> None:
         self.bucket.advance(now)
@@ -270,19 +152,19 @@ class AzureWindows(QuotaPolicy):
         super().__init__(retry_hint)
         if requests_per_minute is None and tokens_per_minute is None:
             raise ValueError("azure needs requests_per_minute and/or tokens_per_minute")
-        self.window = _positive(window, "window")
+        self.window = positive(window, "window")
         if not 0 <= phase < self.window:
             raise ValueError(f"phase must be within [0, window), got {phase!r}")
         self.phase = float(phase)
         self.request_limit = (
             None
             if requests_per_minute is None
-            else math.floor(_positive(requests_per_minute, "requests_per_minute") * self.window / 60.0)
+            else math.floor(positive(requests_per_minute, "requests_per_minute") * self.window / 60.0)
         )
         self.token_limit = (
             None
             if tokens_per_minute is None
-            else math.floor(_positive(tokens_per_minute, "tokens_per_minute") * self.window / 60.0)
+            else math.floor(positive(tokens_per_minute, "tokens_per_minute") * self.window / 60.0)
         )
         self.index: int | None = None
         self.requests = self.tokens = 0
@@ -336,12 +218,12 @@ class OpenAIBuckets(QuotaPolicy):
         super().__init__(retry_hint)
         if requests_per_minute is None and tokens_per_minute is None:
             raise ValueError("openai needs requests_per_minute and/or tokens_per_minute")
-        burst = _positive(burst_seconds, "burst_seconds")
-        self.limits: dict[str, tuple[float, _Bucket]] = {}
+        burst = positive(burst_seconds, "burst_seconds")
+        self.limits: dict[str, tuple[float, Bucket]] = {}
         for kind, per_minute in (("requests", requests_per_minute), ("tokens", tokens_per_minute)):
             if per_minute is not None:
-                rate = _positive(per_minute, f"{kind}_per_minute") / 60.0
-                self.limits[kind] = (float(per_minute), _Bucket(rate, max(1.0, rate * burst)))
+                rate = positive(per_minute, f"{kind}_per_minute") / 60.0
+                self.limits[kind] = (float(per_minute), Bucket(rate, max(1.0, rate * burst)))
 
     def advance(self, now: float) -> None:
         for _, bucket in self.limits.values():
@@ -361,7 +243,7 @@ class OpenAIBuckets(QuotaPolicy):
         headers = {}
         for kind, (per_minute, bucket) in self.limits.items():
             headers[f"x-ratelimit-limit-{kind}"] = str(math.floor(per_minute))
-            headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(bucket.level + _EPSILON)))
+            headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(bucket.level + EPSILON)))
             headers[f"x-ratelimit-reset-{kind}"] = format_duration(bucket.time_to_full())
         return headers
 

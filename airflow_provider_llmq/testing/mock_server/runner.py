@@ -26,8 +26,9 @@ from typing import Any
 
 from aiohttp import web
 
-from .app import STATE, apply_config, build_app
+from .app import apply_config, build_app
 from .faults import MockConfig, prompt_hash
+from .state import STATE
 
 BACKLOG = 4096
 
