@@ -51,7 +51,15 @@ if TYPE_CHECKING:
     from airflow_provider_llmq.core.engine import Limiter, Received, Step, _RowPolicy
     from airflow_provider_llmq.core.payload import ChatRequest
 
-__all__ = ["PackContext", "group_rows", "pack_attempts", "pack_policy_of"]
+__all__ = [
+    "PackContext",
+    "group_rows",
+    "pack_attempts",
+    "pack_policy_of",
+    "row_tokens",
+    "saved_tokens",
+    "shares",
+]
 
 Item = tuple[Any, Any]
 _ITEM_TOKENS = 16  # an item's id and JSON punctuation in the envelope
@@ -136,7 +144,7 @@ class _Spent:
             self.completion_tokens = (self.completion_tokens or 0) + round(completion)
 
 
-def _shares(total: int | None, weights: list[int]) -> list[float | None]:
+def shares(total: int | None, weights: list[int]) -> list[float | None]:
     """``total`` split in proportion to ``weights``, as integers adding up to it (largest remainder)."""
     if total is None:
         return [None] * len(weights)
@@ -181,8 +189,8 @@ def pack_attempts(rows: list[Item], ctx: PackContext) -> Generator[Step, Receive
         pack = yield from _attempts(f"pack of {len(group)}", text, policy, ctx.limiter, ctx.rate, ctx.budget)
         for i, prompt_share, completion_share in zip(
             group,
-            _shares(pack.prompt_tokens, [weights[i] for i in group]),
-            _shares(pack.completion_tokens, [weights[i] for i in group]),
+            shares(pack.prompt_tokens, [weights[i] for i in group]),
+            shares(pack.completion_tokens, [weights[i] for i in group]),
             strict=True,
         ):
             spent[i].add(pack.attempts, pack.throttled, prompt_share, completion_share, len(group))
@@ -253,14 +261,19 @@ def _transient_halves(group: list[int], left: int) -> list[tuple[list[int], int]
 
 
 def _saved(ctx: PackContext, policy: _RowPolicy, text: str, prompts: list[str]) -> list[int]:
-    """Prompt tokens each row of a pack saved against one request of its own, both sides counted the
-    same way before sending (so the counter's own error cancels out); the pack's count is shared by
-    the rows' weights, as its usage is."""
+    return saved_tokens(ctx.policy.request.system_prompt, policy.request, text, prompts)
+
+
+def saved_tokens(system_prompt: str | None, request: ChatRequest, text: str, prompts: list[str]) -> list[int]:
+    """Prompt tokens each row of a pack (its envelope ``text``, sent with ``request``) saved against
+    one request of its own, both sides counted the same way before sending (so the counter's own
+    error cancels out); the pack's count is shared by the rows' weights, as its usage is."""
     counter = TokenCounter.shared()
-    system = ctx.policy.request.system_prompt
-    packed = _prompt_estimate(policy.request, text)
-    shares = _shares(packed, [row_tokens(p) for p in prompts])
-    return [counter.prompt_tokens(system, p) - round(s or 0) for p, s in zip(prompts, shares, strict=True)]
+    packed = _prompt_estimate(request, text)
+    parts = shares(packed, [row_tokens(p) for p in prompts])
+    return [
+        counter.prompt_tokens(system_prompt, p) - round(s or 0) for p, s in zip(prompts, parts, strict=True)
+    ]
 
 
 def _fits(budget: Budget, policy: _RowPolicy, text: str) -> bool:
