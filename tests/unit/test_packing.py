@@ -147,5 +147,6 @@ def test_the_operators_refuse_a_bad_value_at_parse_time() -> None:
         LLMQueryRateLimitedOperator(task_id="good", rows_per_request="auto", **common).rows_per_request
         == "auto"
     )
-    with pytest.raises(LLMQueryConfigError, match="does not support rows_per_request"):
-        LLMQueryBatchAPIOperator(task_id="batch", rows_per_request=10, **common)
+    with pytest.raises(LLMQueryConfigError, match="rows_per_request"):
+        LLMQueryBatchAPIOperator(task_id="batch", rows_per_request="many", **common)
+    assert LLMQueryBatchAPIOperator(task_id="batch", rows_per_request=10, **common).rows_per_request == 10

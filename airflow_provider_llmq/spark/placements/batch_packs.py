@@ -104,18 +104,19 @@ class RequestWriter:
             return name, checkpoint.fs.open_output_stream(file_path(checkpoint, name))
 
         self._splitter = FileSplitter(max_requests, max_bytes, open_file)
-        self._estimates: list[list[int]] = []
+        self._estimates: list[list[int]] = []  # per file: prompt, completion, rows
         self._entries: list[dict[str, PackEntry]] = []
 
     def add(self, custom_id: str, line: bytes, entry: PackEntry | None = None) -> None:
         self._splitter.add(line)  # ValueError: one line over max_bytes
         index = len(self._splitter.files)  # the file the line went to (those before it are closed)
         while len(self._estimates) <= index:
-            self._estimates.append([0, 0])
+            self._estimates.append([0, 0, 0])
             self._entries.append({})
         prompt, completion = self.estimator(line)
         self._estimates[index][0] += prompt
         self._estimates[index][1] += completion
+        self._estimates[index][2] += 1 if entry is None else len(entry.keys)
         if entry is not None:
             self._entries[index][custom_id] = entry
 
@@ -123,7 +124,7 @@ class RequestWriter:
         records = []
         for index, written in enumerate(self._splitter.finish()):
             write_entries(self.checkpoint, written.name, self._entries[index])
-            prompt, completion = self._estimates[index]
+            prompt, completion, rows = self._estimates[index]
             records.append(
                 FileRecord(
                     written.name,
@@ -132,6 +133,7 @@ class RequestWriter:
                     written.bytes,
                     prompt_tokens=prompt,
                     completion_tokens=completion,
+                    rows=rows,
                 )
             )
         return records

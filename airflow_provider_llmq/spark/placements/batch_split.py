@@ -68,6 +68,7 @@ def split_file(
                 len(data),
                 prompt_tokens=sum(p for p, _ in counted),
                 completion_tokens=sum(c for _, c in counted),
+                rows=sum(len(entries[i].keys) if i in entries else 1 for i in ids),
             )
         )
     file.split_into = [part.name for part in parts]
