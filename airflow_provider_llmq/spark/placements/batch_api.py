@@ -350,14 +350,9 @@ class _Pass:
         if not batch.refused:
             reasks = collect(self.work, self.client, file, batch, last_try=self.settings.last_try)
             if reasks:  # rows a pack's answer did not settle: asked again in this round
-                parts = add_reask_files(
+                add_reask_files(
                     self.checkpoint, self.round, file, reasks, self._lines(), self._limits(), self.estimate
                 )
-                log.info(
-                    "llmq: %d rows of %s asked again in %d lines (%s)",
-                    sum(len(r.keys) for r in reasks), file.name, sum(p.requests for p in parts),
-                    ", ".join(p.name for p in parts),
-                )  # fmt: skip
         batch.collected, batch.collected_by = True, self.settings.owner
         self.save()
         for file_id in (batch.output_file_id, batch.error_file_id, None if batch.refused else file.file_id):

@@ -14,6 +14,7 @@ with the others left out, a line that failed whole as two halves, down to single
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING
 
@@ -47,6 +48,7 @@ __all__ = [
 ]
 
 _ROWS_SUFFIX = ".rows.json"
+log = logging.getLogger(__name__)
 
 
 def _rows_name(name: str) -> str:
@@ -160,6 +162,11 @@ def add_reask_files(
     records = writer.finish()
     at = current.files.index(file) + 1
     current.files[at:at] = records
+    log.info(
+        "llmq: %d rows of %s asked again in %d lines (%s)",
+        sum(len(r.keys) for r in reasks), file.name, sum(r.requests for r in records),
+        ", ".join(r.name for r in records),
+    )  # fmt: skip
     return records
 
 
