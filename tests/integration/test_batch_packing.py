@@ -46,6 +46,7 @@ def _billed(stats: dict[str, Any]) -> int:
     return int(stats["prompt_tokens_billed"] + stats["completion_tokens_billed"])
 
 
+@pytest.mark.slow  # over 10 s (two operator runs side by side): CI's slow step runs it
 def test_packed_lines_answer_every_row_in_fewer_lines_and_fewer_prompt_tokens(
     spark: Any, server: Any, batch_mock: BatchMock, monkeypatch: Any, tmp_path: Path
 ) -> None:
@@ -112,6 +113,7 @@ def test_lost_rows_are_asked_again_and_a_line_that_fails_whole_is_split_down_to_
     assert abs(summary["cost"] - expected_cost) < 1e-9
 
 
+@pytest.mark.slow  # over 10 s (three operator runs): CI's slow step runs it
 def test_a_packed_budget_is_never_passed_and_a_rerun_pays_nothing_twice(
     spark: Any, server: Any, batch_mock: BatchMock, monkeypatch: Any, tmp_path: Path
 ) -> None:
@@ -153,6 +155,7 @@ def test_a_packed_budget_is_never_passed_and_a_rerun_pays_nothing_twice(
     assert sum(r["llmq_prompt_tokens"] for r in rows) == stats["prompt_tokens_billed"]
 
 
+@pytest.mark.slow  # over 10 s (two tries, four batches): CI's slow step runs it
 def test_a_packed_run_deferred_mid_split_is_resumed_by_a_new_try_without_a_second_batch(
     spark: Any, server: Any, batch_mock: BatchMock, monkeypatch: Any, tmp_path: Path
 ) -> None:
@@ -190,6 +193,7 @@ def test_a_packed_run_deferred_mid_split_is_resumed_by_a_new_try_without_a_secon
     assert sum(r["llmq_prompt_tokens"] or 0 for r in rows) == stats["prompt_tokens_billed"]
 
 
+@pytest.mark.slow  # over 10 s (two runs, nine batches): CI's slow step runs it
 def test_a_packed_file_over_the_enqueued_quota_is_split_and_rows_keep_their_answers(
     spark: Any, server: Any, batch_mock: BatchMock, monkeypatch: Any, tmp_path: Path
 ) -> None:
