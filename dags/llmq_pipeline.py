@@ -113,14 +113,23 @@ def join_answers(prompts_path: str, results_path: str, final_path: str) -> dict[
     by_status = _counts(final, "llmq_status")
     by_error = _counts(final.where("llmq_status != 'ok'"), "llmq_error_code")
     by_sentiment = _counts(final.where("llmq_status = 'ok'"), "sentiment")
+    # how often the label matches the one the stars imply: a score of the endpoint's answers
+    agreeing = final.where("llmq_status = 'ok' AND sentiment = expected_sentiment").count()
     summary = {
         "rows": sum(by_status.values()),
         "by_status": by_status,
         "by_error_code": by_error,
         "by_sentiment": by_sentiment,
+        "agreeing_with_stars": agreeing,
     }
     log.info("join_answers: %d rows written to %s: %s", summary["rows"], final_path, by_status)
     return {**summary, "path": final_path}
+
+
+def _agreement(final: dict[str, Any]) -> str:
+    answered = final["by_status"].get("ok", 0)
+    agreeing = final.get("agreeing_with_stars", 0)
+    return f"{agreeing} of {answered} ({agreeing / answered:.0%})" if answered else "none answered"
 
 
 @task
@@ -133,6 +142,7 @@ def report(query: dict[str, Any], final: dict[str, Any], report_path: str) -> di
         "errors by code: "
         + (", ".join(f"{k}={v}" for k, v in sorted(final["by_error_code"].items())) or "none"),
         "by sentiment: " + ", ".join(f"{k}={v}" for k, v in sorted(final.get("by_sentiment", {}).items())),
+        f"labels agreeing with the stars: {_agreement(final)}",
         f"requests sent: {query['requests_sent']} (retries {query['retries']}, "
         f"resumed from checkpoint {query.get('resumed_requests', 0)})",
         f"tokens: prompt {query['prompt_tokens']}, completion {query['completion_tokens']}",

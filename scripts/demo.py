@@ -33,7 +33,15 @@ DATA_DIR = DEMO / "data"
 LOG_DIR = DEMO / "logs"
 DEPLOYMENT = "gpt-4o-mini"
 # lines of the `airflow dags test` log worth showing while it runs
-SHOWN = ("extract_prompts:", "llmq:", "llmq progress", "join_answers:", "DagRun Finished:", "Task failed")
+SHOWN = (
+    "extract_prompts:",
+    "llmq:",
+    "llmq progress",
+    "llmq summary:",
+    "join_answers:",
+    "DagRun Finished:",
+    "Task failed",
+)
 
 sys.path.insert(0, str(ROOT))  # run from a clone: the package resolves even before `pip install -e .`
 
@@ -106,30 +114,44 @@ def run_pipeline(env: dict[str, str]) -> tuple[int, Path]:
             text=True,
         )
         assert proc.stdout is not None
+        in_summary = False  # the task's summary is a block: its indented lines follow its head
         for line in proc.stdout:
             log.write(line)
+            if in_summary and line.startswith("  "):
+                print("      " + _short(line.strip()), flush=True)
+                continue
+            in_summary = "llmq summary:" in line
             if any(marker in line for marker in SHOWN):
                 print("    " + _short(line), flush=True)
         code = proc.wait()
     return code, log_path
 
 
-def _short(line: str, width: int = 150) -> str:
-    """A log line without the structlog prefix, cut to ``width``."""
+# structlog's tail: " [logger.name] key=value ..." (Airflow's loggers, and the DAG file's own)
+_LOG_TAIL = re.compile(r"\s\[[\w.]+\](?:\s+\w+=\S+)*\s*$")
+
+
+def _short(line: str, width: int = 110) -> str:
+    """A log line without the structlog prefix and tail, wrapped at word boundaries (never cut)."""
     text = line.strip()
     for marker in SHOWN:
         at = text.find(marker)
         if at > 0:
             text = text[at:]
             break
-    text = text.split(" [airflow.", 1)[0]  # the structlog logger name and fields
+    text = _LOG_TAIL.sub("", text)
     if text.startswith("DagRun Finished:"):
         fields = dict(re.findall(r"(\w+)=([^,]+)", text))
         text = (
             f"DagRun finished: state={fields.get('state')}, run_id={fields.get('run_id')}, "
             f"{float(fields.get('run_duration', 0)):.1f} s"
         )
-    return text if len(text) <= width else text[: width - 3] + "..."
+    # a number keeps its unit on its line: a no-break space while wrapping, a space again after
+    text = re.sub(r"(\d) (s|ms|%)(?=[\s,;)]|$)", "\\1\u00a0\\2", text)
+    wrapped = textwrap.fill(
+        text, width, subsequent_indent="        ", break_long_words=False, break_on_hyphens=False
+    )
+    return wrapped.replace("\u00a0", " ")
 
 
 def newest_report(since: float) -> Path | None:
@@ -169,9 +191,14 @@ def show_results(report_path: Path) -> None:
         print(f"    {row['review_id']}  {row['product']}, {row['rating']}*  [{row['expected_sentiment']}]")
         print(f"        {review}")
         print(f"        -> {answer}")
+    answered = final["by_status"].get("ok", 0)
+    agreeing = final.get("agreeing_with_stars", 0)
+    share = f"{agreeing / answered:.0%}" if answered else "-"
     print(
-        "\n    The mock server picks a label from the schema, deterministically per request; point"
-        "\n    llmq_default at a real Azure OpenAI / OpenAI deployment (README) for real labels."
+        f"\n    Labels agreeing with the stars: {agreeing} of {answered} answered ({share})."
+        "\n    These answers come from the mock server, not a model: it reads the review's words"
+        "\n    with a small lexicon. Point llmq_default at a real Azure OpenAI / OpenAI deployment"
+        "\n    (README) for real labels."
     )
 
 

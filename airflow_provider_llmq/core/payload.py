@@ -50,6 +50,31 @@ BUDGET_EXCEEDED = "budget_exceeded"  # not sent: the run's token or cost budget 
 # a longer one: a later run with a larger budget asks it again (the cut text stays on the row)
 CUT_BY_BUDGET = "cut_by_budget"
 
+# every code above: the summary counts rows by these while the output is written
+RECORDED_ERROR_CODES = (
+    CONTENT_FILTER,
+    CONTEXT_LENGTH,
+    BAD_REQUEST,
+    RATE_LIMITED,
+    SERVER_ERROR,
+    TIMEOUT,
+    CONNECTION_ERROR,
+    BAD_RESPONSE,
+    EMPTY_PROMPT,
+    REFUSAL,
+    TOOL_CALLS,
+    LENGTH,
+    UNEXPECTED_REDIRECT,
+    INSUFFICIENT_QUOTA,
+    KEY_NOT_CHECKABLE,
+    INVALID_OUTPUT,
+    BATCH_EXPIRED,
+    BATCH_CANCELLED,
+    BATCH_FAILED,
+    BUDGET_EXCEEDED,
+    CUT_BY_BUDGET,
+)
+
 # recorded errors that a later try asks again: the row may well succeed then. Every other code is
 # the answer to that exact request (a filter, a refusal, a redirect) and would come back the same.
 TRANSIENT_ERROR_CODES = frozenset(

@@ -158,8 +158,8 @@ class Checkpoint:
             except (json.JSONDecodeError, UnicodeDecodeError) as error:
                 if attempt == _TORN_READ_TRIES - 1:
                     raise LLMQueryConfigError(
-                        f"{name} in the checkpoint {self.uri} is not valid JSON after {_TORN_READ_TRIES} reads "
-                        f"({error}); remove the file if no task is running on this checkpoint"
+                        f"{name} in the checkpoint {self.uri} is not valid JSON after {_TORN_READ_TRIES} "
+                        f"reads ({error}); remove the file if no task is running on this checkpoint"
                     ) from error
                 time.sleep(0.02 * (attempt + 1))
         raise AssertionError("unreachable")

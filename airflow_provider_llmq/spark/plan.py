@@ -105,13 +105,19 @@ def materialize_input(
     frame.write.mode("overwrite").parquet(checkpoint.input_uri)
     materialized = spark.read.parquet(checkpoint.input_uri)
 
-    counts = materialized.agg(
-        F.count(F.lit(1)).alias("rows"),
-        F.countDistinct(F.col(f"`{id_name}`")).alias("ids"),
-        F.count(F.col(f"`{id_name}`")).alias("non_null_ids"),
-        F.countDistinct(F.col(KEY_COL)).alias("keys"),
-    ).first()
-    assert counts is not None
+    # a distinct count is a shuffle: count only what is not known. Assigned ids are unique; without
+    # dedupe the key is the id, so distinct keys are distinct ids (an id whose text collides with
+    # another's would share its request: refused as a duplicate, rightly)
+    aggregates = [F.count(F.lit(1)).alias("rows"), F.count(F.col(f"`{id_name}`")).alias("non_null_ids")]
+    if dedupe or id_col is not None:
+        aggregates.append(F.countDistinct(F.col(KEY_COL)).alias("keys"))
+    if dedupe and id_col is not None:
+        aggregates.append(F.countDistinct(F.col(f"`{id_name}`")).alias("ids"))
+    found = materialized.agg(*aggregates).first()
+    assert found is not None
+    counts = found.asDict()
+    counts.setdefault("keys", counts["rows"])
+    counts.setdefault("ids", counts["keys"] if id_col is not None else counts["rows"])
     if id_col is not None and (counts["ids"] != counts["rows"] or counts["non_null_ids"] != counts["rows"]):
         checkpoint.reset()
         raise LLMQueryConfigError(

@@ -117,8 +117,9 @@ def write_output(
     output_format: str = "parquet",
     mode: str = "overwrite",
     checkpoint: Checkpoint | None = None,
-) -> None:
-    """Writes the sink: a table, or a path in ``output_format``.
+) -> bool:
+    """Writes the sink: a table, or a path in ``output_format``; False when ``mode="ignore"`` left
+    a sink that was there untouched (nothing was written).
 
     With a ``checkpoint``, the write is safe when the task is retried: what an earlier try of the
     run wrote is replaced, never added to. In append mode the files that try appended are removed
@@ -155,6 +156,7 @@ def write_output(
                 "files": sorted(set(_data_files(folder)) - before) if mode == "append" else [],
             },
         )
+    return not (effective == "ignore" and existed)
 
 
 def refuse_existing_output(

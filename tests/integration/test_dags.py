@@ -216,6 +216,12 @@ def test_pipeline_runs_against_the_mock_server(
     assert report["final"]["rows"] == SAMPLE_ROWS
     assert report["final"]["by_status"] == {"ok": SAMPLE_ROWS - errors, "error": errors}
     assert sum(report["final"]["by_sentiment"].values()) == SAMPLE_ROWS - errors
+    # the mock reads the review's words: its labels agree with the stars, and the report counts it
+    agreeing = sum(
+        1 for row in rows if row["llmq_status"] == "ok" and row["sentiment"] == row["expected_sentiment"]
+    )
+    assert report["final"]["agreeing_with_stars"] == agreeing
+    assert agreeing >= 0.9 * (SAMPLE_ROWS - errors), (agreeing, SAMPLE_ROWS - errors)
     assert report["query"]["requests_sent"] == server.stats()["chat_requests"]
 
     rendered = _rendered_fields("llmq_pipeline", dagrun.run_id)

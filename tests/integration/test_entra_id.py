@@ -202,6 +202,24 @@ def test_a_token_refused_before_it_expires_is_refreshed_once_and_the_row_asked_a
     assert tokens <= seconds / 2 + 3, (tokens, seconds, stats["expired_tokens"])
 
 
+def test_a_token_refused_mid_run_keeps_the_budget(server: MockServer, authority: TokenAuthority) -> None:
+    """The budget's promise on the Entra ID path: an attempt refused with a 401 is not billed, its
+    reservation comes back, and the fresh token's attempt reserves again, so the server's bill stays
+    inside the budget and the budget still gets used."""
+    authority.configure(lifetime=2, reported_lifetime=3600)
+    endpoint = entra_endpoint(server, "azure", **service_principal(authority))
+    budget = 3000
+    # about 30 requests/s: the budget (about 90 requests) lasts 3 s, past the 2 s a token lives
+    results, _ = _run(
+        query_thread_pool, endpoint, 400, max_workers=8, requests_per_minute=1800, max_total_tokens=budget
+    )
+    stats = server.stats()
+    billed = int(stats["prompt_tokens_total"] + stats["completion_tokens_total"])
+    assert stats["expired_tokens"] >= 1 and any(r.attempts >= 2 for r in results)
+    assert 0.8 * budget <= billed <= budget, billed
+    assert {r.error_code for r in results} <= {None, "budget_exceeded", "cut_by_budget"}
+
+
 def test_a_second_401_is_an_auth_error_that_quotes_no_token(
     server: MockServer, authority: TokenAuthority
 ) -> None:

@@ -289,11 +289,17 @@ def test_bad_arguments_fail_before_any_request(
     assert llm.stats()["chat_requests"] == 0
 
 
-def test_duplicate_ids_are_refused(llm: Any, spark: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("dedupe", [True, False])
+@pytest.mark.parametrize("ids", [[1, 1, 2], [1, None, 2]], ids=["duplicate", "null"])
+def test_duplicate_or_null_ids_are_refused(
+    llm: Any, spark: Any, tmp_path: Path, dedupe: bool, ids: list[int | None]
+) -> None:
+    """Each way of counting (one distinct count without dedupe, two with it) finds the bad id."""
     path = str(tmp_path / "dups")
-    spark.createDataFrame([(1, "a"), (1, "b"), (2, "c")], "id int, prompt string").write.parquet(path)
+    rows = list(zip(ids, ["a", "b", "c"], strict=True))
+    spark.createDataFrame(rows, "id int, prompt string").write.parquet(path)
     with pytest.raises(LLMQueryConfigError, match="unique"):
-        _run(source_path=path, id_col="id", output_path=str(tmp_path / "out"))
+        _run(source_path=path, id_col="id", output_path=str(tmp_path / "out"), dedupe=dedupe)
     assert llm.stats()["chat_requests"] == 0
 
 

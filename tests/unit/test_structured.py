@@ -350,16 +350,21 @@ def _params(schema: dict[str, Any]) -> dict[str, Any]:
     return {"response_format": StructuredOutput(schema).response_format()}
 
 
+VERDICTS = ("I love it, works great", "It's okay, average", "It broke, a waste of money")
+
+
 def test_the_mock_answers_valid_json_built_from_the_schema_deterministically() -> None:
     output = StructuredOutput(SENTIMENT)
-    answers = [expected_structured_answer("m", None, f"review {i}", _params(SENTIMENT)) for i in range(60)]
+    prompts = [f"review {i}: {VERDICTS[i % 3]}" for i in range(60)]
+    answers = [expected_structured_answer("m", None, prompt, _params(SENTIMENT)) for prompt in prompts]
     assert answers == [
-        expected_structured_answer("m", None, f"review {i}", _params(SENTIMENT)) for i in range(60)
+        expected_structured_answer("m", None, prompt, _params(SENTIMENT)) for prompt in prompts
     ]
     assert len(set(answers)) == 60
     values = [json.loads(a) for a in answers if a is not None]
     assert all(output.problem(a) is None for a in answers if a is not None)
-    assert {v["label"] for v in values} == {"positive", "neutral", "negative"}
+    # a sentiment scale is read from the words, not drawn
+    assert [v["label"] for v in values] == ["positive", "neutral", "negative"] * 20
     assert any(v["confidence"] is None for v in values) and any(v["confidence"] is not None for v in values)
     assert any(v["aspects"] for v in values) and any(not v["aspects"] for v in values)
     assert expected_structured_answer("m", None, "review", {"temperature": 0}) is None  # free text

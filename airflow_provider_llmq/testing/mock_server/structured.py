@@ -2,8 +2,9 @@
 
 The answer is JSON built from the request's schema, deterministically: every choice (a string, a
 number, an enum member, an array's length, a null for a nullable field) is drawn from a generator
-seeded by the request, as :func:`~.faults.expected_answer` is. Markers in the prompt make it answer
-wrongly, for every attempt of that prompt:
+seeded by the request, as :func:`~.faults.expected_answer` is; an enum that is a sentiment scale
+(positive / neutral / negative) is answered from the prompt's words (:mod:`.lexicon`). Markers in
+the prompt make it answer wrongly, for every attempt of that prompt:
 
 - ``[[invalid_json]]``: text that is not JSON;
 - ``[[schema_mismatch]]``: the root object without its first property;
@@ -22,6 +23,7 @@ import random
 from typing import Any
 
 from .faults import expected_answer, normalise_params
+from .lexicon import sentiment_label
 
 __all__ = ["MARKERS", "expected_structured_answer", "output_schema_of"]
 
@@ -62,7 +64,7 @@ def expected_structured_answer(
     rng = random.Random(hashlib.sha256(blob.encode("utf-8")).hexdigest())
     marker = next((m for m in MARKERS if f"[[{m}]]" in prompt), None)
     # a marked answer has no nulls, so the field the marker breaks is always there
-    value = _value(schema, rng, nulls=marker is None)
+    value = _value(schema, rng, prompt, nulls=marker is None)
     if marker == "invalid_json":
         return json.dumps(value)[:-1] + ", oops"  # cut and garbled: no JSON parser accepts it
     if marker == "schema_mismatch" and isinstance(value, dict) and value:
@@ -92,18 +94,21 @@ def _branch(node: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     return node, "null" in kinds or None in node.get("enum", [])
 
 
-def _value(node: dict[str, Any], rng: random.Random, nulls: bool = True) -> Any:
+def _value(node: dict[str, Any], rng: random.Random, text: str, nulls: bool = True) -> Any:
     node, nullable = _branch(node)
     draw = rng.random()  # always drawn, so a field's null does not shift the later fields' values
     if nulls and nullable and draw < 0.2:
         return None
     if "enum" in node:
-        return rng.choice([v for v in node["enum"] if v is not None])
+        members = [v for v in node["enum"] if v is not None]
+        drawn = rng.choice(members)  # drawn even when the text decides, for the same reason
+        read = sentiment_label(members, text)  # a sentiment scale is answered from the words
+        return drawn if read is None else read
     kind = next(k for k in _types(node) if k != "null")
     if kind == "object":
-        return {name: _value(child, rng, nulls) for name, child in node.get("properties", {}).items()}
+        return {name: _value(child, rng, text, nulls) for name, child in node.get("properties", {}).items()}
     if kind == "array":
-        return [_value(node["items"], rng, nulls) for _ in range(rng.randint(0, 3))]
+        return [_value(node["items"], rng, text, nulls) for _ in range(rng.randint(0, 3))]
     if kind == "integer":
         low, high = max(node.get("minimum", -1000), -1000), min(node.get("maximum", 1000), 1000)
         return rng.randint(int(low), int(high))
