@@ -277,7 +277,10 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ]
     )
-    Path(args.output).write_text(report)
+    from packing_batch import kept_section  # its Batch API section is measured by packing_batch.py
+
+    kept = kept_section(Path(args.output))
+    Path(args.output).write_text(report if kept is None else f"{report}\n{kept}\n")
     print(table(ms))
     print("\n".join(verdicts(ms)))
     return 0

@@ -1,5 +1,7 @@
 """What a Batch API request line will cost, counted before it is sent: its prompt tokens as a live
-request's budget reservation counts them (:class:`~.cost.TokenCounter`), and its completion cap.
+request's budget reservation counts them (:class:`~.cost.TokenCounter`), and its completion cap. A
+pack line (``rows_per_request``) is counted by its real messages: the system prompt and the pack
+instruction once, the envelope of its rows; its completion is each row's, with their ids.
 
 A batch cannot be stopped part way once created, so the budget holds a file's whole estimate from
 the moment its batch is asked for until its usage is collected."""
@@ -11,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from airflow_provider_llmq.core.cost import MESSAGE_OVERHEAD_TOKENS, TokenCounter
+from airflow_provider_llmq.core.packing.envelope import pack_items, pack_max_tokens
 
 __all__ = ["LineEstimator"]
 
@@ -40,5 +43,7 @@ class LineEstimator:
         texts = [t for t in texts if t]
         prompt = sum(self.counter.count(t) for t in texts) + MESSAGE_OVERHEAD_TOKENS * (len(texts) + 1)
         cap = body.get("max_completion_tokens", body.get("max_tokens"))
-        capped = isinstance(cap, int) and not isinstance(cap, bool)
-        return prompt, int(cap) if capped else self.completion
+        if isinstance(cap, int) and not isinstance(cap, bool):
+            return prompt, cap  # a pack's is already its rows', scaled
+        items = pack_items(body)  # a pack answers each of its rows, with their ids
+        return prompt, self.completion if items is None else pack_max_tokens(self.completion, len(items))

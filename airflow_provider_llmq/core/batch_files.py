@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -132,15 +132,23 @@ class LineOutcome:
     message: str | None = None
 
 
-def parse_result_line(raw: bytes, scrubber: Scrubber, output: StructuredOutput | None = None) -> LineOutcome:
+def parse_result_line(
+    raw: bytes,
+    scrubber: Scrubber,
+    output: StructuredOutput | None = None,
+    packs: Container[str] = frozenset(),
+) -> LineOutcome:
     """An output- or error-file line as the row's result. A line with a ``response`` is classified
     like a live answer of that status and body (and raises what a live answer raises: 401/403,
-    404, ``insufficient_quota``); one with only an ``error`` is that error, or a never-ran request."""
+    404, ``insufficient_quota``); one with only an ``error`` is that error, or a never-ran request.
+    A line whose ``custom_id`` is in ``packs`` is not checked against ``output``: each of its items
+    is, on its own (:mod:`.batch_packs`)."""
     data = json.loads(raw)
     custom_id = str(data["custom_id"])
     response = data.get("response")
     if isinstance(response, dict) and response.get("status_code") is not None:
-        return LineOutcome(custom_id, _classified(custom_id, response, scrubber, output))
+        checked = None if custom_id in packs else output
+        return LineOutcome(custom_id, _classified(custom_id, response, scrubber, checked))
     error = data.get("error") if isinstance(data.get("error"), dict) else {}
     code = str(error.get("code") or "bad_response")[:100]
     message = scrubber.text(str(error.get("message") or "the batch returned no response for this request"))

@@ -162,7 +162,7 @@ class LLMQueryBaseOperator(QueryStagesMixin, LineageMixin, BaseOperator):
     )  # not prompt_template: Jinja would eat its {{ }} literal braces
     template_ext: Sequence[str] = (".sql",)
     template_fields_renderers = {"sql": "sql"}
-    #: whether ``rows_per_request`` > 1 is supported (not yet by the Batch API operator)
+    #: whether ``rows_per_request`` > 1 is supported (every operator, the Batch API too)
     packs_rows: ClassVar[bool] = True
     ui_color = "#e8f4fd"
 

@@ -13,6 +13,7 @@ from airflow_provider_llmq.spark.batch_ledger import Ledger
 from airflow_provider_llmq.spark.checkpoint import sanitize_key
 from airflow_provider_llmq.spark.placements import Placement
 from airflow_provider_llmq.spark.placements.batch_api import BatchAPIPlacement, BatchSettings, Waiting
+from airflow_provider_llmq.spark.placements.batch_packs import estimate_packed
 from airflow_provider_llmq.triggers.batch_api import LLMQueryBatchTrigger
 
 if TYPE_CHECKING:
@@ -44,6 +45,12 @@ class LLMQueryBatchAPIOperator(LLMQueryBaseOperator):
     ``expected_completion_tokens``) fits beside what the run's batches billed and what those still
     running hold; what does not fit is split, waits for their bill, or ends ``budget_exceeded``.
 
+    With ``rows_per_request``, a request line holds a pack of rows in the live envelope: fewer
+    lines, and the system prompt once per pack. Each row is matched to its answer by id and checked
+    on its own; a row missing, doubled or unknown in a pack's answer is asked again, and a line that
+    fails whole (a content filter, an unusable answer, a context length, a 5xx) is asked again as two
+    halves, down to single rows, in re-ask files of the same round (one more batch each level).
+
     :param deferrable: wait in the triggerer (True) or poll in the task (False).
     :param poll_interval: seconds between polls of the batches.
     :param max_requests_per_file: requests per request file, at most; the API's own limit (OpenAI
@@ -53,8 +60,6 @@ class LLMQueryBatchAPIOperator(LLMQueryBaseOperator):
     :param batch_api_version: Azure ``api-version`` of the Files and Batches calls (the Batch API
         needs 2024-10-21 or later); None keeps the connection's.
     """
-
-    packs_rows = False  # Batch API request lines are one row each (rows_per_request: issue 23, later)
 
     def __init__(
         self,
@@ -170,6 +175,17 @@ class LLMQueryBatchAPIOperator(LLMQueryBaseOperator):
         summary["resumed_requests"] = max(0, summary["resumed_requests"] - settled_before)
         summary["batch_api"] = self._ledger(checkpoint).summary()
         return summary, asked, query_seconds
+
+    def _estimate(
+        self, pending: DataFrame, rows: int, options: QueryOptions, endpoint: EndpointConfig
+    ) -> dict[str, Any]:
+        """``estimate_only``: with ``rows_per_request``, the request lines a round would send, packed
+        and counted as the budget counts them (the system prompt once per line)."""
+        if not options.packed:
+            return super()._estimate(pending, rows, options, endpoint)
+        found = estimate_packed(pending, options, endpoint)
+        self.log.info("llmq estimate (nothing sent): %s", found.to_dict())
+        return {"estimate_only": True, "rows": rows, "errors": 0, "errors_by_code": {}, **found.to_dict()}
 
     def _new_result_names(self, checkpoint: Checkpoint, before: set[str]) -> list[str]:
         # this try's answers may have been collected by an earlier resume of it (a quota wait)

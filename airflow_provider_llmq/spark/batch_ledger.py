@@ -96,6 +96,11 @@ class FileRecord:
     split_into: list[str] = field(default_factory=list)  # its parts, once split (never sent again)
     budget_results: list[str] = field(default_factory=list)  # its budget_exceeded rows, if refused
     budget_refused_by: str | None = None  # the try that recorded them
+    rows: int = 0  # rows its lines ask (rows_per_request packs several in a line); 0: one a line
+
+    @property
+    def row_count(self) -> int:
+        return self.rows or self.requests
 
     @property
     def current(self) -> BatchRecord | None:
@@ -207,7 +212,7 @@ class Ledger:
         """Requests this try has settled so far (a deferred try is resumed more than once)."""
         planned = sum(r.empty_prompts for r in self.rounds if r.owner == owner)
         files = [f for r in self.rounds for f in r.files]
-        refused = sum(f.requests for f in files if f.budget_refused_by == owner)
+        refused = sum(f.row_count for f in files if f.budget_refused_by == owner)
         return (
             planned + refused + sum(b.answered for f in files for b in f.batches if b.collected_by == owner)
         )
@@ -228,7 +233,7 @@ class Ledger:
             "batch_states": dict(sorted(states.items())),
             "quota_refusals": len([b for b in batches if b.refused]),
             "file_splits": len([f for f in files if f.split_into]),
-            "budget_refused_requests": sum(f.requests for f in files if f.budget_refused_by is not None),
+            "budget_refused_requests": sum(f.row_count for f in files if f.budget_refused_by is not None),
             "billed_tokens": sum(b.billed_tokens for b in batches),
             "batch_ids": [b.id for b in batches if b.id is not None],
             # from the first batch asked for to the last seen finished

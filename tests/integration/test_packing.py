@@ -105,6 +105,31 @@ def test_a_transient_fault_of_one_item_retries_the_pack(server: Any) -> None:
     assert server.stats()["chat_requests"] == 2 and all(r.attempts == 2 for r in results.values())
 
 
+@pytest.mark.parametrize("max_retries", [0, 2, 6])
+def test_a_pack_whose_5xx_persists_is_split_and_only_the_row_that_fails_alone_ends_with_it(
+    server: Any, max_retries: int
+) -> None:
+    """An item whose 500 outlives every retry fails its pack each time: the pack is split in halves
+    (one attempt each), down to the row, whose error is its own; each row is part of at most twice
+    the attempts the pack made."""
+    rows = _prompts(8, {5: "[[500x99]]"})
+    results = _run(server, rows, max_retries=max_retries)
+    bad = results[5]
+    assert (
+        bad.error_code == "server_error"
+        and bad.http_status == 500
+        and "pack" not in (bad.error_message or "")
+    )
+    assert all(_right(results[i], p) for i, p in rows if i != 5), [r for r in results.values() if not r.ok]
+    assert _misplaced(results, rows) == 0
+    pack_attempts = max_retries + 1
+    for i, prompt in rows:
+        assert _asked(server, prompt) == results[i].attempts <= 2 * pack_attempts
+    assert bad.attempts == 2 * pack_attempts  # the pack's attempts, then the same again on its way down
+    if max_retries:  # with one attempt left, the pack goes to single rows at once
+        assert results[0].attempts < bad.attempts  # a row of the good half stops once answered
+
+
 def test_rate_faults_in_packs_with_every_method(server: Any) -> None:
     """3 % transient faults (each fails its pack once) and 0.5 % content-filtered prompts."""
     server.configure(

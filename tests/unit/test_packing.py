@@ -10,7 +10,7 @@ from airflow_provider_llmq.core.errors import LLMQueryConfigError
 from airflow_provider_llmq.core.options import QueryOptions
 from airflow_provider_llmq.core.packing import PACK_INSTRUCTION, PackedChatRequest, PackSizer, group_rows
 from airflow_provider_llmq.core.packing.envelope import envelope_text, pack_schema
-from airflow_provider_llmq.core.packing.runner import _shares
+from airflow_provider_llmq.core.packing.runner import shares
 from airflow_provider_llmq.core.packing.sizer import MAX_AUTO_ROWS, TARGET_PROMPT_TOKENS
 from airflow_provider_llmq.core.packing.unpack import unpack
 from airflow_provider_llmq.core.payload import ChatRequest
@@ -120,9 +120,9 @@ def test_empty_prompts_go_alone() -> None:
 
 
 def test_shares_add_up_to_the_total() -> None:
-    shares = _shares(101, [10, 20, 30, 41])
-    assert sum(shares) == 101 and shares == sorted(shares)  # type: ignore[type-var]
-    assert _shares(None, [1, 2]) == [None, None]
+    split = shares(101, [10, 20, 30, 41])
+    assert sum(split) == 101 and split == sorted(split)  # type: ignore[type-var]
+    assert shares(None, [1, 2]) == [None, None]
 
 
 @pytest.mark.parametrize("value", [0, -1, 2.5, "8", True, None])
@@ -147,5 +147,6 @@ def test_the_operators_refuse_a_bad_value_at_parse_time() -> None:
         LLMQueryRateLimitedOperator(task_id="good", rows_per_request="auto", **common).rows_per_request
         == "auto"
     )
-    with pytest.raises(LLMQueryConfigError, match="does not support rows_per_request"):
-        LLMQueryBatchAPIOperator(task_id="batch", rows_per_request=10, **common)
+    with pytest.raises(LLMQueryConfigError, match="rows_per_request"):
+        LLMQueryBatchAPIOperator(task_id="batch", rows_per_request="many", **common)
+    assert LLMQueryBatchAPIOperator(task_id="batch", rows_per_request=10, **common).rows_per_request == 10

@@ -25,6 +25,7 @@ __all__ = [
     "PackedChatRequest",
     "envelope_text",
     "item_id_key",
+    "pack_items",
     "pack_max_tokens",
 ]
 
@@ -138,3 +139,14 @@ class PackedChatRequest(ChatRequest):
             },
         }
         return body
+
+
+def pack_items(body: dict[str, Any]) -> list[str] | None:
+    """The prompts of a pack line's body, in item order; None for a line of one row."""
+    response_format = body.get("response_format")
+    spec = response_format.get("json_schema") if isinstance(response_format, dict) else None
+    if not isinstance(spec, dict) or spec.get("name") != PACK_SCHEMA_NAME:
+        return None
+    user = [m for m in body.get("messages") or [] if isinstance(m, dict) and m.get("role") == "user"]
+    items = json.loads(user[-1]["content"])["items"]
+    return [str(item["prompt"]) for item in items]

@@ -10,8 +10,12 @@ row). Then:
 * a pack that fails as a whole with what may be one row's doing (a content filter, a context
   length, an unusable answer, any permanent error) is split in halves, down to single rows, so one
   bad row ends as its own explicit error and every other row is answered;
-* a transient failure that outlived its retries (5xx, timeouts, 429 patience, budget) ends every
-  row of the pack with it: a later try asks them again.
+* a transient failure that outlived its retries (5xx, timeouts, a broken answer) is split in
+  halves too, since one row may be its cause (a real API fails the request of a row it cannot
+  serve): each half gets one attempt, single rows what is left of a second allowance of the pack's
+  attempts, so a row is part of at most about twice the attempts its pack made, and only a row
+  that fails alone ends with the error. A refusal for the whole client (429 patience, the budget)
+  ends every row of the pack with it: halves would meet the same, and a later try asks them again.
 
 The pack's usage, failed packs included, is split over its rows in proportion to their prompt
 tokens, so tokens and cost stay per row and add up to what was billed.
@@ -29,7 +33,16 @@ from airflow_provider_llmq.core.cost import MESSAGE_OVERHEAD_TOKENS, TokenCounte
 from airflow_provider_llmq.core.packing.envelope import PACK_INSTRUCTION, PackedChatRequest, envelope_text
 from airflow_provider_llmq.core.packing.sizer import PackSizer
 from airflow_provider_llmq.core.packing.unpack import unpack
-from airflow_provider_llmq.core.payload import CONTEXT_LENGTH, INVALID_OUTPUT, LENGTH, TRANSIENT_ERROR_CODES
+from airflow_provider_llmq.core.payload import (
+    BUDGET_EXCEEDED,
+    CONTEXT_LENGTH,
+    CUT_BY_BUDGET,
+    INVALID_OUTPUT,
+    LENGTH,
+    RATE_LIMITED,
+    TIMEOUT,
+    TRANSIENT_ERROR_CODES,
+)
 from airflow_provider_llmq.core.result import STATUS_ERROR, STATUS_OK, QueryResult
 
 if TYPE_CHECKING:
@@ -38,12 +51,22 @@ if TYPE_CHECKING:
     from airflow_provider_llmq.core.engine import Limiter, Received, Step, _RowPolicy
     from airflow_provider_llmq.core.payload import ChatRequest
 
-__all__ = ["PackContext", "group_rows", "pack_attempts", "pack_policy_of"]
+__all__ = [
+    "PackContext",
+    "group_rows",
+    "pack_attempts",
+    "pack_policy_of",
+    "row_tokens",
+    "saved_tokens",
+    "shares",
+]
 
 Item = tuple[Any, Any]
 _ITEM_TOKENS = 16  # an item's id and JSON punctuation in the envelope
 # failures that say the pack was too big, not that one row is bad: the sizer shrinks on them
 _SIZE_CODES = frozenset({CONTEXT_LENGTH, LENGTH, INVALID_OUTPUT})
+# transient failures of the whole client, not of a row: a pack's halves would meet the same
+_CLIENT_CODES = frozenset({RATE_LIMITED, BUDGET_EXCEEDED, CUT_BY_BUDGET})
 
 
 def row_tokens(prompt: Any) -> int:
@@ -121,7 +144,7 @@ class _Spent:
             self.completion_tokens = (self.completion_tokens or 0) + round(completion)
 
 
-def _shares(total: int | None, weights: list[int]) -> list[float | None]:
+def shares(total: int | None, weights: list[int]) -> list[float | None]:
     """``total`` split in proportion to ``weights``, as integers adding up to it (largest remainder)."""
     if total is None:
         return [None] * len(weights)
@@ -144,47 +167,59 @@ def pack_attempts(rows: list[Item], ctx: PackContext) -> Generator[Step, Receive
     spent = [_Spent() for _ in rows]
     weights = [row_tokens(prompt) for _, prompt in rows]
     results: list[QueryResult] = []
-    todo: list[list[int]] = [list(range(len(rows)))]
+    # (rows, attempts left): None is a pack's first asking (its full retries); after a transient
+    # failure, the attempts each of its rows may still be part of (see _transient_halves)
+    todo: list[tuple[list[int], int | None]] = [(list(range(len(rows))), None)]
     while todo:
-        group = todo.pop()
+        group, left = todo.pop()
         if len(group) == 1:
             index = group[0]
-            alone = yield from _attempts(*rows[index], ctx.policy, ctx.limiter, ctx.rate, ctx.budget)
+            policy = ctx.policy if left is None else _with_attempts(ctx.policy, left)
+            alone = yield from _attempts(*rows[index], policy, ctx.limiter, ctx.rate, ctx.budget)
             results.append(_merged(alone, spent[index], ctx))
             continue
         prompts = [rows[i][1] for i in group]
         text = envelope_text(prompts)
-        policy = _policy_for(ctx, len(group))
+        policy = _policy_for(ctx, len(group), None if left is None else 1)
         if ctx.budget is not None and not _fits(ctx.budget, policy, text):
             # the budget closes at the first request it refuses: a pack too big for what is left
             # is split first, so the budget still ends at one clear row, not at a whole pack
-            todo.extend(_halves(group))
+            todo.extend((half, left) for half in _halves(group))
             continue
         pack = yield from _attempts(f"pack of {len(group)}", text, policy, ctx.limiter, ctx.rate, ctx.budget)
         for i, prompt_share, completion_share in zip(
             group,
-            _shares(pack.prompt_tokens, [weights[i] for i in group]),
-            _shares(pack.completion_tokens, [weights[i] for i in group]),
+            shares(pack.prompt_tokens, [weights[i] for i in group]),
+            shares(pack.completion_tokens, [weights[i] for i in group]),
             strict=True,
         ):
             spent[i].add(pack.attempts, pack.throttled, prompt_share, completion_share, len(group))
         if not pack.ok:
             code = pack.error_code or ""
-            if code in TRANSIENT_ERROR_CODES:
+            if code in _CLIENT_CODES:
                 results.extend(
                     _from_pack(rows[i][0], pack, spent[i], len(group), started, ctx, None) for i in group
                 )
                 continue
+            transient = code in TRANSIENT_ERROR_CODES
             ctx.sizer.failed(
-                len(group), pack.prompt_tokens, size=code in _SIZE_CODES, context=code == CONTEXT_LENGTH
+                len(group),
+                pack.prompt_tokens,
+                size=code in _SIZE_CODES or code == TIMEOUT,
+                context=code == CONTEXT_LENGTH,
             )
-            todo.extend(_halves(group))
+            if transient:
+                todo.extend(
+                    _transient_halves(group, ctx.policy.retry.max_retries + 1 if left is None else left - 1)
+                )
+            else:
+                todo.extend((half, None if left is None else max(1, left - 1)) for half in _halves(group))
             continue
         ids = [str(n) for n in range(1, len(group) + 1)]
         found = unpack(pack.response or "", ids, ctx.policy.request.output)
         if found.problem is not None or not found.answers:
             ctx.sizer.failed(len(group), pack.prompt_tokens, size=True)
-            todo.extend(_halves(group))
+            todo.extend((half, left) for half in _halves(group))
             continue
         ctx.sizer.answered(len(group), complete=not found.missing, completion_tokens=pack.completion_tokens)
         saved = _saved(ctx, policy, text, prompts)
@@ -196,27 +231,49 @@ def pack_attempts(rows: list[Item], ctx: PackContext) -> Generator[Step, Receive
         kept = [n for pack_id, n in zip(ids, saved, strict=True) if pack_id in found.answers]
         ctx.sizer.saved(len(kept), sum(kept))
         if found.missing:  # asked again together: a smaller pack than this one, so this ends
-            todo.append([group[ids.index(pack_id)] for pack_id in found.missing])
+            todo.append(([group[ids.index(pack_id)] for pack_id in found.missing], left))
     return results
 
 
-def _policy_for(ctx: PackContext, rows: int) -> _RowPolicy:
-    """The pack policy for ``rows`` rows: its ``max_tokens`` is each row's, scaled."""
+def _policy_for(ctx: PackContext, rows: int, attempts: int | None = None) -> _RowPolicy:
+    """The pack policy for ``rows`` rows: its ``max_tokens`` is each row's, scaled; ``attempts``
+    (None: the run's retries) bounds the requests it makes."""
     request = ctx.pack_policy.request
     if isinstance(request, PackedChatRequest):
         request = request.for_rows(rows)
-    return dataclasses.replace(ctx.pack_policy, request=request)
+    policy = dataclasses.replace(ctx.pack_policy, request=request)
+    return policy if attempts is None else _with_attempts(policy, attempts)
+
+
+def _with_attempts(policy: _RowPolicy, attempts: int) -> _RowPolicy:
+    """``policy`` making at most ``attempts`` requests (429s aside, which spend no retry)."""
+    retry = dataclasses.replace(policy.retry, max_retries=max(0, attempts - 1))
+    return dataclasses.replace(policy, retry=retry)
+
+
+def _transient_halves(group: list[int], left: int) -> list[tuple[list[int], int]]:
+    """A pack that failed transiently after its retries, split so that each of its rows is part of
+    at most ``left`` more attempts: a half of several rows is asked once (and costs one), single
+    rows get what is left; with one attempt left, the pack goes straight to single rows."""
+    if left <= 1:
+        return [([i], max(1, left)) for i in reversed(group)]  # popped last first: in order
+    return [(half, left) for half in _halves(group)]
 
 
 def _saved(ctx: PackContext, policy: _RowPolicy, text: str, prompts: list[str]) -> list[int]:
-    """Prompt tokens each row of a pack saved against one request of its own, both sides counted the
-    same way before sending (so the counter's own error cancels out); the pack's count is shared by
-    the rows' weights, as its usage is."""
+    return saved_tokens(ctx.policy.request.system_prompt, policy.request, text, prompts)
+
+
+def saved_tokens(system_prompt: str | None, request: ChatRequest, text: str, prompts: list[str]) -> list[int]:
+    """Prompt tokens each row of a pack (its envelope ``text``, sent with ``request``) saved against
+    one request of its own, both sides counted the same way before sending (so the counter's own
+    error cancels out); the pack's count is shared by the rows' weights, as its usage is."""
     counter = TokenCounter.shared()
-    system = ctx.policy.request.system_prompt
-    packed = _prompt_estimate(policy.request, text)
-    shares = _shares(packed, [row_tokens(p) for p in prompts])
-    return [counter.prompt_tokens(system, p) - round(s or 0) for p, s in zip(prompts, shares, strict=True)]
+    packed = _prompt_estimate(request, text)
+    parts = shares(packed, [row_tokens(p) for p in prompts])
+    return [
+        counter.prompt_tokens(system_prompt, p) - round(s or 0) for p, s in zip(prompts, parts, strict=True)
+    ]
 
 
 def _fits(budget: Budget, policy: _RowPolicy, text: str) -> bool:

@@ -22,20 +22,14 @@ from airflow_provider_llmq.core.batch_api import (
     BatchInfo,
     LLMQueryBatchError,
 )
-from airflow_provider_llmq.core.batch_estimate import LineEstimator
 from airflow_provider_llmq.core.batch_files import LineBuilder
+from airflow_provider_llmq.core.batch_packs import PackLineBuilder
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
-from airflow_provider_llmq.core.limits import DEFAULT_MAX_TOKENS
-from airflow_provider_llmq.spark.batch_ledger import (
-    BatchRecord,
-    FileRecord,
-    Ledger,
-    Round,
-    open_request_file,
-)
+from airflow_provider_llmq.spark.batch_ledger import BatchRecord, FileRecord, Ledger, Round, open_request_file
 from airflow_provider_llmq.spark.placements.base import PlacementStopped, Work
-from airflow_provider_llmq.spark.placements.batch_budget import BatchBudget, completion_cap, refuse_file
+from airflow_provider_llmq.spark.placements.batch_budget import BatchBudget, line_estimator, refuse_file
 from airflow_provider_llmq.spark.placements.batch_io import collect, write_request_files
+from airflow_provider_llmq.spark.placements.batch_packs import add_reask_files
 from airflow_provider_llmq.spark.placements.batch_settings import (
     BatchSettings,
     LLMQueryBatchIncompleteError,
@@ -125,10 +119,7 @@ class _Pass:
     def __init__(self, settings: BatchSettings, work: Work, ledger: Ledger, client: BatchApiClient) -> None:
         self.settings, self.work, self.ledger, self.client = settings, work, ledger, client
         self.checkpoint = work.checkpoint
-        # the completion a line without max_tokens is counted for (estimates; a budget needs a cap)
-        request = work.options.chat_request(work.endpoint)
-        cap = completion_cap(work.options, request.max_completion_tokens())
-        self.estimate = LineEstimator(cap if cap is not None else DEFAULT_MAX_TOKENS)
+        self.estimate = line_estimator(work.options, work.options.chat_request(work.endpoint))
 
     def save(self) -> None:
         self.ledger.save(self.checkpoint)
@@ -189,23 +180,28 @@ class _Pass:
             raise LLMQueryConfigError(
                 "the Batch API needs a model (OpenAI) or deployment (Azure) on each line"
             )
-        builder = LineBuilder(self.work.options.chat_request(endpoint), self.client.line_url, endpoint.model)
-        limit = min(self.client.max_requests, self.settings.max_requests_per_file or self.client.max_requests)
-        files, empty_prompts, estimates = write_request_files(
-            self.work, builder, f"round-{number:03d}", limit, self.settings.max_file_bytes, self.estimate
+        records, empty_prompts = write_request_files(
+            self.work, self._lines(), f"round-{number:03d}", *self._limits(), self.estimate
         )
-        records = [
-            FileRecord(f.name, f.digest, f.requests, f.bytes, prompt_tokens=p, completion_tokens=c)
-            for f, (p, c) in zip(files, estimates, strict=True)
-        ]
         planned = Round(number, self.settings.owner, records, empty_prompts=empty_prompts)
         self.ledger.rounds.append(planned)
         self.save()
         log.info(
-            "llmq: round %d: %d requests in %d request files (%d empty prompts recorded)",
-            number, sum(f.requests for f in files), len(files), empty_prompts,
+            "llmq: round %d: %d request lines in %d request files (%d empty prompts recorded)",
+            number, sum(f.requests for f in records), len(records), empty_prompts,
         )  # fmt: skip
         return planned
+
+    def _lines(self) -> PackLineBuilder:
+        endpoint = self.work.endpoint
+        assert endpoint.model is not None
+        request = self.work.options.chat_request(endpoint)
+        return PackLineBuilder(LineBuilder(request, self.client.line_url, endpoint.model))
+
+    def _limits(self) -> tuple[int, int]:
+        """Lines and bytes a request file holds at most."""
+        limit = min(self.client.max_requests, self.settings.max_requests_per_file or self.client.max_requests)
+        return limit, self.settings.max_file_bytes
 
     def _upload(self, file: FileRecord) -> None:
         with open_request_file(self.checkpoint, file.name) as stream:
@@ -352,7 +348,11 @@ class _Pass:
         """A finished batch's output and error files into the checkpoint; what it never ran is left
         to the next try, or recorded when this is the last one."""
         if not batch.refused:
-            collect(self.work, self.client, file, batch, last_try=self.settings.last_try)
+            reasks = collect(self.work, self.client, file, batch, last_try=self.settings.last_try)
+            if reasks:  # rows a pack's answer did not settle: asked again in this round
+                add_reask_files(
+                    self.checkpoint, self.round, file, reasks, self._lines(), self._limits(), self.estimate
+                )
         batch.collected, batch.collected_by = True, self.settings.owner
         self.save()
         for file_id in (batch.output_file_id, batch.error_file_id, None if batch.refused else file.file_id):

@@ -16,17 +16,20 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from airflow_provider_llmq.core.batch_files import custom_ids
+from airflow_provider_llmq.core.batch_estimate import LineEstimator
+from airflow_provider_llmq.core.batch_packs import with_spent
 from airflow_provider_llmq.core.cost import Price, parse_prices
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
+from airflow_provider_llmq.core.limits import DEFAULT_MAX_TOKENS
 from airflow_provider_llmq.core.options import QueryOptions
-from airflow_provider_llmq.core.payload import BUDGET_EXCEEDED
+from airflow_provider_llmq.core.payload import BUDGET_EXCEEDED, ChatRequest
 from airflow_provider_llmq.core.progress import Tally
 from airflow_provider_llmq.core.result import STATUS_ERROR, QueryResult
-from airflow_provider_llmq.spark.batch_ledger import FileRecord, Ledger, open_request_file
+from airflow_provider_llmq.spark.batch_ledger import FileRecord, Ledger
 from airflow_provider_llmq.spark.placements.base import Work
+from airflow_provider_llmq.spark.placements.batch_packs import file_rows
 
-__all__ = ["BatchBudget", "completion_cap", "refuse_file"]
+__all__ = ["BatchBudget", "completion_basis", "completion_cap", "line_estimator", "refuse_file"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,20 @@ def completion_cap(options: QueryOptions, max_tokens: int | None) -> int | None:
     if max_tokens is not None:
         return max_tokens
     return options.expected_completion_tokens
+
+
+def line_estimator(options: QueryOptions, request: ChatRequest) -> LineEstimator:
+    """What a run's request lines are counted at: a line without ``max_tokens`` at the expected
+    completion, else the default (a budget needs one of the two, the operator checks)."""
+    cap = completion_cap(options, request.max_completion_tokens())
+    return LineEstimator(cap if cap is not None else DEFAULT_MAX_TOKENS)
+
+
+def completion_basis(options: QueryOptions, request: ChatRequest) -> str:
+    """Where an estimate's completion count comes from."""
+    if request.max_completion_tokens() is not None:
+        return "max_tokens"
+    return "expected_completion_tokens" if options.expected_completion_tokens is not None else "default"
 
 
 @dataclass(frozen=True)
@@ -134,12 +151,11 @@ def refuse_file(work: Work, file: FileRecord, budget: BatchBudget, owner: str) -
     later run with a larger budget asks it), flushed every ``work.flush_rows``; the caller saves the
     ledger. A try killed before that records them again: the newest result of a key wins."""
     message = budget.refusal(file)
-    with open_request_file(work.checkpoint, file.name) as stream:
-        keys = list(custom_ids(stream))
-    for start in range(0, len(keys), work.flush_rows):
+    rows = list(file_rows(work.checkpoint, file))  # each row of its pack lines, with what it spent
+    for start in range(0, len(rows), work.flush_rows):
         results = [
-            QueryResult(key, None, STATUS_ERROR, BUDGET_EXCEEDED, message, attempts=0)
-            for key in keys[start : start + work.flush_rows]
+            with_spent(QueryResult(key, None, STATUS_ERROR, BUDGET_EXCEEDED, message, attempts=0), spent)
+            for key, spent in rows[start : start + work.flush_rows]
         ]
         file.budget_results.append(work.checkpoint.flush(results))
         work.progress.add(len(results), Tally.of(results))

@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 
+from airflow_provider_llmq.core.batch_files import custom_ids
 from airflow_provider_llmq.spark.batch_ledger import FileRecord, Round, file_path, open_request_file
 from airflow_provider_llmq.spark.checkpoint import Checkpoint
+from airflow_provider_llmq.spark.placements.batch_packs import read_entries, write_entries
 
 Estimate = Callable[[bytes], tuple[int, int]]
 
@@ -42,6 +44,7 @@ def split_file(
     """Writes ``file``'s lines as parts of ``sizes`` lines each, in order, and records them in the
     round after the file (which names them in ``split_into``); the caller saves the ledger."""
     lines = _lines(checkpoint, file)
+    entries = read_entries(checkpoint, file.name)  # the rows of its pack lines go with them
     if sum(sizes) != len(lines) or any(n < 1 for n in sizes):
         raise ValueError(f"cannot split the {len(lines)} lines of {file.name} into {sizes}")
     stem = file.name.removesuffix(".jsonl")
@@ -54,6 +57,8 @@ def split_file(
         data = b"".join(line if line.endswith(b"\n") else line + b"\n" for line in chunk)
         with checkpoint.fs.open_output_stream(file_path(checkpoint, name)) as stream:
             stream.write(data)
+        ids = set(custom_ids(chunk))
+        write_entries(checkpoint, name, {i: entry for i, entry in entries.items() if i in ids})
         counted = [estimate(line) for line in chunk]
         parts.append(
             FileRecord(
@@ -63,6 +68,7 @@ def split_file(
                 len(data),
                 prompt_tokens=sum(p for p, _ in counted),
                 completion_tokens=sum(c for _, c in counted),
+                rows=sum(len(entries[i].keys) if i in entries else 1 for i in ids),
             )
         )
     file.split_into = [part.name for part in parts]

@@ -4,7 +4,9 @@ as the chat route, so a row asked through a batch and asked live can be compared
 
 A line's outcome is a (status, body) pair: 200 lines go to the batch's output file, the others to
 its error file. Faults that only exist on a live connection (a reset, a redirect, a trickled body)
-become a 500 / the plain answer: a batch has no connection to break.
+become a 500 / the plain answer: a batch has no connection to break. A packed line
+(``rows_per_request``) is answered as the chat route answers a pack (:mod:`packing`): each item as if
+asked alone, and one faulty item fails the line.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections import Counter
 from typing import Any
 
 from . import responses
 from .faults import ANSWER_KINDS, Fault, MockConfig, plan
+from .packing import parse_pack
 from .structured import answer_text
 from .tokens import within_max_tokens
 
@@ -46,13 +50,19 @@ def answer(body: dict[str, Any], config: MockConfig) -> tuple[int, Any]:
     user = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"][-1]
     system = next((m for m in messages if isinstance(m, dict) and m.get("role") == "system"), None)
     prompt = responses.content_text(user.get("content"))
-    _, fault = plan(prompt, 1, config)
+    pack = parse_pack(body, prompt)  # rows_per_request: each item as if asked alone, first attempt
+    if pack is not None:
+        pack.count(Counter())
+    _, fault = plan(prompt, 1, config) if pack is None else pack.plan(config)
     if fault is not None and fault.kind not in ANSWER_KINDS:
         return _fault(fault)
     model = str(body["model"])
     system_prompt = responses.content_text(system.get("content")) if system else None
     params = {k: v for k, v in body.items() if k not in ("messages", "model", "stream")}
-    text = answer_text(model, system_prompt, prompt, params)  # as a live request answers
+    if pack is None:
+        text = answer_text(model, system_prompt, prompt, params)  # as a live request answers
+    else:
+        text = pack.answer(model, messages, params)
     text, cut = within_max_tokens(text, body)  # a model writes no more than max_tokens
     message: dict[str, Any] = {"role": "assistant", "content": text}
     finish_reason = "length" if cut else "stop"
