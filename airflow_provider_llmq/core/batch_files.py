@@ -15,15 +15,8 @@ from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
-from airflow_provider_llmq.core.payload import (
-    BATCH_CANCELLED,
-    BATCH_EXPIRED,
-    BATCH_FAILED,
-    EMPTY_PROMPT,
-    Answer,
-    ChatRequest,
-    classify_response,
-)
+from airflow_provider_llmq.core.error_codes import BATCH_CANCELLED, BATCH_EXPIRED, BATCH_FAILED, EMPTY_PROMPT
+from airflow_provider_llmq.core.payload import Answer, ChatRequest, classify_response
 from airflow_provider_llmq.core.result import STATUS_ERROR, STATUS_OK, QueryResult
 from airflow_provider_llmq.core.secrets import Scrubber
 from airflow_provider_llmq.core.structured import StructuredOutput

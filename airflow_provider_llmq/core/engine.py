@@ -28,8 +28,7 @@ from airflow_provider_llmq.core.adaptive import AdaptiveRate
 from airflow_provider_llmq.core.budget import WAIT, Budget, Hold, RowBudget
 from airflow_provider_llmq.core.cost import Price
 from airflow_provider_llmq.core.entra_token import TokenSource
-from airflow_provider_llmq.core.limits import AsyncLimiter, ThreadLimiter, estimate_request_tokens
-from airflow_provider_llmq.core.payload import (
+from airflow_provider_llmq.core.error_codes import (
     BUDGET_EXCEEDED,
     CONNECTION_ERROR,
     CUT_BY_BUDGET,
@@ -37,16 +36,19 @@ from airflow_provider_llmq.core.payload import (
     INVALID_OUTPUT,
     LENGTH,
     RATE_LIMITED,
+)
+from airflow_provider_llmq.core.limits import AsyncLimiter, ThreadLimiter, estimate_request_tokens
+from airflow_provider_llmq.core.payload import (
     Answer,
     ChatRequest,
     Failure,
-    classify_exception,
     classify_response,
 )
 from airflow_provider_llmq.core.reachability import Reachability
 from airflow_provider_llmq.core.result import STATUS_ERROR, STATUS_OK, QueryResult
 from airflow_provider_llmq.core.retry import RetryPolicy
 from airflow_provider_llmq.core.secrets import Scrubber
+from airflow_provider_llmq.core.transport_errors import classify_exception
 
 __all__ = ["Acquire", "Received", "Send", "Sleep", "Step"]
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -17,69 +16,26 @@ from email.utils import mktime_tz, parsedate_tz
 from typing import Any
 from urllib.parse import urlsplit
 
+from airflow_provider_llmq.core.error_codes import (
+    BAD_REQUEST,
+    BAD_RESPONSE,
+    CONTENT_FILTER,
+    CONTEXT_LENGTH,
+    INSUFFICIENT_QUOTA,
+    INVALID_OUTPUT,
+    KEY_NOT_CHECKABLE,
+    LENGTH,
+    RATE_LIMITED,
+    REFUSAL,
+    SERVER_ERROR,
+    TIMEOUT,
+    TOOL_CALLS,
+    UNEXPECTED_REDIRECT,
+)
 from airflow_provider_llmq.core.errors import LLMQueryAuthError, LLMQueryConfigError, LLMQueryQuotaError
 from airflow_provider_llmq.core.structured import StructuredOutput
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-
-# error codes recorded on rows (QueryResult.error_code)
-CONTENT_FILTER = "content_filter"
-CONTEXT_LENGTH = "context_length_exceeded"
-BAD_REQUEST = "bad_request"
-RATE_LIMITED = "rate_limited"
-SERVER_ERROR = "server_error"
-TIMEOUT = "timeout"
-CONNECTION_ERROR = "connection_error"
-BAD_RESPONSE = "bad_response"
-EMPTY_PROMPT = "empty_prompt"
-REFUSAL = "refusal"
-TOOL_CALLS = "tool_calls"
-LENGTH = "length"
-UNEXPECTED_REDIRECT = "unexpected_redirect"
-INSUFFICIENT_QUOTA = "insufficient_quota"
-KEY_NOT_CHECKABLE = "no_db_connection"  # LiteLLM without a database: a key it cannot check
-# a 200 whose text is not JSON following the run's output schema: the model's answer to this
-# prompt, so neither retried nor asked again by a later try (the raw text stays on the row)
-INVALID_OUTPUT = "invalid_output"
-# Batch API: a request its batch never ran, recorded under these only when the run is over
-BATCH_EXPIRED = "batch_expired"
-BATCH_CANCELLED = "batch_cancelled"
-BATCH_FAILED = "batch_failed"
-BUDGET_EXCEEDED = "budget_exceeded"  # not sent: the run's token or cost budget was spent
-# the answer stopped at the max_tokens llmq set to keep a budget, and the budget left could not pay
-# a longer one: a later run with a larger budget asks it again (the cut text stays on the row)
-CUT_BY_BUDGET = "cut_by_budget"
-
-# every code above: the summary counts rows by these while the output is written
-RECORDED_ERROR_CODES = (
-    CONTENT_FILTER,
-    CONTEXT_LENGTH,
-    BAD_REQUEST,
-    RATE_LIMITED,
-    SERVER_ERROR,
-    TIMEOUT,
-    CONNECTION_ERROR,
-    BAD_RESPONSE,
-    EMPTY_PROMPT,
-    REFUSAL,
-    TOOL_CALLS,
-    LENGTH,
-    UNEXPECTED_REDIRECT,
-    INSUFFICIENT_QUOTA,
-    KEY_NOT_CHECKABLE,
-    INVALID_OUTPUT,
-    BATCH_EXPIRED,
-    BATCH_CANCELLED,
-    BATCH_FAILED,
-    BUDGET_EXCEEDED,
-    CUT_BY_BUDGET,
-)
-
-# recorded errors that a later try asks again: the row may well succeed then. Every other code is
-# the answer to that exact request (a filter, a refusal, a redirect) and would come back the same.
-TRANSIENT_ERROR_CODES = frozenset(
-    {RATE_LIMITED, SERVER_ERROR, TIMEOUT, CONNECTION_ERROR, BAD_RESPONSE, BUDGET_EXCEEDED, CUT_BY_BUDGET}
-)
 
 _RESERVED_PARAMS = frozenset({"messages", "stream", "n"})
 
@@ -415,58 +371,3 @@ def _parse_success(body: bytes, output: StructuredOutput | None = None) -> Answe
 
 def _int_or_none(value: object) -> int | None:
     return int(value) if isinstance(value, int | float) else None
-
-
-def classify_exception(exc: BaseException) -> Failure:
-    """A transport error: TLS problems end the task, the rest are retried."""
-    if isinstance(exc, LLMQueryAuthError | LLMQueryConfigError):
-        raise exc
-    text = f"{type(exc).__name__}: {exc}"
-    if _is_certificate_error(exc):
-        raise LLMQueryConfigError(
-            "TLS failure: the server certificate could not be verified "
-            "(set the connection's ca_cert to the CA that signed it)"
-        ) from None
-    if _is_timeout(exc):
-        detail = str(exc).strip()
-        return Failure(TIMEOUT, f"request timed out: {detail}"[:300] if detail else "request timed out", True)
-    cause = _root_cause(exc)
-    # the cause first: the full text of a pooled client's error is long and cut at 300 characters
-    return Failure(CONNECTION_ERROR, (f"{cause}: {text}" if cause else text)[:300], True)
-
-
-_ERRNO_TEXT = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")
-
-
-def _root_cause(exc: BaseException) -> str | None:
-    """What went wrong underneath (``Connection refused``, ``Name or service not known``)."""
-    for item in reversed(_chain(exc)):
-        if isinstance(item, OSError) and item.strerror:
-            return str(item.strerror)
-    found = _ERRNO_TEXT.search(str(exc))
-    return found.group(1).strip() if found else None
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in seen:
-        seen.append(current)
-        nested = current.args[0] if current.args and isinstance(current.args[0], BaseException) else None
-        current = current.__cause__ or current.__context__ or nested
-    return seen
-
-
-def _is_certificate_error(exc: BaseException) -> bool:
-    import ssl
-
-    for item in _chain(exc):
-        if isinstance(item, ssl.SSLCertVerificationError):
-            return True
-        if "CERTIFICATE_VERIFY_FAILED" in str(item) or "certificate verify failed" in str(item):
-            return True
-    return False
-
-
-def _is_timeout(exc: BaseException) -> bool:
-    return any(isinstance(item, TimeoutError) or "Timeout" in type(item).__name__ for item in _chain(exc))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from airflow_provider_llmq.core.adaptive import AdaptiveStats
-from airflow_provider_llmq.core.payload import EMPTY_PROMPT
+from airflow_provider_llmq.core.error_codes import EMPTY_PROMPT
 from airflow_provider_llmq.core.rate_model import SLOW_START
 from airflow_provider_llmq.core.result import QueryResult
 

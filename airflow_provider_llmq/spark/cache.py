@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from airflow_provider_llmq.core.payload import (
+from airflow_provider_llmq.core.error_codes import (
     CONTENT_FILTER,
     CONTEXT_LENGTH,
     EMPTY_PROMPT,

@@ -30,8 +30,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from airflow_provider_llmq.core.error_codes import TRANSIENT_ERROR_CODES
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
-from airflow_provider_llmq.core.payload import TRANSIENT_ERROR_CODES
 from airflow_provider_llmq.core.progress import Tally
 from airflow_provider_llmq.core.result import STATUS_OK, QueryResult
 from airflow_provider_llmq.spark.schema import (

@@ -20,9 +20,10 @@ from airflow_provider_llmq.core.batch_files import (
     parse_result_line,
 )
 from airflow_provider_llmq.core.endpoint import EndpointConfig
+from airflow_provider_llmq.core.error_codes import TRANSIENT_ERROR_CODES
 from airflow_provider_llmq.core.errors import LLMQueryAuthError, LLMQueryQuotaError
 from airflow_provider_llmq.core.options import QueryOptions
-from airflow_provider_llmq.core.payload import TRANSIENT_ERROR_CODES, classify_response
+from airflow_provider_llmq.core.payload import classify_response
 from airflow_provider_llmq.core.secrets import Scrubber
 from airflow_provider_llmq.spark.batch_ledger import BatchRecord, FileRecord, Ledger, Round
 from airflow_provider_llmq.spark.checkpoint import Checkpoint

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from airflow_provider_llmq.core.endpoint import EndpointConfig
+from airflow_provider_llmq.core.error_codes import TRANSIENT_ERROR_CODES
 from airflow_provider_llmq.core.errors import (
     LLMQueryAuthError,
     LLMQueryConfigError,
@@ -18,12 +19,7 @@ from airflow_provider_llmq.core.errors import (
     LLMQueryQuotaError,
 )
 from airflow_provider_llmq.core.options import QueryOptions
-from airflow_provider_llmq.core.payload import (
-    TRANSIENT_ERROR_CODES,
-    Answer,
-    Failure,
-    classify_response,
-)
+from airflow_provider_llmq.core.payload import Answer, Failure, classify_response
 from airflow_provider_llmq.core.result import QueryResult
 from airflow_provider_llmq.core.retry import RetryPolicy
 from airflow_provider_llmq.core.secrets import Scrubber, url_credentials

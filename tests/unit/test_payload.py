@@ -10,11 +10,11 @@ from airflow_provider_llmq.core.payload import (
     Answer,
     ChatRequest,
     Failure,
-    classify_exception,
     classify_response,
     parse_retry_after,
 )
 from airflow_provider_llmq.core.retry import RetryPolicy
+from airflow_provider_llmq.core.transport_errors import classify_exception
 
 
 def _ok(content: object = "hi", finish: str = "stop") -> bytes:

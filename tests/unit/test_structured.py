@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 from pyspark.sql import types as T
 
+from airflow_provider_llmq.core.error_codes import INVALID_OUTPUT
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
 from airflow_provider_llmq.core.options import QueryOptions
-from airflow_provider_llmq.core.payload import INVALID_OUTPUT, Answer, Failure, classify_response
+from airflow_provider_llmq.core.payload import Answer, Failure, classify_response
 from airflow_provider_llmq.core.structured import StructuredOutput, strict_schema
 from airflow_provider_llmq.spark.structured import output_spec, resolve_output_schema
 from airflow_provider_llmq.testing.mock_server.structured import expected_structured_answer

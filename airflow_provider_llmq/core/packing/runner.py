@@ -30,10 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_llmq.core.cost import MESSAGE_OVERHEAD_TOKENS, TokenCounter
-from airflow_provider_llmq.core.packing.envelope import PACK_INSTRUCTION, PackedChatRequest, envelope_text
-from airflow_provider_llmq.core.packing.sizer import PackSizer
-from airflow_provider_llmq.core.packing.unpack import unpack
-from airflow_provider_llmq.core.payload import (
+from airflow_provider_llmq.core.error_codes import (
     BUDGET_EXCEEDED,
     CONTEXT_LENGTH,
     CUT_BY_BUDGET,
@@ -43,6 +40,9 @@ from airflow_provider_llmq.core.payload import (
     TIMEOUT,
     TRANSIENT_ERROR_CODES,
 )
+from airflow_provider_llmq.core.packing.envelope import PACK_INSTRUCTION, PackedChatRequest, envelope_text
+from airflow_provider_llmq.core.packing.sizer import PackSizer
+from airflow_provider_llmq.core.packing.unpack import unpack
 from airflow_provider_llmq.core.result import STATUS_ERROR, STATUS_OK, QueryResult
 
 if TYPE_CHECKING:

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from airflow_provider_llmq.core.batch_estimate import LineEstimator
 from airflow_provider_llmq.core.batch_packs import with_spent
 from airflow_provider_llmq.core.cost import Price, parse_prices
+from airflow_provider_llmq.core.error_codes import BUDGET_EXCEEDED
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
 from airflow_provider_llmq.core.limits import DEFAULT_MAX_TOKENS
 from airflow_provider_llmq.core.options import QueryOptions
-from airflow_provider_llmq.core.payload import BUDGET_EXCEEDED, ChatRequest
+from airflow_provider_llmq.core.payload import ChatRequest
 from airflow_provider_llmq.core.progress import Tally
 from airflow_provider_llmq.core.result import STATUS_ERROR, QueryResult
 from airflow_provider_llmq.spark.batch_ledger import FileRecord, Ledger

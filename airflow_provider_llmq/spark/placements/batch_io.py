@@ -26,10 +26,10 @@ from airflow_provider_llmq.core.batch_packs import (
     with_spent,
 )
 from airflow_provider_llmq.core.cost import parse_prices
+from airflow_provider_llmq.core.error_codes import TRANSIENT_ERROR_CODES
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
 from airflow_provider_llmq.core.packing import PackedChatRequest, PackSizer, group_rows
 from airflow_provider_llmq.core.packing.envelope import pack_items
-from airflow_provider_llmq.core.payload import TRANSIENT_ERROR_CODES
 from airflow_provider_llmq.core.progress import Tally
 from airflow_provider_llmq.core.result import QueryResult
 from airflow_provider_llmq.spark.batch_ledger import BatchRecord, FileRecord, open_request_file
