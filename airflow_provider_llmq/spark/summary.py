@@ -50,7 +50,7 @@ def observe_outcomes(output: DataFrame) -> tuple[DataFrame, Observation | None]:
 
     if type(output).__module__.startswith("pyspark.sql.connect"):
         return output, None
-    ok = F.col(STATUS_COL) == F.lit(STATUS_OK)
+    ok = F.coalesce(F.col(STATUS_COL) == F.lit(STATUS_OK), F.lit(False))  # a null status is not an answer
     failed = ~ok
     code = F.col(ERROR_CODE_COL)
     not_empty = F.coalesce(code, F.lit("")) != F.lit(EMPTY_PROMPT)

@@ -28,7 +28,7 @@ def summary_block(summary: dict[str, Any]) -> str:
     cost = summary.get("cost")
     lines.append(
         f"tokens: prompt {summary.get('prompt_tokens', 0):,}, "
-        f"completion {summary.get('completion_tokens', 0):,}" + ("" if cost is None else f"; cost {cost:.4f}")
+        f"completion {summary.get('completion_tokens', 0):,}" + ("" if cost is None else f"; cost {cost:.6g}")
     )
     packing = summary.get("packing") or {}
     if packing.get("packs_answered"):

@@ -56,6 +56,6 @@ def test_cost_and_packs_appear_when_the_run_had_them() -> None:
             },
         }
     )
-    assert "; cost 0.0123" in text
+    assert "; cost 0.01234" in text
     assert "  packs: 30 answered, 20.0 rows each on average, 9,000 prompt tokens saved" in text
     assert "checkpoint:" not in summary_block({**SUMMARY, "checkpoint": None})
