@@ -40,7 +40,7 @@ for _path in (ROOT, HERE):
 
 from run import API_VERSION, DEPLOYMENT, KEY, git_revision, machine_info  # noqa: E402
 
-from airflow_provider_llmq.core.endpoint import EndpointConfig  # noqa: E402
+from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig  # noqa: E402
 from airflow_provider_llmq.core.methods import query_async_limited  # noqa: E402
 from airflow_provider_llmq.testing.mock_server import MockConfig, MockServerProcess, expected_answer  # noqa: E402
 from airflow_provider_llmq.testing.mock_server.faults import planned_fault  # noqa: E402

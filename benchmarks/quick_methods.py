@@ -35,16 +35,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # tests.article lives beside the package
     sys.path.insert(0, ROOT)
 
-from airflow_provider_llmq.core.client import AsyncClient, SyncClient  # noqa: E402
-from airflow_provider_llmq.core.endpoint import EndpointConfig  # noqa: E402
+from airflow_provider_llmq.core.accounting.result import QueryResult  # noqa: E402
+from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig  # noqa: E402
 from airflow_provider_llmq.core.methods import (  # noqa: E402
     query_async_batches,
     query_async_limited,
     query_sync,
     query_thread_pool,
 )
-from airflow_provider_llmq.core.options import QueryOptions  # noqa: E402
-from airflow_provider_llmq.core.result import QueryResult  # noqa: E402
+from airflow_provider_llmq.core.request.options import QueryOptions  # noqa: E402
+from airflow_provider_llmq.core.transport.async_client import AsyncClient  # noqa: E402
+from airflow_provider_llmq.core.transport.sync_client import SyncClient  # noqa: E402
 from airflow_provider_llmq.testing.mock_server import MockConfig, MockServerProcess  # noqa: E402
 
 KEY = "sk-bench-quick-methods"

@@ -274,7 +274,7 @@ Output = list[tuple[Any, str | None, bool]]
 
 
 def _llmq_endpoint(spec: dict[str, Any]) -> Any:
-    from airflow_provider_llmq.core.endpoint import EndpointConfig
+    from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
 
     return EndpointConfig(
         api_base=spec["base_url"],

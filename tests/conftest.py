@@ -27,7 +27,7 @@ os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.pop("AIRFLOW_CONN_LLMQ_DEFAULT", None)
 
-from airflow_provider_llmq.core.endpoint import EndpointConfig  # noqa: E402
+from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig  # noqa: E402
 from airflow_provider_llmq.testing.mock_server import MockConfig, MockServer  # noqa: E402
 
 TEST_KEY = "sk-llmq-test-9f3c2a7e5b1d"  # a value no other string in the suite contains

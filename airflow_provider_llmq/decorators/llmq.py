@@ -16,7 +16,7 @@ from airflow_provider_llmq.operators.llmq import LLMQueryRateLimitedOperator
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
-    from airflow_provider_llmq.core.endpoint import EndpointConfig
+    from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
 
 SPARK_ARG = "spark"
 

@@ -13,21 +13,22 @@ from typing import Any
 from airflow.sdk import BaseHook
 from airflow.sdk.log import mask_secret
 
-from airflow_provider_llmq.core.api_forms import API_TYPES, guess_api_type
-from airflow_provider_llmq.core.client import AsyncClient, SyncClient
-from airflow_provider_llmq.core.endpoint import EndpointConfig
-from airflow_provider_llmq.core.entra_id import INSTALL_HINT, EntraIdConfig
-from airflow_provider_llmq.core.entra_token import add_token_listener
+from airflow_provider_llmq.core.accounting.result import QueryResult
+from airflow_provider_llmq.core.endpoint.api_forms import API_TYPES, guess_api_type
+from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
+from airflow_provider_llmq.core.endpoint.entra_id import INSTALL_HINT, EntraIdConfig
+from airflow_provider_llmq.core.endpoint.entra_token import add_token_listener
+from airflow_provider_llmq.core.endpoint.secrets import MIN_SECRET_LENGTH, Scrubber, url_credentials
 from airflow_provider_llmq.core.errors import (
     LLMQueryAuthError,
     LLMQueryConfigError,
     LLMQueryError,
     LLMQueryQuotaError,
 )
-from airflow_provider_llmq.core.options import QueryOptions
-from airflow_provider_llmq.core.payload import DEFAULT_SYSTEM_PROMPT
-from airflow_provider_llmq.core.result import QueryResult
-from airflow_provider_llmq.core.secrets import MIN_SECRET_LENGTH, Scrubber, url_credentials
+from airflow_provider_llmq.core.request.options import QueryOptions
+from airflow_provider_llmq.core.request.payload import DEFAULT_SYSTEM_PROMPT
+from airflow_provider_llmq.core.transport.async_client import AsyncClient
+from airflow_provider_llmq.core.transport.sync_client import SyncClient
 
 _FALSE_WORDS = frozenset({"false", "0", "no", "off"})
 AUTH_TYPES = ("api_key", "entra_id")

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.sdk import BaseOperator
 
-from airflow_provider_llmq.core.error_codes import BUDGET_EXCEEDED
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
-from airflow_provider_llmq.core.options import QueryOptions, check_rows_per_request
-from airflow_provider_llmq.core.payload import DEFAULT_SYSTEM_PROMPT
+from airflow_provider_llmq.core.request.error_codes import BUDGET_EXCEEDED
+from airflow_provider_llmq.core.request.options import QueryOptions, check_rows_per_request
+from airflow_provider_llmq.core.request.payload import DEFAULT_SYSTEM_PROMPT
 from airflow_provider_llmq.hooks.llmq import LLMQueryHook
 from airflow_provider_llmq.hooks.spark_session import get_spark_session
 from airflow_provider_llmq.operators.lineage import LineageMixin, task_asset

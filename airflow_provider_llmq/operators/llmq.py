@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
 from airflow_provider_llmq.core.methods import query_async_batches, query_async_limited, query_thread_pool
-from airflow_provider_llmq.core.options import QueryOptions
+from airflow_provider_llmq.core.request.options import QueryOptions
 from airflow_provider_llmq.operators.base import LLMQueryBaseOperator
 from airflow_provider_llmq.operators.outcome import LLMQueryConfigFailure, LLMQueryFailedRowsError
 from airflow_provider_llmq.spark.placements import DriverPlacement, ExecutorPlacement, Placement, UDFPlacement

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from airflow.sdk.exceptions import AirflowFailException
 
-from airflow_provider_llmq.core.error_codes import BUDGET_EXCEEDED, EMPTY_PROMPT
 from airflow_provider_llmq.core.errors import LLMQueryConfigError, LLMQueryError
+from airflow_provider_llmq.core.request.error_codes import BUDGET_EXCEEDED, EMPTY_PROMPT
 from airflow_provider_llmq.spark.placements import PlacementStopped
 
 if TYPE_CHECKING:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from airflow_provider_llmq.core.accounting.progress import Progress
 from airflow_provider_llmq.core.errors import LLMQueryConfigError, LLMQueryError
-from airflow_provider_llmq.core.progress import Progress
 from airflow_provider_llmq.operators.outcome import log_interrupted
 from airflow_provider_llmq.spark.cache import AnswerCache
 from airflow_provider_llmq.spark.estimate import estimate
@@ -34,8 +34,8 @@ if TYPE_CHECKING:
 
     from pyspark.sql import DataFrame, SparkSession
 
-    from airflow_provider_llmq.core.endpoint import EndpointConfig
-    from airflow_provider_llmq.core.options import QueryOptions
+    from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
+    from airflow_provider_llmq.core.request.options import QueryOptions
     from airflow_provider_llmq.spark.checkpoint import Checkpoint
     from airflow_provider_llmq.spark.structured import OutputSpec
 

@@ -29,7 +29,7 @@ import io
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_llmq.core.batch_api import TERMINAL_STATUSES, TOKEN_LIMIT_EXCEEDED
+from airflow_provider_llmq.core.batch.batch_api import TERMINAL_STATUSES, TOKEN_LIMIT_EXCEEDED
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
 
 if TYPE_CHECKING:

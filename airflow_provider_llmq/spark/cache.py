@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from airflow_provider_llmq.core.error_codes import (
+from airflow_provider_llmq.core.accounting.result import STATUS_OK
+from airflow_provider_llmq.core.request.error_codes import (
     CONTENT_FILTER,
     CONTEXT_LENGTH,
     EMPTY_PROMPT,
@@ -26,7 +27,6 @@ from airflow_provider_llmq.core.error_codes import (
     REFUSAL,
     TOOL_CALLS,
 )
-from airflow_provider_llmq.core.result import STATUS_OK
 from airflow_provider_llmq.spark.checkpoint import WRITTEN_COL, Checkpoint, settled
 from airflow_provider_llmq.spark.schema import (
     ATTEMPTS_COL,

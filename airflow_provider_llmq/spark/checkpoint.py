@@ -30,10 +30,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from airflow_provider_llmq.core.error_codes import TRANSIENT_ERROR_CODES
+from airflow_provider_llmq.core.accounting.progress import Tally
+from airflow_provider_llmq.core.accounting.result import STATUS_OK, QueryResult
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
-from airflow_provider_llmq.core.progress import Tally
-from airflow_provider_llmq.core.result import STATUS_OK, QueryResult
+from airflow_provider_llmq.core.request.error_codes import TRANSIENT_ERROR_CODES
 from airflow_provider_llmq.spark.schema import (
     ATTEMPTS_COL,
     CACHED_COL,

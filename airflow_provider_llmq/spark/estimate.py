@@ -1,7 +1,7 @@
 """What asking a DataFrame's prompts would cost, counted before anything is sent.
 
 The prompts stream to the driver one partition at a time (never the whole table) and are counted
-with :class:`~airflow_provider_llmq.core.cost.TokenCounter`: tiktoken when it loads, else the
+with :class:`~airflow_provider_llmq.core.accounting.cost.TokenCounter`: tiktoken when it loads, else the
 heuristic; the result says which.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_llmq.core.cost import RequestEstimate, estimate_prompts
-from airflow_provider_llmq.core.payload import DEFAULT_SYSTEM_PROMPT
+from airflow_provider_llmq.core.accounting.cost import RequestEstimate, estimate_prompts
+from airflow_provider_llmq.core.request.payload import DEFAULT_SYSTEM_PROMPT
 from airflow_provider_llmq.spark.source import render_prompt
 
 if TYPE_CHECKING:

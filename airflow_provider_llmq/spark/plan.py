@@ -20,8 +20,8 @@ from airflow_provider_llmq.spark.source import render_prompt
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
-    from airflow_provider_llmq.core.endpoint import EndpointConfig
-    from airflow_provider_llmq.core.options import QueryOptions
+    from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
+    from airflow_provider_llmq.core.request.options import QueryOptions
 
 BUCKET_COL = "__llmq_bucket"  # a request's hash bucket: what the driver streams, and a UDF job asks
 

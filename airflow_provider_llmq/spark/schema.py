@@ -7,7 +7,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from airflow_provider_llmq.core.result import QueryResult
+from airflow_provider_llmq.core.accounting.result import QueryResult
 
 LLMQ_ROW_ID = "llmq_row_id"  # the id column llmq assigns when the user gives no id_col
 RESPONSE_COL = "llmq_response"  # name inside the checkpoint; renamed to response_col on output

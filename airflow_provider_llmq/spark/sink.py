@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
 
+from airflow_provider_llmq.core.accounting.result import STATUS_ERROR
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
-from airflow_provider_llmq.core.result import STATUS_ERROR
 from airflow_provider_llmq.spark.checkpoint import OUTPUT_RECORD, WRITTEN_COL, Checkpoint, to_uri
 from airflow_provider_llmq.spark.schema import (
     ERROR_CODE_COL,

@@ -15,9 +15,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from airflow_provider_llmq.core.accounting.result import STATUS_OK
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
-from airflow_provider_llmq.core.result import STATUS_OK
-from airflow_provider_llmq.core.structured import DEFAULT_SCHEMA_NAME, strict_schema
+from airflow_provider_llmq.core.request.structured import DEFAULT_SCHEMA_NAME, strict_schema
 from airflow_provider_llmq.spark.schema import STATUS_COL
 
 if TYPE_CHECKING:

@@ -6,10 +6,10 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_llmq.core.adaptive import AdaptiveStats
-from airflow_provider_llmq.core.error_codes import EMPTY_PROMPT, RECORDED_ERROR_CODES
-from airflow_provider_llmq.core.progress import OUTCOMES, row_outcome
-from airflow_provider_llmq.core.result import STATUS_OK
+from airflow_provider_llmq.core.accounting.progress import OUTCOMES, row_outcome
+from airflow_provider_llmq.core.accounting.result import STATUS_OK
+from airflow_provider_llmq.core.pacing.adaptive import AdaptiveStats
+from airflow_provider_llmq.core.request.error_codes import EMPTY_PROMPT, RECORDED_ERROR_CODES
 from airflow_provider_llmq.spark.schema import (
     ATTEMPTS_COL,
     CACHED_COL,

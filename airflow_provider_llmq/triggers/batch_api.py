@@ -10,7 +10,7 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_provider_llmq.core.batch_api import BatchApiClient, BatchInfo
+from airflow_provider_llmq.core.batch.batch_api import BatchApiClient, BatchInfo
 from airflow_provider_llmq.core.errors import LLMQueryError
 
 MAX_POLL_FAILURES = 5  # polls in a row that failed on the network before the task is woken to decide

@@ -54,8 +54,8 @@ DOCS_SCREENSHOTS = {
     "02-connection-form-extra.png": "connection-form.png",
     "05-run-graph.png": "finished-run.png",
 }
-# llmq's progress lines (airflow_provider_llmq/core/progress.py), matched on fragments that survived
-# its rewordings: "llmq", one of "progress" / "requests" / "rows", and a done/total count, as in
+# llmq's progress lines (airflow_provider_llmq/core/accounting/progress.py), matched on fragments
+# that survived its rewordings: "llmq", one of "progress" / "requests" / "rows", and a done/total count, as in
 # "llmq progress: 240/240 requests (100%), 25.8 requests/s, ETA 0 s; ..."
 PROGRESS_WORDS = ("progress", "requests", "rows")
 PROGRESS_COUNT = re.compile(r"(?<![\w/])(\d+)/(\d+)(?![\w/])")

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_llmq.core.endpoint import EndpointConfig
+from airflow_provider_llmq.core.accounting.result import QueryResult
+from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
 from airflow_provider_llmq.core.errors import LLMQueryAuthError
 from airflow_provider_llmq.core.methods import (
     query_async_batches,
@@ -19,8 +20,7 @@ from airflow_provider_llmq.core.methods import (
     query_sync,
     query_thread_pool,
 )
-from airflow_provider_llmq.core.payload import DEFAULT_SYSTEM_PROMPT
-from airflow_provider_llmq.core.result import QueryResult
+from airflow_provider_llmq.core.request.payload import DEFAULT_SYSTEM_PROMPT
 from airflow_provider_llmq.testing.mock_server import MockConfig, MockServer, expected_answer, planned_fault
 from tests.conftest import DEPLOYMENT, TEST_KEY, run_dag_file
 from tests.gateway.conftest import MASTER_KEY, MOCK_ANSWER, Gateway

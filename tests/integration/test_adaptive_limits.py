@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_llmq.core.adaptive import AdaptiveStats
-from airflow_provider_llmq.core.endpoint import EndpointConfig
+from airflow_provider_llmq.core.accounting.progress import Progress
+from airflow_provider_llmq.core.accounting.result import QueryResult
+from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
 from airflow_provider_llmq.core.methods import QueryStream, query_async_limited, query_thread_pool
-from airflow_provider_llmq.core.payload import DEFAULT_SYSTEM_PROMPT
-from airflow_provider_llmq.core.progress import Progress
-from airflow_provider_llmq.core.result import QueryResult
+from airflow_provider_llmq.core.pacing.adaptive import AdaptiveStats
+from airflow_provider_llmq.core.request.payload import DEFAULT_SYSTEM_PROMPT
 from airflow_provider_llmq.testing.mock_server import MockServer, expected_answer
 from tests.conftest import DEPLOYMENT, make_endpoint
 

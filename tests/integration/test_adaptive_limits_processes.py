@@ -26,7 +26,7 @@ ROWS = 250
 # one task: its own client, method and rows; prints what it got as one JSON line
 CHILD = """
 import json, os, sys
-from airflow_provider_llmq.core.endpoint import EndpointConfig
+from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
 from airflow_provider_llmq.core.methods import query_async_limited, query_thread_pool
 
 name, method, rows = sys.argv[1], sys.argv[2], int(sys.argv[3])

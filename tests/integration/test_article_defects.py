@@ -14,7 +14,7 @@ from airflow_provider_llmq.core.methods import (
     query_sync,
     query_thread_pool,
 )
-from airflow_provider_llmq.core.payload import DEFAULT_SYSTEM_PROMPT
+from airflow_provider_llmq.core.request.payload import DEFAULT_SYSTEM_PROMPT
 from airflow_provider_llmq.testing.mock_server import MockServer, expected_answer
 from tests.article import article_methods as article
 from tests.conftest import DEPLOYMENT, TEST_KEY, make_endpoint

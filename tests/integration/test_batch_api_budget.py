@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_llmq.core.batch_files import LineBuilder
+from airflow_provider_llmq.core.batch.batch_files import LineBuilder
 from airflow_provider_llmq.core.methods import query_thread_pool
-from airflow_provider_llmq.core.options import QueryOptions
+from airflow_provider_llmq.core.request.options import QueryOptions
 from airflow_provider_llmq.operators.batch_api import LLMQueryBatchAPIOperator
 from airflow_provider_llmq.testing.mock_server.batch_lines import tokens
 from tests.conftest import DEPLOYMENT, child_airflow_env, make_endpoint

@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 import requests
 
-from airflow_provider_llmq.core.batch_api import BatchApiClient, BatchInfo, LLMQueryBatchError
-from airflow_provider_llmq.core.batch_files import LineBuilder, parse_result_line
-from airflow_provider_llmq.core.client import SyncClient
-from airflow_provider_llmq.core.endpoint import EndpointConfig
+from airflow_provider_llmq.core.batch.batch_api import BatchApiClient, BatchInfo, LLMQueryBatchError
+from airflow_provider_llmq.core.batch.batch_files import LineBuilder, parse_result_line
+from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
 from airflow_provider_llmq.core.errors import LLMQueryAuthError, LLMQueryConfigError
-from airflow_provider_llmq.core.options import QueryOptions
+from airflow_provider_llmq.core.request.options import QueryOptions
+from airflow_provider_llmq.core.transport.sync_client import SyncClient
 from airflow_provider_llmq.testing.mock_server import expected_answer
 from airflow_provider_llmq.testing.mock_server.batch_lines import tokens
 from tests.conftest import DEPLOYMENT, llmq_connection_env, make_endpoint

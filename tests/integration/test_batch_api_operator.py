@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_llmq.core.batch_api import BatchApiClient
-from airflow_provider_llmq.core.batch_files import LineBuilder
-from airflow_provider_llmq.core.options import QueryOptions
+from airflow_provider_llmq.core.batch.batch_api import BatchApiClient
+from airflow_provider_llmq.core.batch.batch_files import LineBuilder
+from airflow_provider_llmq.core.request.options import QueryOptions
 from airflow_provider_llmq.operators.batch_api import LLMQueryBatchAPIOperator
 from airflow_provider_llmq.operators.outcome import LLMQueryFailedRowsError
 from airflow_provider_llmq.spark.placements import PlacementStopped

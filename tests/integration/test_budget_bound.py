@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 
+from airflow_provider_llmq.core.accounting.result import QueryResult
 from airflow_provider_llmq.core.methods import (
     query_async_batches,
     query_async_limited,
     query_sync,
     query_thread_pool,
 )
-from airflow_provider_llmq.core.result import QueryResult
 from airflow_provider_llmq.spark.structured import resolve_output_schema
 from tests.conftest import make_endpoint
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_llmq.core.cost import TokenCounter, estimate_prompts
+from airflow_provider_llmq.core.accounting.cost import TokenCounter, estimate_prompts
+from airflow_provider_llmq.core.accounting.result import QueryResult
 from airflow_provider_llmq.core.methods import query_async_limited, query_sync, query_thread_pool
-from airflow_provider_llmq.core.result import QueryResult
 from airflow_provider_llmq.sample_data import generate_reviews
 from airflow_provider_llmq.testing.mock_server.tokens import count_messages
 from tests.conftest import DEPLOYMENT, llmq_connection_env, make_endpoint, run_dag_file

@@ -10,11 +10,12 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_llmq.core.client import AsyncClient, SyncClient
-from airflow_provider_llmq.core.endpoint import EndpointConfig
+from airflow_provider_llmq.core.accounting.result import QueryResult
+from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
 from airflow_provider_llmq.core.errors import LLMQueryAuthError, LLMQueryConfigError
-from airflow_provider_llmq.core.options import QueryOptions
-from airflow_provider_llmq.core.result import QueryResult
+from airflow_provider_llmq.core.request.options import QueryOptions
+from airflow_provider_llmq.core.transport.async_client import AsyncClient
+from airflow_provider_llmq.core.transport.sync_client import SyncClient
 from airflow_provider_llmq.testing.mock_server import expected_answer
 from tests.conftest import DEPLOYMENT, TEST_KEY, make_endpoint
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_llmq.core.options import QueryOptions
+from airflow_provider_llmq.core.request.options import QueryOptions
 from airflow_provider_llmq.testing.mock_server import MockConfig, expected_answer, planned_fault
 from airflow_provider_llmq.testing.mock_server.structured import expected_structured_answer
 from tests.conftest import DAGS_FOLDER, DEPLOYMENT, TEST_KEY, llmq_connection_env

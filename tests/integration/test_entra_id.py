@@ -19,14 +19,15 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_llmq.core.batch_api import BatchApiClient
-from airflow_provider_llmq.core.client import AsyncClient, SyncClient
-from airflow_provider_llmq.core.endpoint import EndpointConfig
-from airflow_provider_llmq.core.entra_id import DEFAULT_SCOPE, EntraIdConfig, LLMQueryCredentialError
-from airflow_provider_llmq.core.entra_token import forget_tokens, refresh_margin
+from airflow_provider_llmq.core.batch.batch_api import BatchApiClient
+from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
+from airflow_provider_llmq.core.endpoint.entra_id import DEFAULT_SCOPE, EntraIdConfig, LLMQueryCredentialError
+from airflow_provider_llmq.core.endpoint.entra_token import forget_tokens, refresh_margin
 from airflow_provider_llmq.core.errors import LLMQueryAuthError, LLMQueryConfigError
 from airflow_provider_llmq.core.methods import query_async_limited, query_thread_pool
-from airflow_provider_llmq.core.options import QueryOptions
+from airflow_provider_llmq.core.request.options import QueryOptions
+from airflow_provider_llmq.core.transport.async_client import AsyncClient
+from airflow_provider_llmq.core.transport.sync_client import SyncClient
 from airflow_provider_llmq.hooks.llmq import LLMQueryHook
 from airflow_provider_llmq.testing.mock_server import MockServer
 from airflow_provider_llmq.testing.token_authority import TokenAuthority

@@ -94,7 +94,7 @@ def test_a_wrong_secret_fails_the_task_in_one_try_naming_the_credential(
 def test_the_batch_trigger_polls_with_a_refreshed_token(
     server: MockServer, authority: TokenAuthority, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from airflow_provider_llmq.core.batch_api import BatchApiClient
+    from airflow_provider_llmq.core.batch.batch_api import BatchApiClient
     from airflow_provider_llmq.hooks.llmq import LLMQueryHook
     from airflow_provider_llmq.triggers.batch_api import LLMQueryBatchTrigger
 

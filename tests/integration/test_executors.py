@@ -14,8 +14,8 @@ from typing import Any
 import psutil
 import pytest
 
-from airflow_provider_llmq.core.endpoint import EndpointConfig
-from airflow_provider_llmq.core.options import QueryOptions
+from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
+from airflow_provider_llmq.core.request.options import QueryOptions
 from airflow_provider_llmq.operators.llmq import (
     LLMQueryAsyncBatchOperator,
     LLMQueryConfigFailure,

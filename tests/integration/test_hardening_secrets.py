@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_llmq.core.client import AsyncClient, SyncClient
-from airflow_provider_llmq.core.endpoint import EndpointConfig
+from airflow_provider_llmq.core.accounting.result import QueryResult
+from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
 from airflow_provider_llmq.core.errors import LLMQueryError
 from airflow_provider_llmq.core.methods import (
     query_async_batches,
@@ -21,8 +21,9 @@ from airflow_provider_llmq.core.methods import (
     query_sync,
     query_thread_pool,
 )
-from airflow_provider_llmq.core.options import QueryOptions
-from airflow_provider_llmq.core.result import QueryResult
+from airflow_provider_llmq.core.request.options import QueryOptions
+from airflow_provider_llmq.core.transport.async_client import AsyncClient
+from airflow_provider_llmq.core.transport.sync_client import SyncClient
 from airflow_provider_llmq.hooks.llmq import LLMQueryHook
 from airflow_provider_llmq.testing.mock_server import MockServer
 from tests.conftest import DEPLOYMENT, TEST_KEY, make_endpoint

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
+from airflow_provider_llmq.core.accounting.result import QueryResult
 from airflow_provider_llmq.core.methods import METHODS
-from airflow_provider_llmq.core.payload import DEFAULT_SYSTEM_PROMPT
-from airflow_provider_llmq.core.result import QueryResult
+from airflow_provider_llmq.core.request.payload import DEFAULT_SYSTEM_PROMPT
 from airflow_provider_llmq.testing.mock_server import expected_answer
 from airflow_provider_llmq.testing.mock_server.faults import prompt_hash
 from airflow_provider_llmq.testing.mock_server.structured import expected_structured_answer

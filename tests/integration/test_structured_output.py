@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_llmq.core.endpoint import EndpointConfig
-from airflow_provider_llmq.core.error_codes import INVALID_OUTPUT
+from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
 from airflow_provider_llmq.core.methods import query_async_limited, query_thread_pool
-from airflow_provider_llmq.core.options import QueryOptions
-from airflow_provider_llmq.core.payload import DEFAULT_SYSTEM_PROMPT
+from airflow_provider_llmq.core.request.error_codes import INVALID_OUTPUT
+from airflow_provider_llmq.core.request.options import QueryOptions
+from airflow_provider_llmq.core.request.payload import DEFAULT_SYSTEM_PROMPT
 from airflow_provider_llmq.operators.llmq import LLMQueryConfigFailure, LLMQueryRateLimitedOperator
 from airflow_provider_llmq.spark.structured import resolve_output_schema
 from airflow_provider_llmq.testing.mock_server.structured import expected_structured_answer

@@ -22,11 +22,11 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_llmq.core.adaptive import QUICK_RETRY, AdaptiveRate, AdaptiveStats
-from airflow_provider_llmq.core.limits import WAKE_INTERVAL, AsyncLimiter, Pacer, ThreadLimiter
-from airflow_provider_llmq.core.payload import parse_retry_after
-from airflow_provider_llmq.core.rate_headers import parse_duration
-from airflow_provider_llmq.core.rate_model import AdaptiveSettings
+from airflow_provider_llmq.core.pacing.adaptive import QUICK_RETRY, AdaptiveRate, AdaptiveStats
+from airflow_provider_llmq.core.pacing.limits import WAKE_INTERVAL, AsyncLimiter, Pacer, ThreadLimiter
+from airflow_provider_llmq.core.pacing.rate_headers import parse_duration
+from airflow_provider_llmq.core.pacing.rate_model import AdaptiveSettings
+from airflow_provider_llmq.core.request.payload import parse_retry_after
 from airflow_provider_llmq.testing.mock_server.quota_policy import QuotaPolicy
 from airflow_provider_llmq.testing.mock_server.quotas import (
     AzureWindows,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from airflow_provider_llmq.core.api_forms import guess_api_type
-from airflow_provider_llmq.core.endpoint import EndpointConfig
+from airflow_provider_llmq.core.endpoint.api_forms import guess_api_type
+from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
-from airflow_provider_llmq.core.options import QueryOptions
+from airflow_provider_llmq.core.request.options import QueryOptions
 
 KEY = "sk-form-test-4c1d9e"
 RESOURCE = "https://myres.openai.azure.com"

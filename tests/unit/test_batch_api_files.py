@@ -11,20 +11,20 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_llmq.core.batch_api import BatchInfo
-from airflow_provider_llmq.core.batch_files import (
+from airflow_provider_llmq.core.batch.batch_api import BatchInfo
+from airflow_provider_llmq.core.batch.batch_files import (
     BATCH_EXPIRED,
     FileSplitter,
     LineBuilder,
     custom_ids,
     parse_result_line,
 )
-from airflow_provider_llmq.core.endpoint import EndpointConfig
-from airflow_provider_llmq.core.error_codes import TRANSIENT_ERROR_CODES
+from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
+from airflow_provider_llmq.core.endpoint.secrets import Scrubber
 from airflow_provider_llmq.core.errors import LLMQueryAuthError, LLMQueryQuotaError
-from airflow_provider_llmq.core.options import QueryOptions
-from airflow_provider_llmq.core.payload import classify_response
-from airflow_provider_llmq.core.secrets import Scrubber
+from airflow_provider_llmq.core.request.error_codes import TRANSIENT_ERROR_CODES
+from airflow_provider_llmq.core.request.options import QueryOptions
+from airflow_provider_llmq.core.request.payload import classify_response
 from airflow_provider_llmq.spark.batch_ledger import BatchRecord, FileRecord, Ledger, Round
 from airflow_provider_llmq.spark.checkpoint import Checkpoint
 
@@ -264,7 +264,7 @@ def test_an_unreadable_ledger_is_an_error_not_an_empty_one(tmp_path: Path) -> No
 
 @pytest.mark.parametrize(("api_type", "limit"), [("openai", 50_000), ("azure", 100_000)])
 def test_each_api_form_has_its_request_limit_per_file(api_type: str, limit: int) -> None:
-    from airflow_provider_llmq.core.batch_api import BatchApiClient
+    from airflow_provider_llmq.core.batch.batch_api import BatchApiClient
 
     with BatchApiClient(_endpoint(api_type)) as client:
         assert client.max_requests == limit

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from airflow_provider_llmq.core.batch_estimate import LineEstimator
-from airflow_provider_llmq.core.batch_files import LineBuilder, custom_ids
-from airflow_provider_llmq.core.cost import Price, TokenCounter, parse_prices
-from airflow_provider_llmq.core.endpoint import EndpointConfig
+from airflow_provider_llmq.core.accounting.cost import Price, TokenCounter, parse_prices
+from airflow_provider_llmq.core.batch.batch_estimate import LineEstimator
+from airflow_provider_llmq.core.batch.batch_files import LineBuilder, custom_ids
+from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
-from airflow_provider_llmq.core.options import QueryOptions
-from airflow_provider_llmq.core.payload import Answer, Failure, classify_response
+from airflow_provider_llmq.core.request.options import QueryOptions
+from airflow_provider_llmq.core.request.payload import Answer, Failure, classify_response
 from airflow_provider_llmq.spark.batch_ledger import FILES_DIR, BatchRecord, FileRecord, Ledger, Round
 from airflow_provider_llmq.spark.checkpoint import Checkpoint
 from airflow_provider_llmq.spark.placements.batch_budget import BatchBudget

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 
-from airflow_provider_llmq.core.batch_estimate import LineEstimator
-from airflow_provider_llmq.core.batch_files import LineBuilder
-from airflow_provider_llmq.core.batch_packs import (
+from airflow_provider_llmq.core.accounting.result import STATUS_ERROR, STATUS_OK, QueryResult
+from airflow_provider_llmq.core.batch.batch_estimate import LineEstimator
+from airflow_provider_llmq.core.batch.batch_files import LineBuilder
+from airflow_provider_llmq.core.batch.batch_packs import (
     PACK_ID_PREFIX,
     PackEntry,
     PackLineBuilder,
@@ -17,8 +18,7 @@ from airflow_provider_llmq.core.batch_packs import (
 )
 from airflow_provider_llmq.core.packing import PackedChatRequest
 from airflow_provider_llmq.core.packing.envelope import pack_items, pack_max_tokens
-from airflow_provider_llmq.core.payload import ChatRequest
-from airflow_provider_llmq.core.result import STATUS_ERROR, STATUS_OK, QueryResult
+from airflow_provider_llmq.core.request.payload import ChatRequest
 
 REQUEST = ChatRequest(system_prompt="Be brief.")
 LINES = PackLineBuilder(LineBuilder(REQUEST, "/chat/completions", "gpt"))

@@ -6,11 +6,15 @@ import threading
 
 import pytest
 
-from airflow_provider_llmq.core.budget import WAIT, Budget, Hold, RowBudget
-from airflow_provider_llmq.core.cost import Price, TokenCounter
-from airflow_provider_llmq.core.error_codes import BUDGET_EXCEEDED, CUT_BY_BUDGET, TRANSIENT_ERROR_CODES
+from airflow_provider_llmq.core.accounting.budget import WAIT, Budget, Hold, RowBudget
+from airflow_provider_llmq.core.accounting.cost import Price, TokenCounter
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
-from airflow_provider_llmq.core.payload import ChatRequest
+from airflow_provider_llmq.core.request.error_codes import (
+    BUDGET_EXCEEDED,
+    CUT_BY_BUDGET,
+    TRANSIENT_ERROR_CODES,
+)
+from airflow_provider_llmq.core.request.payload import ChatRequest
 
 
 def _learned(budget: Budget, ratio: float = 1.0, answer: int = 10) -> None:

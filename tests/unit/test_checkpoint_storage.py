@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from airflow_provider_llmq.core.result import QueryResult
+from airflow_provider_llmq.core.accounting.result import QueryResult
 from airflow_provider_llmq.spark.checkpoint import Checkpoint
 from airflow_provider_llmq.spark.lease import LEASE, Lease, LeaseHeldError, Owner
 

@@ -7,9 +7,15 @@ import types
 
 import pytest
 
-from airflow_provider_llmq.core.cost import HEURISTIC, Price, TokenCounter, estimate_prompts, parse_prices
+from airflow_provider_llmq.core.accounting.cost import (
+    HEURISTIC,
+    Price,
+    TokenCounter,
+    estimate_prompts,
+    parse_prices,
+)
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
-from airflow_provider_llmq.core.options import QueryOptions
+from airflow_provider_llmq.core.request.options import QueryOptions
 from airflow_provider_llmq.spark.placements.base import job_share
 
 

@@ -10,19 +10,19 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_llmq.core.endpoint import EndpointConfig
-from airflow_provider_llmq.core.error_codes import TRANSIENT_ERROR_CODES
+from airflow_provider_llmq.core.accounting.result import QueryResult
+from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
+from airflow_provider_llmq.core.endpoint.secrets import Scrubber, url_credentials
 from airflow_provider_llmq.core.errors import (
     LLMQueryAuthError,
     LLMQueryConfigError,
     LLMQueryError,
     LLMQueryQuotaError,
 )
-from airflow_provider_llmq.core.options import QueryOptions
-from airflow_provider_llmq.core.payload import Answer, Failure, classify_response
-from airflow_provider_llmq.core.result import QueryResult
-from airflow_provider_llmq.core.retry import RetryPolicy
-from airflow_provider_llmq.core.secrets import Scrubber, url_credentials
+from airflow_provider_llmq.core.pacing.retry import RetryPolicy
+from airflow_provider_llmq.core.request.error_codes import TRANSIENT_ERROR_CODES
+from airflow_provider_llmq.core.request.options import QueryOptions
+from airflow_provider_llmq.core.request.payload import Answer, Failure, classify_response
 
 KEY = "sk-hardening-0a1b2c3d4e"
 HEADER_SECRET = "apim-sub-5f6e7d8c9b"

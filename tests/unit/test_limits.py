@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import pytest
 
-from airflow_provider_llmq.core.limits import (
+from airflow_provider_llmq.core.pacing.limits import (
     DEFAULT_MAX_TOKENS,
     PROMPT_OVERHEAD_TOKENS,
     AsyncLimiter,

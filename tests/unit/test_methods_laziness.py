@@ -16,14 +16,14 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from airflow_provider_llmq.core.endpoint import EndpointConfig
+from airflow_provider_llmq.core.accounting.result import QueryResult
+from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
 from airflow_provider_llmq.core.methods import (
     query_async_batches,
     query_async_limited,
     query_sync,
     query_thread_pool,
 )
-from airflow_provider_llmq.core.result import QueryResult
 from airflow_provider_llmq.testing.mock_server import MockConfig, MockServer, MockServerProcess
 from tests.conftest import DEPLOYMENT, TEST_KEY, make_endpoint
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from airflow_provider_llmq.core.structured import StructuredOutput
+from airflow_provider_llmq.core.request.structured import StructuredOutput
 from airflow_provider_llmq.sample_data import generate_reviews
 from airflow_provider_llmq.testing.mock_server.lexicon import sentiment_label, sentiment_of_text
 from airflow_provider_llmq.testing.mock_server.structured import expected_structured_answer

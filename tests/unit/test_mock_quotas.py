@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_llmq.core.payload import parse_retry_after
-from airflow_provider_llmq.core.rate_headers import parse_duration
+from airflow_provider_llmq.core.pacing.rate_headers import parse_duration
+from airflow_provider_llmq.core.request.payload import parse_retry_after
 from airflow_provider_llmq.testing.mock_server.quota_policy import Decision, QuotaPolicy, format_duration
 from airflow_provider_llmq.testing.mock_server.quotas import (
     AllOf,

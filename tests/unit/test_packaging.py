@@ -48,7 +48,7 @@ def test_the_wheel_holds_every_module_and_data_file_of_the_tree(built: tuple[Pat
     in_package = {name for name in names if name.startswith("airflow_provider_llmq/")}
     assert _tree_files() - in_package == set(), "files of the tree missing from the wheel"
     assert in_package >= DATA_FILES
-    assert "airflow_provider_llmq/core/engine.py" in in_package
+    assert "airflow_provider_llmq/core/transport/engine.py" in in_package
     top_level = {name.split("/")[0] for name in names}
     assert {name for name in top_level if not name.endswith(".dist-info")} == {"airflow_provider_llmq"}
     assert not any("__pycache__" in name or name.endswith(".pyc") for name in names)

@@ -7,14 +7,14 @@ import json
 import pytest
 
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
-from airflow_provider_llmq.core.options import QueryOptions
 from airflow_provider_llmq.core.packing import PACK_INSTRUCTION, PackedChatRequest, PackSizer, group_rows
 from airflow_provider_llmq.core.packing.envelope import envelope_text, pack_schema
 from airflow_provider_llmq.core.packing.runner import shares
 from airflow_provider_llmq.core.packing.sizer import MAX_AUTO_ROWS, TARGET_PROMPT_TOKENS
 from airflow_provider_llmq.core.packing.unpack import unpack
-from airflow_provider_llmq.core.payload import ChatRequest
-from airflow_provider_llmq.core.structured import StructuredOutput
+from airflow_provider_llmq.core.request.options import QueryOptions
+from airflow_provider_llmq.core.request.payload import ChatRequest
+from airflow_provider_llmq.core.request.structured import StructuredOutput
 
 SCHEMA = {
     "type": "object",

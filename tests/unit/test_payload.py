@@ -6,15 +6,15 @@ import random
 import pytest
 
 from airflow_provider_llmq.core.errors import LLMQueryAuthError, LLMQueryConfigError
-from airflow_provider_llmq.core.payload import (
+from airflow_provider_llmq.core.pacing.retry import RetryPolicy
+from airflow_provider_llmq.core.request.payload import (
     Answer,
     ChatRequest,
     Failure,
     classify_response,
     parse_retry_after,
 )
-from airflow_provider_llmq.core.retry import RetryPolicy
-from airflow_provider_llmq.core.transport_errors import classify_exception
+from airflow_provider_llmq.core.transport.transport_errors import classify_exception
 
 
 def _ok(content: object = "hi", finish: str = "stop") -> bytes:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from airflow_provider_llmq.core.progress import Progress, Tally
-from airflow_provider_llmq.core.result import STATUS_ERROR, STATUS_OK, QueryResult
+from airflow_provider_llmq.core.accounting.progress import Progress, Tally
+from airflow_provider_llmq.core.accounting.result import STATUS_ERROR, STATUS_OK, QueryResult
 
 
 class Log:
@@ -70,7 +70,7 @@ def test_a_stalled_start_has_no_eta() -> None:
 
 def test_the_clock_starts_at_the_first_settled_request(monkeypatch: Any) -> None:
     now = [100.0]
-    monkeypatch.setattr("airflow_provider_llmq.core.progress.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("airflow_provider_llmq.core.accounting.progress.time.monotonic", lambda: now[0])
     log = Log()
     progress = Progress(log, total=100, interval=10)
     now[0] = 160.0  # a minute of Spark start-up before the first answer

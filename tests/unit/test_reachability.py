@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from airflow_provider_llmq.core.errors import LLMQueryUnreachableError
-from airflow_provider_llmq.core.reachability import Reachability
+from airflow_provider_llmq.core.pacing.reachability import Reachability
 
 
 def test_connection_failures_for_seconds_with_no_answer_end_the_run() -> None:

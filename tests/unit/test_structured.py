@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from pyspark.sql import types as T
 
-from airflow_provider_llmq.core.error_codes import INVALID_OUTPUT
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
-from airflow_provider_llmq.core.options import QueryOptions
-from airflow_provider_llmq.core.payload import Answer, Failure, classify_response
-from airflow_provider_llmq.core.structured import StructuredOutput, strict_schema
+from airflow_provider_llmq.core.request.error_codes import INVALID_OUTPUT
+from airflow_provider_llmq.core.request.options import QueryOptions
+from airflow_provider_llmq.core.request.payload import Answer, Failure, classify_response
+from airflow_provider_llmq.core.request.structured import StructuredOutput, strict_schema
 from airflow_provider_llmq.spark.structured import output_spec, resolve_output_schema
 from airflow_provider_llmq.testing.mock_server.structured import expected_structured_answer
 
@@ -209,7 +209,7 @@ def test_the_repair_request_shows_the_invalid_answer_and_the_reason() -> None:
 
 
 def _openai_endpoint() -> Any:
-    from airflow_provider_llmq.core.endpoint import EndpointConfig
+    from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
 
     return EndpointConfig(api_base="https://api.example.com/v1", api_key="k", api_type="openai", model="m")
 

@@ -2,7 +2,7 @@
 tagged with its own id, in completion order, with bounded memory.
 
 Each is ``method(endpoint, rows, **options)`` where ``rows`` is an iterable of ``(row_id, prompt)``
-pulled lazily and options are the fields of :class:`~airflow_provider_llmq.core.options.QueryOptions`
+pulled lazily and options are the fields of :class:`~airflow_provider_llmq.core.request.options.QueryOptions`
 plus the method's own scheduling argument. They share the request engine and differ only in
 scheduling. Each returns a :class:`QueryStream`: the results, and ``stats()`` of its adaptive rate.
 """

@@ -8,9 +8,9 @@ import queue
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
-from airflow_provider_llmq.core.adaptive import AdaptiveStats
+from airflow_provider_llmq.core.accounting.result import QueryResult
+from airflow_provider_llmq.core.pacing.adaptive import AdaptiveStats
 from airflow_provider_llmq.core.packing import PackStats
-from airflow_provider_llmq.core.result import QueryResult
 
 Item = tuple[Any, Any]
 T = TypeVar("T")

@@ -17,13 +17,13 @@ import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
-from airflow_provider_llmq.core.client import AsyncClient
-from airflow_provider_llmq.core.endpoint import EndpointConfig
+from airflow_provider_llmq.core.accounting.result import QueryResult
+from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
 from airflow_provider_llmq.core.methods._read_ahead import Failed, Item, QueryStream, ReadAhead, drain
-from airflow_provider_llmq.core.options import QueryOptions
 from airflow_provider_llmq.core.packing import group_rows
-from airflow_provider_llmq.core.result import QueryResult
+from airflow_provider_llmq.core.request.options import QueryOptions
+from airflow_provider_llmq.core.transport.async_client import AsyncClient
 
 Emit = Callable[[QueryResult | list[QueryResult]], None]
 Schedule = Callable[[AsyncClient, "asyncio.Queue[Any]", Emit], Awaitable[None]]

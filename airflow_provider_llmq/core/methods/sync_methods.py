@@ -8,13 +8,13 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from airflow_provider_llmq.core.client import SyncClient
-from airflow_provider_llmq.core.endpoint import EndpointConfig
+from airflow_provider_llmq.core.accounting.result import QueryResult
+from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
 from airflow_provider_llmq.core.methods._read_ahead import Failed, Item, QueryStream, ReadAhead, drain
-from airflow_provider_llmq.core.options import QueryOptions
 from airflow_provider_llmq.core.packing import group_rows
-from airflow_provider_llmq.core.result import QueryResult
+from airflow_provider_llmq.core.request.options import QueryOptions
+from airflow_provider_llmq.core.transport.sync_client import SyncClient
 
 _clients: dict[tuple[object, ...], SyncClient] = {}
 _clients_lock = threading.Lock()

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from airflow_provider_llmq.core.payload import ChatRequest, Failure
+from airflow_provider_llmq.core.request.payload import ChatRequest, Failure
 
 __all__ = [
     "ITEM_ANSWER_OVERHEAD",

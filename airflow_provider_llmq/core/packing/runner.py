@@ -29,8 +29,12 @@ from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_llmq.core.cost import MESSAGE_OVERHEAD_TOKENS, TokenCounter
-from airflow_provider_llmq.core.error_codes import (
+from airflow_provider_llmq.core.accounting.cost import MESSAGE_OVERHEAD_TOKENS, TokenCounter
+from airflow_provider_llmq.core.accounting.result import STATUS_ERROR, STATUS_OK, QueryResult
+from airflow_provider_llmq.core.packing.envelope import PACK_INSTRUCTION, PackedChatRequest, envelope_text
+from airflow_provider_llmq.core.packing.sizer import PackSizer
+from airflow_provider_llmq.core.packing.unpack import unpack
+from airflow_provider_llmq.core.request.error_codes import (
     BUDGET_EXCEEDED,
     CONTEXT_LENGTH,
     CUT_BY_BUDGET,
@@ -40,16 +44,12 @@ from airflow_provider_llmq.core.error_codes import (
     TIMEOUT,
     TRANSIENT_ERROR_CODES,
 )
-from airflow_provider_llmq.core.packing.envelope import PACK_INSTRUCTION, PackedChatRequest, envelope_text
-from airflow_provider_llmq.core.packing.sizer import PackSizer
-from airflow_provider_llmq.core.packing.unpack import unpack
-from airflow_provider_llmq.core.result import STATUS_ERROR, STATUS_OK, QueryResult
 
 if TYPE_CHECKING:
-    from airflow_provider_llmq.core.adaptive import AdaptiveRate
-    from airflow_provider_llmq.core.budget import Budget
-    from airflow_provider_llmq.core.engine import Limiter, Received, Step, _RowPolicy
-    from airflow_provider_llmq.core.payload import ChatRequest
+    from airflow_provider_llmq.core.accounting.budget import Budget
+    from airflow_provider_llmq.core.pacing.adaptive import AdaptiveRate
+    from airflow_provider_llmq.core.request.payload import ChatRequest
+    from airflow_provider_llmq.core.transport.engine import Limiter, Received, Step, _RowPolicy
 
 __all__ = [
     "PackContext",
@@ -161,7 +161,7 @@ def shares(total: int | None, weights: list[int]) -> list[float | None]:
 
 def pack_attempts(rows: list[Item], ctx: PackContext) -> Generator[Step, Received | None, list[QueryResult]]:
     """Every row of ``rows`` to its own result, in the order they end."""
-    from airflow_provider_llmq.core.engine import _attempts
+    from airflow_provider_llmq.core.transport.engine import _attempts
 
     started = time.monotonic()
     spent = [_Spent() for _ in rows]

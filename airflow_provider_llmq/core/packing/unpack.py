@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from airflow_provider_llmq.core.packing.envelope import item_id_key
-from airflow_provider_llmq.core.structured import StructuredOutput
+from airflow_provider_llmq.core.request.structured import StructuredOutput
 
 __all__ = ["Unpacked", "unpack"]
 

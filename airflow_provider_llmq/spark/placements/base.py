@@ -7,15 +7,15 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
-from airflow_provider_llmq.core.endpoint import EndpointConfig
+from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
 from airflow_provider_llmq.core.errors import LLMQueryConfigError, LLMQueryError
 from airflow_provider_llmq.spark.phases import Phases
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
-    from airflow_provider_llmq.core.options import QueryOptions
-    from airflow_provider_llmq.core.progress import Progress
+    from airflow_provider_llmq.core.accounting.progress import Progress
+    from airflow_provider_llmq.core.request.options import QueryOptions
     from airflow_provider_llmq.spark.checkpoint import Checkpoint
 
 

@@ -16,14 +16,14 @@ import time
 from dataclasses import dataclass
 from typing import ClassVar
 
-from airflow_provider_llmq.core.batch_api import (
+from airflow_provider_llmq.core.batch.batch_api import (
     TOKEN_LIMIT_EXCEEDED,
     BatchApiClient,
     BatchInfo,
     LLMQueryBatchError,
 )
-from airflow_provider_llmq.core.batch_files import LineBuilder
-from airflow_provider_llmq.core.batch_packs import PackLineBuilder
+from airflow_provider_llmq.core.batch.batch_files import LineBuilder
+from airflow_provider_llmq.core.batch.batch_packs import PackLineBuilder
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
 from airflow_provider_llmq.spark.batch_ledger import BatchRecord, FileRecord, Ledger, Round, open_request_file
 from airflow_provider_llmq.spark.placements.base import PlacementStopped, Work

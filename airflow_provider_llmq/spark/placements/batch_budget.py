@@ -6,9 +6,9 @@ usage billed by every batch collected so far, plus the estimate of every batch c
 be) and not yet collected. The ledger is the run's record across tries, so a retry, a resume after a
 kill or a re-run with the same ``checkpoint_key`` counts what earlier tries sent.
 
-:class:`~airflow_provider_llmq.core.budget.Budget` is a live client's (reserve one request, settle it
-with its usage); this one is recomputed from the ledger at each decision instead, since what a batch
-holds changes between tries, not between requests.
+:class:`~airflow_provider_llmq.core.accounting.budget.Budget` is a live client's (reserve one
+request, settle it with its usage); this one is recomputed from the ledger at each decision
+instead, since what a batch holds changes between tries, not between requests.
 """
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from airflow_provider_llmq.core.batch_estimate import LineEstimator
-from airflow_provider_llmq.core.batch_packs import with_spent
-from airflow_provider_llmq.core.cost import Price, parse_prices
-from airflow_provider_llmq.core.error_codes import BUDGET_EXCEEDED
+from airflow_provider_llmq.core.accounting.cost import Price, parse_prices
+from airflow_provider_llmq.core.accounting.progress import Tally
+from airflow_provider_llmq.core.accounting.result import STATUS_ERROR, QueryResult
+from airflow_provider_llmq.core.batch.batch_estimate import LineEstimator
+from airflow_provider_llmq.core.batch.batch_packs import with_spent
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
-from airflow_provider_llmq.core.limits import DEFAULT_MAX_TOKENS
-from airflow_provider_llmq.core.options import QueryOptions
-from airflow_provider_llmq.core.payload import ChatRequest
-from airflow_provider_llmq.core.progress import Tally
-from airflow_provider_llmq.core.result import STATUS_ERROR, QueryResult
+from airflow_provider_llmq.core.pacing.limits import DEFAULT_MAX_TOKENS
+from airflow_provider_llmq.core.request.error_codes import BUDGET_EXCEEDED
+from airflow_provider_llmq.core.request.options import QueryOptions
+from airflow_provider_llmq.core.request.payload import ChatRequest
 from airflow_provider_llmq.spark.batch_ledger import FileRecord, Ledger
 from airflow_provider_llmq.spark.placements.base import Work
 from airflow_provider_llmq.spark.placements.batch_packs import file_rows

@@ -7,9 +7,12 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from airflow_provider_llmq.core.batch_api import BatchApiClient, LLMQueryBatchError
-from airflow_provider_llmq.core.batch_estimate import LineEstimator
-from airflow_provider_llmq.core.batch_files import (
+from airflow_provider_llmq.core.accounting.cost import parse_prices
+from airflow_provider_llmq.core.accounting.progress import Tally
+from airflow_provider_llmq.core.accounting.result import QueryResult
+from airflow_provider_llmq.core.batch.batch_api import BatchApiClient, LLMQueryBatchError
+from airflow_provider_llmq.core.batch.batch_estimate import LineEstimator
+from airflow_provider_llmq.core.batch.batch_files import (
     NEVER_RAN_BY_STATUS,
     custom_ids,
     empty_prompt_result,
@@ -17,7 +20,7 @@ from airflow_provider_llmq.core.batch_files import (
     never_ran_result,
     parse_result_line,
 )
-from airflow_provider_llmq.core.batch_packs import (
+from airflow_provider_llmq.core.batch.batch_packs import (
     PackEntry,
     PackLineBuilder,
     Reask,
@@ -25,13 +28,10 @@ from airflow_provider_llmq.core.batch_packs import (
     settle_pack,
     with_spent,
 )
-from airflow_provider_llmq.core.cost import parse_prices
-from airflow_provider_llmq.core.error_codes import TRANSIENT_ERROR_CODES
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
 from airflow_provider_llmq.core.packing import PackedChatRequest, PackSizer, group_rows
 from airflow_provider_llmq.core.packing.envelope import pack_items
-from airflow_provider_llmq.core.progress import Tally
-from airflow_provider_llmq.core.result import QueryResult
+from airflow_provider_llmq.core.request.error_codes import TRANSIENT_ERROR_CODES
 from airflow_provider_llmq.spark.batch_ledger import BatchRecord, FileRecord, open_request_file
 from airflow_provider_llmq.spark.placements.base import PlacementStopped, Work
 from airflow_provider_llmq.spark.placements.batch_packs import RequestWriter, read_entries

@@ -2,7 +2,7 @@
 
 A request file is written through :class:`RequestWriter`: lines cut into files at the limits (lines
 and bytes), each file's estimate, and beside each file the rows of its pack lines and of its rows
-asked again (``<file>.rows.json``: ``custom_id`` -> :class:`~...core.batch_packs.PackEntry`), which
+asked again (``<file>.rows.json``: ``custom_id`` -> :class:`~...core.batch.batch_packs.PackEntry`), which
 never goes to the API. A file without one holds one row per line, its key the ``custom_id``.
 
 What a pack's answer did not settle is asked again in a *re-ask file* of the same round, written
@@ -18,10 +18,16 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING
 
-from airflow_provider_llmq.core.batch_estimate import LineEstimator
-from airflow_provider_llmq.core.batch_files import FileSplitter, LineBuilder, custom_ids
-from airflow_provider_llmq.core.batch_packs import PackEntry, PackLineBuilder, Reask, Spent, estimate_lines
-from airflow_provider_llmq.core.cost import RequestEstimate, parse_prices
+from airflow_provider_llmq.core.accounting.cost import RequestEstimate, parse_prices
+from airflow_provider_llmq.core.batch.batch_estimate import LineEstimator
+from airflow_provider_llmq.core.batch.batch_files import FileSplitter, LineBuilder, custom_ids
+from airflow_provider_llmq.core.batch.batch_packs import (
+    PackEntry,
+    PackLineBuilder,
+    Reask,
+    Spent,
+    estimate_lines,
+)
 from airflow_provider_llmq.spark.batch_ledger import (
     FILES_DIR,
     FileRecord,
@@ -35,8 +41,8 @@ from airflow_provider_llmq.spark.schema import KEY_COL, PROMPT_COL
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
 
-    from airflow_provider_llmq.core.endpoint import EndpointConfig
-    from airflow_provider_llmq.core.options import QueryOptions
+    from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
+    from airflow_provider_llmq.core.request.options import QueryOptions
 
 __all__ = [
     "RequestWriter",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from airflow_provider_llmq.core.batch_api import MAX_FILE_BYTES, LLMQueryBatchError
+from airflow_provider_llmq.core.batch.batch_api import MAX_FILE_BYTES, LLMQueryBatchError
 
 __all__ = ["BatchSettings", "LLMQueryBatchIncompleteError", "Waiting"]
 

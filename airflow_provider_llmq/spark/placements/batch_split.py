@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 
-from airflow_provider_llmq.core.batch_files import custom_ids
+from airflow_provider_llmq.core.batch.batch_files import custom_ids
 from airflow_provider_llmq.spark.batch_ledger import FileRecord, Round, file_path, open_request_file
 from airflow_provider_llmq.spark.checkpoint import Checkpoint
 from airflow_provider_llmq.spark.placements.batch_packs import read_entries, write_entries

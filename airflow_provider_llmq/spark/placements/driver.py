@@ -9,9 +9,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from airflow_provider_llmq.core.endpoint import EndpointConfig
-from airflow_provider_llmq.core.options import QueryOptions
-from airflow_provider_llmq.core.result import QueryResult
+from airflow_provider_llmq.core.accounting.result import QueryResult
+from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
+from airflow_provider_llmq.core.request.options import QueryOptions
 from airflow_provider_llmq.spark.placements.base import PlacementStopped, Work
 from airflow_provider_llmq.spark.plan import stream_requests
 

@@ -37,8 +37,8 @@ from airflow_provider_llmq.spark.session import default_parallelism
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
 
-    from airflow_provider_llmq.core.endpoint import EndpointConfig
-    from airflow_provider_llmq.core.options import QueryOptions
+    from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
+    from airflow_provider_llmq.core.request.options import QueryOptions
 
 _OUTPUT_DDL = f"`{KEY_COL}` string, {RESULT_DDL}"
 _OUTPUT_ARROW = pa.schema([(KEY_COL, pa.string()), *RESULT_ARROW_FIELDS])

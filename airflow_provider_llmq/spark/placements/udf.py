@@ -16,8 +16,8 @@ from airflow_provider_llmq.spark.schema import KEY_COL, PROMPT_COL, RESULT_DDL, 
 from airflow_provider_llmq.spark.session import default_parallelism
 
 if TYPE_CHECKING:
-    from airflow_provider_llmq.core.endpoint import EndpointConfig
-    from airflow_provider_llmq.core.options import QueryOptions
+    from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
+    from airflow_provider_llmq.core.request.options import QueryOptions
 
 
 _ARROW_CONCURRENCY = "spark.sql.execution.pythonUDF.arrow.concurrency.level"

@@ -24,9 +24,9 @@ from airflow_provider_llmq.spark.schema import (
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
 
-    from airflow_provider_llmq.core.endpoint import EndpointConfig
-    from airflow_provider_llmq.core.options import QueryOptions
-    from airflow_provider_llmq.core.result import QueryResult
+    from airflow_provider_llmq.core.accounting.result import QueryResult
+    from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
+    from airflow_provider_llmq.core.request.options import QueryOptions
 
 __all__ = ["packed_answers"]
 

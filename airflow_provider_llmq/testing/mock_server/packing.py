@@ -27,7 +27,7 @@ from airflow_provider_llmq.core.packing.envelope import (
     PACK_SCHEMA_NAME,
     item_id_key,
 )
-from airflow_provider_llmq.core.structured import DEFAULT_SCHEMA_NAME
+from airflow_provider_llmq.core.request.structured import DEFAULT_SCHEMA_NAME
 
 from .faults import Fault, MockConfig, _noise, plan, prompt_hash
 from .structured import answer_text

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
-from airflow_provider_llmq.core.limits import DEFAULT_MAX_TOKENS
+from airflow_provider_llmq.core.pacing.limits import DEFAULT_MAX_TOKENS
 
 __all__ = [
     "HEURISTIC",

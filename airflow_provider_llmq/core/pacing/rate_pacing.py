@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 
-from airflow_provider_llmq.core.limits import Pacer
+from airflow_provider_llmq.core.pacing.limits import Pacer
 
 __all__ = ["PacerLink"]
 

@@ -15,11 +15,16 @@ from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
-from airflow_provider_llmq.core.error_codes import BATCH_CANCELLED, BATCH_EXPIRED, BATCH_FAILED, EMPTY_PROMPT
-from airflow_provider_llmq.core.payload import Answer, ChatRequest, classify_response
-from airflow_provider_llmq.core.result import STATUS_ERROR, STATUS_OK, QueryResult
-from airflow_provider_llmq.core.secrets import Scrubber
-from airflow_provider_llmq.core.structured import StructuredOutput
+from airflow_provider_llmq.core.accounting.result import STATUS_ERROR, STATUS_OK, QueryResult
+from airflow_provider_llmq.core.endpoint.secrets import Scrubber
+from airflow_provider_llmq.core.request.error_codes import (
+    BATCH_CANCELLED,
+    BATCH_EXPIRED,
+    BATCH_FAILED,
+    EMPTY_PROMPT,
+)
+from airflow_provider_llmq.core.request.payload import Answer, ChatRequest, classify_response
+from airflow_provider_llmq.core.request.structured import StructuredOutput
 
 NEVER_RAN_CODES = frozenset({BATCH_EXPIRED, BATCH_CANCELLED, BATCH_FAILED})
 # the batch status that left a request unrun -> the code it is recorded under

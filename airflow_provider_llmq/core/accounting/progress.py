@@ -15,10 +15,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from airflow_provider_llmq.core.adaptive import AdaptiveStats
-from airflow_provider_llmq.core.error_codes import EMPTY_PROMPT
-from airflow_provider_llmq.core.rate_model import SLOW_START
-from airflow_provider_llmq.core.result import QueryResult
+from airflow_provider_llmq.core.accounting.result import QueryResult
+from airflow_provider_llmq.core.pacing.adaptive import AdaptiveStats
+from airflow_provider_llmq.core.pacing.rate_model import SLOW_START
+from airflow_provider_llmq.core.request.error_codes import EMPTY_PROMPT
 
 
 class _Log(Protocol):

@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass, field
 
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
-from airflow_provider_llmq.core.payload import Failure
+from airflow_provider_llmq.core.request.payload import Failure
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """What a Batch API request line will cost, counted before it is sent: its prompt tokens as a live
-request's budget reservation counts them (:class:`~.cost.TokenCounter`), and its completion cap. A
+request's budget reservation counts them (:class:`~..accounting.cost.TokenCounter`), and its completion cap. A
 pack line (``rows_per_request``) is counted by its real messages: the system prompt and the pack
 instruction once, the envelope of its rows; its completion is each row's, with their ids.
 
@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from airflow_provider_llmq.core.cost import MESSAGE_OVERHEAD_TOKENS, TokenCounter
+from airflow_provider_llmq.core.accounting.cost import MESSAGE_OVERHEAD_TOKENS, TokenCounter
 from airflow_provider_llmq.core.packing.envelope import pack_items, pack_max_tokens
 
 __all__ = ["LineEstimator"]

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from airflow_provider_llmq.core.endpoint.secrets import Scrubber
 from airflow_provider_llmq.core.errors import LLMQueryAuthError, LLMQueryConfigError
-from airflow_provider_llmq.core.secrets import Scrubber
 
 DEFAULT_SCOPE = "https://cognitiveservices.azure.com/.default"
 _MICROSOFT_HOSTS = frozenset(

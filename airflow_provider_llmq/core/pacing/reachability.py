@@ -4,7 +4,7 @@ Without this, a run against a host that refuses every connection spends each row
 24 s at the defaults) and ends with every row ``connection_error``: minutes or hours of nothing for
 a large input. Until the first HTTP response of any status, connection failures are counted; once
 they have gone on for ``give_up_after`` seconds (and at least ``min_failures`` of them) the run
-stops with :class:`~.errors.LLMQueryUnreachableError`. After the first response the endpoint is
+stops with :class:`~..errors.LLMQueryUnreachableError`. After the first response the endpoint is
 known to exist, and an outage later in a run is row errors (and the error policy), as a blip must
 not end a run that was answering.
 """

@@ -14,12 +14,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from airflow_provider_llmq.core.cost import parse_prices
-from airflow_provider_llmq.core.endpoint import EndpointConfig
+from airflow_provider_llmq.core.accounting.cost import parse_prices
+from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
-from airflow_provider_llmq.core.payload import DEFAULT_SYSTEM_PROMPT, ChatRequest
-from airflow_provider_llmq.core.retry import RetryPolicy
-from airflow_provider_llmq.core.structured import StructuredOutput
+from airflow_provider_llmq.core.pacing.retry import RetryPolicy
+from airflow_provider_llmq.core.request.payload import DEFAULT_SYSTEM_PROMPT, ChatRequest
+from airflow_provider_llmq.core.request.structured import StructuredOutput
 
 __all__ = ["QueryOptions", "check_rows_per_request"]
 
@@ -69,11 +69,11 @@ class QueryOptions:
     :param prices: model or deployment -> price per million tokens (``{"input": 0.15, "output":
         0.6}`` or ``(0.15, 0.6)``): each result then carries its cost. No price table ships.
     :param max_total_tokens: the tokens this run may spend (prompt + completion); a request that
-        would pass it is not sent (``budget_exceeded``), see :class:`~.budget.Budget`.
+        would pass it is not sent (``budget_exceeded``), see :class:`~..accounting.budget.Budget`.
     :param max_cost: the cost this run may spend, at ``prices`` (which must price the model).
     :param expected_completion_tokens: the completion length to count per request before it is
         sent, when it is better known than ``max_tokens`` (estimates and the budget's reservation).
-    :param rows_per_request: rows sent in one request (a *pack*, see :mod:`~.packing`): 1 (the
+    :param rows_per_request: rows sent in one request (a *pack*, see :mod:`~..packing`): 1 (the
         default) sends one row per request; an integer > 1 packs that many; ``"auto"`` picks the size
         (about 2,000 prompt tokens, at most 64 rows). Each row keeps its own answer or error;
         ``max_tokens`` stays a row's: a pack asks for each of its rows' (and their ids).

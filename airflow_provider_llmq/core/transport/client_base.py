@@ -7,17 +7,17 @@ from __future__ import annotations
 from collections.abc import Generator, Mapping
 from typing import Any, Generic, TypeVar
 
-from airflow_provider_llmq.core.adaptive import AdaptiveRate, AdaptiveStats
-from airflow_provider_llmq.core.budget import Budget
-from airflow_provider_llmq.core.cost import parse_prices
-from airflow_provider_llmq.core.endpoint import EndpointConfig
-from airflow_provider_llmq.core.engine import Received, Step, _attempts, _RowPolicy
-from airflow_provider_llmq.core.limits import AsyncLimiter, ThreadLimiter
-from airflow_provider_llmq.core.options import QueryOptions
+from airflow_provider_llmq.core.accounting.budget import Budget
+from airflow_provider_llmq.core.accounting.cost import parse_prices
+from airflow_provider_llmq.core.accounting.result import QueryResult
+from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
+from airflow_provider_llmq.core.endpoint.secrets import Scrubber
+from airflow_provider_llmq.core.pacing.adaptive import AdaptiveRate, AdaptiveStats
+from airflow_provider_llmq.core.pacing.limits import AsyncLimiter, ThreadLimiter
+from airflow_provider_llmq.core.pacing.reachability import Reachability
 from airflow_provider_llmq.core.packing import PackContext, PackSizer, pack_attempts, pack_policy_of
-from airflow_provider_llmq.core.reachability import Reachability
-from airflow_provider_llmq.core.result import QueryResult
-from airflow_provider_llmq.core.secrets import Scrubber
+from airflow_provider_llmq.core.request.options import QueryOptions
+from airflow_provider_llmq.core.transport.engine import Received, Step, _attempts, _RowPolicy
 
 __all__ = ["ClientBase"]
 

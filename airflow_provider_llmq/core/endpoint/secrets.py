@@ -19,7 +19,7 @@ import threading
 from collections.abc import Iterable
 from urllib.parse import quote, unquote, urlsplit
 
-from airflow_provider_llmq.core.result import QueryResult
+from airflow_provider_llmq.core.accounting.result import QueryResult
 
 MASK = "***"
 # shorter values are not secrets anyone relies on, and masking them would shred every message

@@ -34,11 +34,11 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from airflow_provider_llmq.core.cost import Price, TokenCounter
+from airflow_provider_llmq.core.accounting.cost import Price, TokenCounter
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
 
 if TYPE_CHECKING:
-    from airflow_provider_llmq.core.payload import ChatRequest
+    from airflow_provider_llmq.core.request.payload import ChatRequest
 
 __all__ = ["WAIT", "Budget", "Hold", "RowBudget"]
 

@@ -136,7 +136,7 @@ class Pacer:
     shared by threads and by event loops. A pause *freezes* the schedule: slots pending when it starts
     are pushed back by its length, so they stay evenly spaced after it instead of bursting at its end.
     :meth:`set_requests_per_minute` changes the request rate at run time (the hook of
-    :class:`~airflow_provider_llmq.core.adaptive.AdaptiveRate`), re-spacing the slots already
+    :class:`~airflow_provider_llmq.core.pacing.adaptive.AdaptiveRate`), re-spacing the slots already
     promised too: after a cut, the requests waiting do not go out at the old rate.
     """
 

@@ -6,7 +6,7 @@ clients (:mod:`.sync_client` with ``requests``, :mod:`.async_client` with ``aioh
 those steps: they share every rule about payloads, errors, retries, pauses, limits and secrets, and
 differ only in I/O.
 
-Every answer is reported to the client's :class:`~.adaptive.AdaptiveRate`, which sets the rate of
+Every answer is reported to the client's :class:`~..pacing.adaptive.AdaptiveRate`, which sets the rate of
 the limiter's pacer. A 429 is congestion, not a row failure: it does not spend the row's
 ``max_retries``; the row asks again when the pacer lets it, until the client has been refused for
 ``patience`` seconds without a single answer. Two exceptions keep a 429 final or counted: a server
@@ -24,11 +24,16 @@ from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from airflow_provider_llmq.core.adaptive import AdaptiveRate
-from airflow_provider_llmq.core.budget import WAIT, Budget, Hold, RowBudget
-from airflow_provider_llmq.core.cost import Price
-from airflow_provider_llmq.core.entra_token import TokenSource
-from airflow_provider_llmq.core.error_codes import (
+from airflow_provider_llmq.core.accounting.budget import WAIT, Budget, Hold, RowBudget
+from airflow_provider_llmq.core.accounting.cost import Price
+from airflow_provider_llmq.core.accounting.result import STATUS_ERROR, STATUS_OK, QueryResult
+from airflow_provider_llmq.core.endpoint.entra_token import TokenSource
+from airflow_provider_llmq.core.endpoint.secrets import Scrubber
+from airflow_provider_llmq.core.pacing.adaptive import AdaptiveRate
+from airflow_provider_llmq.core.pacing.limits import AsyncLimiter, ThreadLimiter, estimate_request_tokens
+from airflow_provider_llmq.core.pacing.reachability import Reachability
+from airflow_provider_llmq.core.pacing.retry import RetryPolicy
+from airflow_provider_llmq.core.request.error_codes import (
     BUDGET_EXCEEDED,
     CONNECTION_ERROR,
     CUT_BY_BUDGET,
@@ -37,18 +42,13 @@ from airflow_provider_llmq.core.error_codes import (
     LENGTH,
     RATE_LIMITED,
 )
-from airflow_provider_llmq.core.limits import AsyncLimiter, ThreadLimiter, estimate_request_tokens
-from airflow_provider_llmq.core.payload import (
+from airflow_provider_llmq.core.request.payload import (
     Answer,
     ChatRequest,
     Failure,
     classify_response,
 )
-from airflow_provider_llmq.core.reachability import Reachability
-from airflow_provider_llmq.core.result import STATUS_ERROR, STATUS_OK, QueryResult
-from airflow_provider_llmq.core.retry import RetryPolicy
-from airflow_provider_llmq.core.secrets import Scrubber
-from airflow_provider_llmq.core.transport_errors import classify_exception
+from airflow_provider_llmq.core.transport.transport_errors import classify_exception
 
 __all__ = ["Acquire", "Received", "Send", "Sleep", "Step"]
 

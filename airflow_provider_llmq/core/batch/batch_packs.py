@@ -1,11 +1,11 @@
 """Packs on the Batch API (``rows_per_request``): several rows in one request line, in the live
-envelope (:mod:`.packing.envelope`), and a pack's result line back to its rows. Pure functions over
+envelope (:mod:`..packing.envelope`), and a pack's result line back to its rows. Pure functions over
 values: no I/O.
 
 A pack line's ``custom_id`` names the pack, not a row. Which rows it holds (their request keys, in
 item order) and what earlier lines of those rows were billed (:class:`Spent`) travel beside the
 request file as :class:`PackEntry`, never to the API. A pack's answer is matched by id and each
-item checked on its own (:func:`~.packing.unpack.unpack`), its usage split over its rows in
+item checked on its own (:func:`~..packing.unpack.unpack`), its usage split over its rows in
 proportion to their prompt tokens, as live. The rows without exactly one valid answer are asked
 again together; a line that failed whole (a content filter, a context length, an unusable answer,
 a 5xx) is asked again as two halves, down to single rows sent as plain lines, so one bad row ends
@@ -20,15 +20,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from airflow_provider_llmq.core.batch_estimate import LineEstimator
-from airflow_provider_llmq.core.batch_files import LineBuilder, is_empty_prompt
-from airflow_provider_llmq.core.cost import Price, RequestEstimate
+from airflow_provider_llmq.core.accounting.cost import Price, RequestEstimate
+from airflow_provider_llmq.core.accounting.result import STATUS_OK, QueryResult
+from airflow_provider_llmq.core.batch.batch_estimate import LineEstimator
+from airflow_provider_llmq.core.batch.batch_files import LineBuilder, is_empty_prompt
 from airflow_provider_llmq.core.packing.envelope import PackedChatRequest, envelope_text
 from airflow_provider_llmq.core.packing.runner import group_rows, row_tokens, saved_tokens, shares
 from airflow_provider_llmq.core.packing.sizer import PackSizer
 from airflow_provider_llmq.core.packing.unpack import unpack
-from airflow_provider_llmq.core.result import STATUS_OK, QueryResult
-from airflow_provider_llmq.core.structured import StructuredOutput
+from airflow_provider_llmq.core.request.structured import StructuredOutput
 
 __all__ = [
     "PACK_ID_PREFIX",

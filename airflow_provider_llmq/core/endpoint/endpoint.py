@@ -21,11 +21,11 @@ from urllib.request import getproxies
 
 from requests.utils import get_environ_proxies, select_proxy
 
-from airflow_provider_llmq.core.api_forms import API_TYPES, FORMS, ApiForm
-from airflow_provider_llmq.core.entra_id import EntraIdConfig
-from airflow_provider_llmq.core.entra_token import TokenSource, token_source
+from airflow_provider_llmq.core.endpoint.api_forms import API_TYPES, FORMS, ApiForm
+from airflow_provider_llmq.core.endpoint.entra_id import EntraIdConfig
+from airflow_provider_llmq.core.endpoint.entra_token import TokenSource, token_source
+from airflow_provider_llmq.core.endpoint.secrets import url_credentials, without_credentials
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
-from airflow_provider_llmq.core.secrets import url_credentials, without_credentials
 
 ApiType = Literal["azure", "azure_v1", "openai"]
 

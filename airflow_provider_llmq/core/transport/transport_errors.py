@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import re
 
-from airflow_provider_llmq.core.error_codes import CONNECTION_ERROR, TIMEOUT
 from airflow_provider_llmq.core.errors import LLMQueryAuthError, LLMQueryConfigError
-from airflow_provider_llmq.core.payload import Failure
+from airflow_provider_llmq.core.request.error_codes import CONNECTION_ERROR, TIMEOUT
+from airflow_provider_llmq.core.request.payload import Failure
 
 
 def classify_exception(exc: BaseException) -> Failure:

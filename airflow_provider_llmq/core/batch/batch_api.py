@@ -20,13 +20,13 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 
-from airflow_provider_llmq.core.api_forms import DEFAULT_AZURE_API_VERSION
-from airflow_provider_llmq.core.endpoint import EndpointConfig
+from airflow_provider_llmq.core.endpoint.api_forms import DEFAULT_AZURE_API_VERSION
+from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
+from airflow_provider_llmq.core.endpoint.secrets import Scrubber
 from airflow_provider_llmq.core.errors import LLMQueryError
-from airflow_provider_llmq.core.payload import Failure, classify_response
-from airflow_provider_llmq.core.retry import RetryPolicy
-from airflow_provider_llmq.core.secrets import Scrubber
-from airflow_provider_llmq.core.transport_errors import classify_exception
+from airflow_provider_llmq.core.pacing.retry import RetryPolicy
+from airflow_provider_llmq.core.request.payload import Failure, classify_response
+from airflow_provider_llmq.core.transport.transport_errors import classify_exception
 
 MAX_FILE_BYTES = 200_000_000  # both APIs: 200 MB per request file
 ACTIVE_STATUSES = frozenset({"validating", "in_progress", "finalizing", "cancelling"})

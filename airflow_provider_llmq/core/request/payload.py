@@ -16,7 +16,8 @@ from email.utils import mktime_tz, parsedate_tz
 from typing import Any
 from urllib.parse import urlsplit
 
-from airflow_provider_llmq.core.error_codes import (
+from airflow_provider_llmq.core.errors import LLMQueryAuthError, LLMQueryConfigError, LLMQueryQuotaError
+from airflow_provider_llmq.core.request.error_codes import (
     BAD_REQUEST,
     BAD_RESPONSE,
     CONTENT_FILTER,
@@ -32,8 +33,7 @@ from airflow_provider_llmq.core.error_codes import (
     TOOL_CALLS,
     UNEXPECTED_REDIRECT,
 )
-from airflow_provider_llmq.core.errors import LLMQueryAuthError, LLMQueryConfigError, LLMQueryQuotaError
-from airflow_provider_llmq.core.structured import StructuredOutput
+from airflow_provider_llmq.core.request.structured import StructuredOutput
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 

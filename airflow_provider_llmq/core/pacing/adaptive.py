@@ -58,11 +58,11 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from airflow_provider_llmq.core.limits import Pacer
-from airflow_provider_llmq.core.rate_headers import RateHeaders
-from airflow_provider_llmq.core.rate_model import FIXED, SLOW_START, AdaptiveSettings, RateModel
-from airflow_provider_llmq.core.rate_pacing import PacerLink
-from airflow_provider_llmq.core.refusal_evidence import RefusalEvidence, Verdict
+from airflow_provider_llmq.core.pacing.limits import Pacer
+from airflow_provider_llmq.core.pacing.rate_headers import RateHeaders
+from airflow_provider_llmq.core.pacing.rate_model import FIXED, SLOW_START, AdaptiveSettings, RateModel
+from airflow_provider_llmq.core.pacing.rate_pacing import PacerLink
+from airflow_provider_llmq.core.pacing.refusal_evidence import RefusalEvidence, Verdict
 
 __all__ = ["QUICK_RETRY", "AdaptiveRate", "AdaptiveStats"]
 

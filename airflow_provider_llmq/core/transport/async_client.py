@@ -16,12 +16,12 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiohttp
 
-from airflow_provider_llmq.core.client_base import ClientBase
-from airflow_provider_llmq.core.endpoint import EndpointConfig
-from airflow_provider_llmq.core.engine import Acquire, Received, Sleep, Step
-from airflow_provider_llmq.core.limits import AsyncLimiter
-from airflow_provider_llmq.core.options import QueryOptions
-from airflow_provider_llmq.core.result import QueryResult
+from airflow_provider_llmq.core.accounting.result import QueryResult
+from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
+from airflow_provider_llmq.core.pacing.limits import AsyncLimiter
+from airflow_provider_llmq.core.request.options import QueryOptions
+from airflow_provider_llmq.core.transport.client_base import ClientBase
+from airflow_provider_llmq.core.transport.engine import Acquire, Received, Sleep, Step
 
 __all__ = ["AsyncClient"]
 

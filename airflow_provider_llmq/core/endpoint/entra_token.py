@@ -32,14 +32,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from airflow_provider_llmq.core.entra_id import (
+from airflow_provider_llmq.core.endpoint.entra_id import (
     EntraIdConfig,
     LLMQueryCredentialError,
     build_credential,
     get_token,
 )
+from airflow_provider_llmq.core.endpoint.secrets import Scrubber
 from airflow_provider_llmq.core.errors import LLMQueryAuthError
-from airflow_provider_llmq.core.secrets import Scrubber
 
 MAX_MARGIN = 300.0  # what MSAL and azure-core leave for an hour-long token
 _log = logging.getLogger(__name__)

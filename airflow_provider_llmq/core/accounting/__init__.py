@@ -1,0 +1,1 @@
+"""What came back and what it cost: results, cost, the budget, progress."""

@@ -1,0 +1,1 @@
+"""The Batch API client: files, batches and their estimate."""
