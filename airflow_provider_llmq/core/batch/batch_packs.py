@@ -64,6 +64,16 @@ class Spent:
             self.requests + 1 / rows,
         )
 
+    def result_fields(self) -> dict[str, Any]:
+        """What a row's ``QueryResult`` carries of it."""
+        return {
+            "attempts": self.attempts,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cached_prompt_tokens": self.cached_tokens,
+            "requests": round(self.requests, 6),
+        }
+
 
 @dataclass(frozen=True)
 class PackEntry:
@@ -172,21 +182,16 @@ def settle_pack(
         answer = found.answers.get(pack_id)
         if answer is None:
             continue
-        row = spent[index]
         settled.results.append(
             QueryResult(
                 entry.keys[index],
                 answer,
                 STATUS_OK,
                 http_status=line.http_status,
-                attempts=row.attempts,
-                prompt_tokens=row.prompt_tokens,
-                completion_tokens=row.completion_tokens,
-                cached_prompt_tokens=row.cached_tokens,
                 finish_reason=line.finish_reason,
                 pack_rows=rows,
-                requests=round(row.requests, 6),
                 prompt_tokens_saved=saved[index],
+                **spent[index].result_fields(),
             )
         )
     if found.missing:  # a smaller pack than this one (or one row): this ends

@@ -10,13 +10,14 @@ import asyncio
 import json
 import math
 import time
-import uuid
 from typing import Any
 
 from aiohttp import web
 
 from .access import check_access, unauthorised
+from .admin import add_admin_routes
 from .batches import add_batch_routes
+from .chat_answer import answer_for, assistant_message, completion
 from .faults import ANSWER_KINDS, Fault, MockConfig, expected_answer, jitter_ms, plan, prompt_hash
 from .packing import parse_pack
 from .responses import (
@@ -24,7 +25,6 @@ from .responses import (
     CONTEXT_LENGTH,
     INSUFFICIENT_QUOTA,
     JSON,
-    REFUSAL,
     STANDARD_HEADERS,
     STATUS_CODES,
     WAIT_HEADERS,
@@ -36,8 +36,6 @@ from .responses import (
     usage,
 )
 from .state import AZURE_V1_PREFIX, STATE, MockState
-from .structured import answer_text
-from .tokens import within_max_tokens
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
@@ -147,54 +145,15 @@ async def _chat(request: web.Request, st: MockState) -> web.StreamResponse:
             return response
 
         system_prompt = content_text(system.get("content")) if system else None
-        params = {k: v for k, v in body.items() if k not in ("messages", "model", "stream")}
-        if pack is None:
-            answer = answer_text(model, system_prompt, prompt, params)
-        else:
-            answer = pack.answer(model, messages, params)
-        answer, cut = within_max_tokens(answer, body)  # a model stops at max_tokens, as the real ones do
+        answer, cut = answer_for(body, model, system_prompt, prompt, pack)
         billed = usage(messages, completion_tokens_of(answer))
         st.prompt_tokens_total += billed["prompt_tokens"]
         st.completion_tokens_total += billed["completion_tokens"]
         st.cached_tokens_total += billed["prompt_tokens_details"]["cached_tokens"]
         st.ok_per_window[int(time.monotonic())] += 1
         st.auth_fail_ok += 1
-        message: dict[str, Any] = {"role": "assistant", "content": answer}
-        finish_reason = "length" if cut else "stop"
-        kind = fault.kind if fault is not None else None
-        if kind == "filtered":
-            message["content"], finish_reason = "", "content_filter"
-        elif kind == "tool_calls":
-            message["content"], finish_reason = None, "tool_calls"
-            message["tool_calls"] = [
-                {
-                    "id": "call_mock",
-                    "type": "function",
-                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
-                }
-            ]
-        elif kind == "refusal":
-            message["content"], message["refusal"] = None, REFUSAL
-        elif kind == "length":
-            message["content"], finish_reason = "", "length"
-        elif kind == "length_text":
-            finish_reason = "length"
-        elif kind == "parts":
-            half = len(answer) // 2
-            message["content"] = [
-                {"type": "text", "text": answer[:half]},
-                {"type": "text", "text": answer[half:]},
-            ]
-        payload = json.dumps(
-            {
-                "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": model,
-                "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
-                "usage": billed,
-            }
-        ).encode()
+        message, finish_reason = assistant_message(answer, cut, fault.kind if fault is not None else None)
+        payload = json.dumps(completion(model, message, finish_reason, billed)).encode()
         if fault is not None and fault.kind == "drip":
             return await _drip(request, payload, fault.drip_ms or 0)
         return web.Response(body=payload, content_type=JSON, headers=quota_headers or None)
@@ -302,25 +261,6 @@ async def models(request: web.Request) -> web.Response:
     return response
 
 
-async def admin_stats(request: web.Request) -> web.Response:
-    return web.json_response(request.app[STATE].snapshot())
-
-
-async def admin_reset(request: web.Request) -> web.Response:
-    request.app[STATE].reset()
-    return web.json_response({"ok": True})
-
-
-async def admin_config(request: web.Request) -> web.Response:
-    st = request.app[STATE]
-    try:
-        changes = await request.json() if request.can_read_body else {}
-        apply_config(st, changes)
-    except (ValueError, TypeError) as exc:
-        return error(400, "invalid_config", str(exc))
-    return web.json_response(st.config.public_dict())
-
-
 def apply_config(st: MockState, changes: dict[str, Any]) -> None:
     """Update the live config; a new ``auth_fail`` plan starts counting from now."""
     if not isinstance(changes, dict):
@@ -330,6 +270,11 @@ def apply_config(st: MockState, changes: dict[str, Any]) -> None:
         st.reset_auth_fail()
     if "quota" in changes:
         st.reset_quota()
+
+
+def _apply_and_show(st: MockState, changes: dict[str, Any]) -> dict[str, Any]:
+    apply_config(st, changes)
+    return st.config.public_dict()
 
 
 def build_app(config: MockConfig) -> web.Application:
@@ -342,9 +287,7 @@ def build_app(config: MockConfig) -> web.Application:
     app.router.add_post("/chat/completions", chat)
     for path in ("/openai/models", f"{AZURE_V1_PREFIX}/models", "/v1/models", "/models"):
         app.router.add_get(path, models)
-    app.router.add_get("/_mock/stats", admin_stats)
-    app.router.add_post("/_mock/reset", admin_reset)
-    app.router.add_post("/_mock/config", admin_config)
+    add_admin_routes(app, "/_mock", STATE, _apply_and_show)
 
     add_batch_routes(app)
     return app

@@ -12,16 +12,14 @@ asked alone, and one faulty item fails the line.
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections import Counter
 from typing import Any
 
 from . import responses
+from .chat_answer import answer_for, assistant_message, completion
 from .faults import ANSWER_KINDS, Fault, MockConfig, plan
 from .packing import parse_pack
-from .structured import answer_text
-from .tokens import within_max_tokens
 
 
 def tokens(body: dict[str, Any]) -> int:
@@ -58,38 +56,10 @@ def answer(body: dict[str, Any], config: MockConfig) -> tuple[int, Any]:
         return _fault(fault)
     model = str(body["model"])
     system_prompt = responses.content_text(system.get("content")) if system else None
-    params = {k: v for k, v in body.items() if k not in ("messages", "model", "stream")}
-    if pack is None:
-        text = answer_text(model, system_prompt, prompt, params)  # as a live request answers
-    else:
-        text = pack.answer(model, messages, params)
-    text, cut = within_max_tokens(text, body)  # a model writes no more than max_tokens
-    message: dict[str, Any] = {"role": "assistant", "content": text}
-    finish_reason = "length" if cut else "stop"
-    kind = fault.kind if fault is not None else None
-    if kind == "filtered":
-        message["content"], finish_reason = "", "content_filter"
-    elif kind == "tool_calls":
-        message["content"], finish_reason = None, "tool_calls"
-        call = {"name": "get_weather", "arguments": '{"city": "Paris"}'}
-        message["tool_calls"] = [{"id": "call_mock", "type": "function", "function": call}]
-    elif kind == "refusal":
-        message["content"], message["refusal"] = None, responses.REFUSAL
-    elif kind == "length":
-        message["content"], finish_reason = "", "length"
-    elif kind == "length_text":
-        finish_reason = "length"
-    elif kind == "parts":
-        half = len(text) // 2
-        message["content"] = [{"type": "text", "text": text[:half]}, {"type": "text", "text": text[half:]}]
-    return 200, {
-        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
-        "usage": responses.usage(messages, responses.completion_tokens_of(text)),
-    }
+    text, cut = answer_for(body, model, system_prompt, prompt, pack)  # as a live request answers
+    message, finish_reason = assistant_message(text, cut, fault.kind if fault is not None else None)
+    billed = responses.usage(messages, responses.completion_tokens_of(text))
+    return 200, completion(model, message, finish_reason, billed)
 
 
 def _fault(fault: Fault) -> tuple[int, Any]:

@@ -16,15 +16,19 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
 from . import access, batch_lines, responses, state
+from .admin import add_admin_routes
 from .batch_state import FLAVOURS, BatchConfig, BatchState, MockBatch, MockFile
 
 BATCHES: web.AppKey[BatchState] = web.AppKey("llmq_mock_batches")
 _Handler = Callable[[web.Request, BatchState, str], Awaitable[web.Response]]
+
+
+_T = TypeVar("_T")
 
 
 def _invalid(message: str, code: str = "invalid_request") -> web.Response:
@@ -69,11 +73,16 @@ async def upload(request: web.Request, st: BatchState, flavour: str) -> web.Resp
     return web.json_response(created.json(time.time()))
 
 
-def _file(request: web.Request, st: BatchState) -> MockFile | web.Response:
-    found = st.files.get(request.match_info["file_id"])
+def _found(table: dict[str, _T], key: str, what: str) -> _T | web.Response:
+    """The object the path names, or OpenAI's 404 for it."""
+    found = table.get(key)
     if found is None:
-        return responses.error(404, "not_found", "No such File object", type="invalid_request_error")
+        return responses.error(404, "not_found", f"No such {what} object", type="invalid_request_error")
     return found
+
+
+def _file(request: web.Request, st: BatchState) -> MockFile | web.Response:
+    return _found(st.files, request.match_info["file_id"], "File")
 
 
 async def file_info(request: web.Request, st: BatchState, flavour: str) -> web.Response:
@@ -171,10 +180,7 @@ def _read_lines(data: bytes, url: str, limit: int) -> tuple[list[dict[str, Any]]
 
 def _batch(request: web.Request, st: BatchState) -> MockBatch | web.Response:
     st.advance(time.time())
-    found = st.batches.get(request.match_info["batch_id"])
-    if found is None:
-        return responses.error(404, "not_found", "No such Batch object", type="invalid_request_error")
-    return found
+    return _found(st.batches, request.match_info["batch_id"], "Batch")
 
 
 async def get_batch(request: web.Request, st: BatchState, flavour: str) -> web.Response:
@@ -213,22 +219,9 @@ async def list_batches(request: web.Request, st: BatchState, flavour: str) -> we
     )
 
 
-async def admin_stats(request: web.Request) -> web.Response:
-    return web.json_response(request.app[BATCHES].snapshot())
-
-
-async def admin_reset(request: web.Request) -> web.Response:
-    request.app[BATCHES].reset()
-    return web.json_response({"ok": True})
-
-
-async def admin_config(request: web.Request) -> web.Response:
-    st = request.app[BATCHES]
-    try:
-        st.config.update(await request.json() if request.can_read_body else {})
-    except (ValueError, TypeError) as exc:
-        return _invalid(str(exc), "invalid_config")
-    return web.json_response(asdict(st.config))
+def _apply_config(st: BatchState, changes: dict[str, Any]) -> dict[str, Any]:
+    st.config.update(changes)
+    return asdict(st.config)
 
 
 def add_batch_routes(app: web.Application) -> None:
@@ -244,6 +237,4 @@ def add_batch_routes(app: web.Application) -> None:
         routes.add_get(f"{prefix}/batches", _api(list_batches))
         routes.add_get(f"{prefix}/batches/{{batch_id}}", _api(get_batch))
         routes.add_post(f"{prefix}/batches/{{batch_id}}/cancel", _api(cancel_batch))
-    routes.add_get("/_mock/batches/stats", admin_stats)
-    routes.add_post("/_mock/batches/reset", admin_reset)
-    routes.add_post("/_mock/batches/config", admin_config)
+    add_admin_routes(app, "/_mock/batches", BATCHES, _apply_config)

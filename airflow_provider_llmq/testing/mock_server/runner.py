@@ -22,7 +22,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from aiohttp import web
 
@@ -84,10 +84,53 @@ async def start_site(
 
 
 class _ServerApi:
-    """Helpers shared by both runners; subclasses provide ``stats/reset/configure`` and the URLs."""
+    """What both runners share (arguments, URLs, the context manager); subclasses provide
+    ``start/stop/stats/reset/configure``."""
 
-    base_url: str
-    ca_path: str | None
+    def __init__(
+        self,
+        config: MockConfig | None = None,
+        *,
+        tls: bool = True,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        cert_dir: str | os.PathLike[str] | None = None,
+        startup_timeout: float = 30.0,
+    ) -> None:
+        self.config = config or MockConfig()
+        self.tls, self.host, self.port = tls, host, port
+        self.startup_timeout = startup_timeout
+        self._cert_dir = cert_dir
+        self._tmpdir: str | None = None
+        self.base_url = ""
+        self.ca_path: str | None = None
+        self.ca_pem: str | None = None
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def _cert_dir_to_use(self) -> str | os.PathLike[str]:
+        """The given folder, else a temporary one removed by :meth:`_remove_tmpdir`."""
+        if self._cert_dir is None:
+            self._tmpdir = tempfile.mkdtemp(prefix="llmq-mock-")
+            return self._tmpdir
+        return self._cert_dir
+
+    def _remove_tmpdir(self) -> None:
+        if self._tmpdir:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
 
     @property
     def openai_base_url(self) -> str:
@@ -107,32 +150,14 @@ class _ServerApi:
 class MockServer(_ServerApi):
     """The mock server in a background thread with its own event loop (for tests in one process)."""
 
-    def __init__(
-        self,
-        config: MockConfig | None = None,
-        *,
-        tls: bool = True,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        cert_dir: str | os.PathLike[str] | None = None,
-    ) -> None:
-        self.config = config or MockConfig()
-        self.tls, self.host, self.port = tls, host, port
-        self._cert_dir = cert_dir
-        self._tmpdir: str | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._started: Started | None = None
-        self.base_url = ""
-        self.ca_path: str | None = None
-        self.ca_pem: str | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
+    _started: Started | None = None
 
     def start(self) -> MockServer:
         if self._thread is not None:
             return self
-        cert_dir = self._cert_dir
-        if self.tls and cert_dir is None:
-            cert_dir = self._tmpdir = tempfile.mkdtemp(prefix="llmq-mock-")
+        cert_dir = self._cert_dir_to_use() if self.tls else self._cert_dir
         loop = self._loop = asyncio.new_event_loop()
         ready = threading.Event()
         error: list[BaseException] = []
@@ -155,7 +180,8 @@ class MockServer(_ServerApi):
 
         self._thread = threading.Thread(target=run, name="llmq-mock-server", daemon=True)
         self._thread.start()
-        ready.wait()
+        if not ready.wait(self.startup_timeout):
+            raise RuntimeError(f"mock server did not start within {self.startup_timeout} s")
         if error:
             self._thread = None
             raise error[0]
@@ -170,9 +196,7 @@ class MockServer(_ServerApi):
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._thread = None
-        if self._tmpdir:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            self._tmpdir = None
+        self._remove_tmpdir()
 
     def _on_loop(self, fn: Any, *args: Any) -> Any:
         """Run ``fn`` on the server loop: server state is only ever touched from that thread."""
@@ -198,14 +222,6 @@ class MockServer(_ServerApi):
         self._on_loop(apply_config, state, changes)
         return self.config.public_dict()
 
-    def __enter__(self) -> MockServer:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
 
 class MockServerProcess(_ServerApi):
     """The mock server in a child process (``python -m airflow_provider_llmq.testing.mock_server``).
@@ -214,33 +230,13 @@ class MockServerProcess(_ServerApi):
     so the key does not show in ``ps``. Stats and config go through the admin HTTP routes.
     """
 
-    def __init__(
-        self,
-        config: MockConfig | None = None,
-        *,
-        tls: bool = True,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        cert_dir: str | os.PathLike[str] | None = None,
-        startup_timeout: float = 30.0,
-    ) -> None:
-        self.config = config or MockConfig()
-        self.tls, self.host, self.port = tls, host, port
-        self._cert_dir = cert_dir
-        self._tmpdir: str | None = None
-        self.startup_timeout = startup_timeout
-        self.proc: subprocess.Popen[str] | None = None
-        self.base_url = ""
-        self.ca_path: str | None = None
-        self.ca_pem: str | None = None
-        self._ssl: ssl.SSLContext | None = None
+    proc: subprocess.Popen[str] | None = None
+    _ssl: ssl.SSLContext | None = None
 
     def start(self) -> MockServerProcess:
         if self.proc is not None:
             return self
-        cert_dir = self._cert_dir
-        if cert_dir is None:
-            cert_dir = self._tmpdir = tempfile.mkdtemp(prefix="llmq-mock-")
+        cert_dir = self._cert_dir_to_use()
         env = dict(
             os.environ,
             LLMQ_MOCK_CONFIG=json.dumps(asdict(self.config)),
@@ -296,9 +292,7 @@ class MockServerProcess(_ServerApi):
             if self.proc.stdout is not None:
                 self.proc.stdout.close()
             self.proc = None
-        if self._tmpdir:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            self._tmpdir = None
+        self._remove_tmpdir()
 
     def _admin(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
@@ -318,11 +312,3 @@ class MockServerProcess(_ServerApi):
         result: dict[str, Any] = self._admin("POST", "/_mock/config", changes)
         self.config.update(**changes)
         return result
-
-    def __enter__(self) -> MockServerProcess:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
