@@ -4,6 +4,7 @@ separate quota, for work that can wait; the same table of results as the other f
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
@@ -18,7 +19,7 @@ from airflow_provider_llmq.triggers.batch_api import LLMQueryBatchTrigger
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
-    from pyspark.sql import DataFrame, SparkSession
+    from pyspark.sql import DataFrame
 
     from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
     from airflow_provider_llmq.core.request.options import QueryOptions
@@ -159,22 +160,14 @@ class LLMQueryBatchAPIOperator(LLMQueryBaseOperator):
             method_name="execute_complete",
         )
 
-    def _run(
-        self,
-        spark: SparkSession,
-        source: DataFrame,
-        checkpoint: Checkpoint,
-        endpoint: EndpointConfig,
-        options: QueryOptions,
-        placement: Placement,
-    ) -> tuple[dict[str, Any], int, float]:
+    def _summary_completion(self, checkpoint: Checkpoint) -> Callable[[dict[str, Any]], None] | None:
         settled_before = self._ledger(checkpoint).settled_by(self._try_id)  # before a deferral
-        summary, asked, query_seconds = super()._run(spark, source, checkpoint, endpoint, options, placement)
-        if summary.get("estimate_only"):
-            return summary, asked, query_seconds  # nothing was sent: no batch to report
-        summary["resumed_requests"] = max(0, summary["resumed_requests"] - settled_before)
-        summary["batch_api"] = self._ledger(checkpoint).summary()
-        return summary, asked, query_seconds
+
+        def complete(summary: dict[str, Any]) -> None:
+            summary["resumed_requests"] = max(0, summary["resumed_requests"] - settled_before)
+            summary["batch_api"] = self._ledger(checkpoint).summary()
+
+        return complete
 
     def _estimate(
         self, pending: DataFrame, rows: int, options: QueryOptions, endpoint: EndpointConfig

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from airflow.sdk import Asset
 
 from airflow_provider_llmq import __version__
+from airflow_provider_llmq.operators.arguments import SourceAndSink
 
 if TYPE_CHECKING:
     from airflow.providers.openlineage.extractors import OperatorLineage
@@ -248,15 +249,9 @@ def openlineage_datasets(run: RunLineage) -> tuple[list[InputDataset], list[Outp
     return inputs, [output]
 
 
-class _Operator(Protocol):
+class _Operator(SourceAndSink, Protocol):
     """What the mixin reads from the operator it is mixed into."""
 
-    sql: str | None
-    source_table: str | None
-    source_path: str | None
-    output_table: str | None
-    output_path: str | None
-    output_format: str
     outlets: list[Any]
     _llmq_lineage: RunLineage | None
 

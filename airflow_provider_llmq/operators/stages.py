@@ -8,6 +8,7 @@ in one place; it uses only the Spark layer and the core.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_llmq.core.accounting.progress import Progress
@@ -44,7 +45,13 @@ WRITE_MODES = ("overwrite", "append", "ignore", "error", "errorifexists")
 ON_ERROR = ("record", "fail")
 
 
-class QueryStagesMixin:
+if TYPE_CHECKING:
+    from airflow_provider_llmq.operators.arguments import SourceAndSink as _Arguments
+else:
+    _Arguments = object
+
+
+class QueryStagesMixin(_Arguments):
     """``_run``: one try's stages; the operator's arguments are its attributes."""
 
     if TYPE_CHECKING:  # the operator's
@@ -56,12 +63,6 @@ class QueryStagesMixin:
         def _output(self) -> OutputSpec | None: ...
 
         _stopping: threading.Event
-        sql: str | None
-        source_table: str | None
-        source_path: str | None
-        output_table: str | None
-        output_path: str | None
-        output_format: str
         mode: str
         prompt_col: str
         id_col: str | None
@@ -96,6 +97,7 @@ class QueryStagesMixin:
         """read -> checkpoint -> placement -> write -> summary; returns the summary, the requests
         this try asked and the seconds it spent asking."""
         phases = getattr(self, "_phases", None) or Phases()
+        complete_summary = self._summary_completion(checkpoint)
         checkpoint.clean_temporaries()
         refuse_existing_output(
             spark,
@@ -221,7 +223,14 @@ class QueryStagesMixin:
             checkpoint.compact(spark)
         summary.update(rate(progress.rate_stats()))
         summary.update(resumed_requests=already if resumed else 0, output=location, checkpoint=checkpoint.uri)
+        if complete_summary is not None:
+            complete_summary(summary)
         return summary, to_ask, query_seconds
+
+    def _summary_completion(self, checkpoint: Checkpoint) -> Callable[[dict[str, Any]], None] | None:
+        """Called as a try starts, before anything is asked; what it returns completes the try's
+        summary once the output is written (a placement's own figures). Not called for an estimate."""
+        return None
 
     def _answer_cache(self, endpoint: EndpointConfig, options: QueryOptions) -> AnswerCache | None:
         if not self.cache_path:

@@ -16,11 +16,12 @@ import math
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import batch_lines
 from . import state as chat_state
+from .faults import set_fields
 
 # flavour -> (path prefix, the line url / batch endpoint, requests per file)
 FLAVOURS = {
@@ -65,12 +66,7 @@ class BatchConfig:
     file_processing_s: float = 0.0
 
     def update(self, changes: dict[str, Any]) -> None:
-        known = {f.name for f in fields(self)}
-        unknown = sorted(set(changes) - known)
-        if unknown:
-            raise ValueError(f"unknown batch config field(s): {', '.join(unknown)}")
-        for name, value in changes.items():
-            setattr(self, name, value)
+        set_fields(self, changes, "batch config")
 
 
 @dataclass

@@ -54,6 +54,16 @@ _MARKER_NAMES = "|".join(map(re.escape, sorted(HEADER_MARKERS, key=len, reverse=
 _HEADER_MARKER = re.compile(rf"\[\[({_MARKER_NAMES})=([^\]]*)\]\]", re.IGNORECASE)
 
 
+def set_fields(config: Any, changes: dict[str, Any], what: str) -> None:
+    """Set a config dataclass's fields at runtime; an unknown name is an error, not a silently
+    ignored typo."""
+    unknown = sorted(set(changes) - {f.name for f in fields(config)})
+    if unknown:
+        raise ValueError(f"unknown {what} field(s): {', '.join(unknown)}")
+    for name, value in changes.items():
+        setattr(config, name, value)
+
+
 @dataclass
 class MockConfig:
     """Every knob of the mock server; all of them can be changed at runtime (``configure``).
@@ -120,13 +130,8 @@ class MockConfig:
 
     def update(self, **changes: Any) -> None:
         """Apply runtime changes; an unknown name is an error, not a silently ignored typo."""
-        known = {f.name for f in fields(self)}
-        unknown = sorted(set(changes) - known)
-        if unknown:
-            raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
         backup = asdict(self)
-        for name, value in changes.items():
-            setattr(self, name, value)
+        set_fields(self, changes, "config")
         try:
             self.validate()
         except ValueError:
