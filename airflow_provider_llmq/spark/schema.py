@@ -63,6 +63,16 @@ def result_columns(results: list[QueryResult]) -> dict[str, list[Any]]:
     return {name: [row[index] for row in rows] for index, name in enumerate(RESULT_COLUMNS)}
 
 
+def results_batch(results: list[QueryResult], key_type: pa.DataType | None = None) -> pa.RecordBatch:
+    """Results as one Arrow batch: ``KEY_COL`` (the row ids, as strings unless ``key_type`` says
+    otherwise) and the result columns: what a placement's ``mapInArrow`` yields."""
+    key_type = key_type or pa.string()
+    ids = [r.row_id for r in results]
+    keys = [str(i) for i in ids] if pa.types.is_string(key_type) else ids
+    schema = pa.schema([(KEY_COL, key_type), *RESULT_ARROW_FIELDS])
+    return pa.RecordBatch.from_pydict({KEY_COL: keys, **result_columns(results)}, schema=schema)
+
+
 def output_columns(response_col: str) -> list[str]:
     """The result columns as they appear on output rows."""
     return [response_col if name == RESPONSE_COL else name for name in RESULT_COLUMNS]

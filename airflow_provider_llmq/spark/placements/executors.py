@@ -25,13 +25,7 @@ from airflow_provider_llmq.spark.placements.base import PlacementStopped, Work, 
 from airflow_provider_llmq.spark.placements.driver import QueryMethod
 from airflow_provider_llmq.spark.placements.udf import unwrap_spark_error
 from airflow_provider_llmq.spark.plan import BUCKET_COL, bucket_of, bucket_sizes, job_groups
-from airflow_provider_llmq.spark.schema import (
-    KEY_COL,
-    PROMPT_COL,
-    RESULT_ARROW_FIELDS,
-    RESULT_DDL,
-    result_columns,
-)
+from airflow_provider_llmq.spark.schema import KEY_COL, PROMPT_COL, RESULT_DDL, results_batch
 from airflow_provider_llmq.spark.session import default_parallelism
 
 if TYPE_CHECKING:
@@ -41,7 +35,6 @@ if TYPE_CHECKING:
     from airflow_provider_llmq.core.request.options import QueryOptions
 
 _OUTPUT_DDL = f"`{KEY_COL}` string, {RESULT_DDL}"
-_OUTPUT_ARROW = pa.schema([(KEY_COL, pa.string()), *RESULT_ARROW_FIELDS])
 _BATCH_ROWS = 500  # results handed back to Spark per Arrow batch
 JOB_SECONDS = 30.0  # how long a bucket job should run, once the rate is known
 _STAGED = "pending-"  # the pending requests of one try, one folder per bucket
@@ -183,14 +176,9 @@ def _partition_asker(
         for result in results:
             done.append(result)
             if len(done) >= _BATCH_ROWS:
-                yield _to_batch(done)
+                yield results_batch(done)
                 done = []
         if done:
-            yield _to_batch(done)
+            yield results_batch(done)
 
     return ask
-
-
-def _to_batch(results: list[Any]) -> pa.RecordBatch:
-    columns = {KEY_COL: [str(result.row_id) for result in results], **result_columns(results)}
-    return pa.RecordBatch.from_pydict(columns, schema=_OUTPUT_ARROW)

@@ -13,13 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_provider_llmq.core.methods import sync_client_for
 from airflow_provider_llmq.core.packing import group_rows
-from airflow_provider_llmq.spark.schema import (
-    KEY_COL,
-    PROMPT_COL,
-    RESULT_ARROW_FIELDS,
-    RESULT_DDL,
-    result_columns,
-)
+from airflow_provider_llmq.spark.schema import KEY_COL, PROMPT_COL, RESULT_DDL, results_batch
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -39,8 +33,6 @@ def packed_answers(
     key_type = rows.schema[KEY_COL].dataType.simpleString()
 
     def ask(batches: Iterator[Any]) -> Iterator[Any]:
-        import pyarrow as pa
-
         client = sync_client_for(endpoint, options, scope=scope)
         assert client.sizer is not None
         for batch in batches:
@@ -55,11 +47,6 @@ def packed_answers(
             else:
                 for pack in packs:
                     results.extend(client.query_pack(pack))
-            columns = result_columns(results)
-            arrays = [pa.array([r.row_id for r in results], type=batch.schema.field(KEY_COL).type)]
-            arrays += [pa.array(columns[name], type=arrow) for name, arrow in RESULT_ARROW_FIELDS]
-            yield pa.RecordBatch.from_arrays(
-                arrays, names=[KEY_COL, *(name for name, _ in RESULT_ARROW_FIELDS)]
-            )
+            yield results_batch(results, batch.schema.field(KEY_COL).type)
 
     return rows.select(KEY_COL, PROMPT_COL).mapInArrow(ask, f"`{KEY_COL}` {key_type}, {RESULT_DDL}")
