@@ -16,6 +16,7 @@ import math
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +70,8 @@ class SimClient:
     finished_at: float | None = None
     trace: list[tuple[float, AdaptiveStats]] = field(default_factory=list)
     next_row: int = 0
+    woken: deque[int] = field(default_factory=deque)  # rows whose wait is over, ahead of new ones
+    idle: int = 0  # workers with nothing to do
 
     @property
     def requests(self) -> int:
@@ -103,6 +106,7 @@ class Simulation:
         noise_429: float = 0.0,
         noise_hint: float | None = None,
         noise_500: float = 0.0,
+        free_waiting: bool = False,
     ) -> None:
         self.policy = policy
         self.clients = list(clients)
@@ -114,6 +118,10 @@ class Simulation:
         # (429, with a retry hint of ``noise_hint`` s or none) or failed (500), whatever the rate
         self.noise_429, self.noise_hint, self.noise_500 = noise_429, noise_hint, noise_500
         self.noise_rng = random.Random(seed + 1)
+        # the pooled methods' scheduling (methods/_run_queue.py): a row that waits to retry hands
+        # its worker to the next row and comes back first when its wait is over; False: the row
+        # keeps its worker asleep, the scheduling the quota scenarios were tuned with
+        self.free_waiting = free_waiting
         self.failed = 0
         self.failed_rows: dict[tuple[str, int], int] = {}  # failures so far, by row
         self.clock = SimClock()
@@ -151,7 +159,11 @@ class Simulation:
             self.at(self.clock.now + self.trace_every, lambda: self._trace(client))
 
     def _next_row(self, client: SimClient) -> None:
+        if client.woken:
+            self._acquire(client, client.woken.popleft())
+            return
         if client.next_row >= client.rows:
+            client.idle += 1
             return
         row = client.next_row
         client.next_row += 1
@@ -206,7 +218,21 @@ class Simulation:
             # no hint: the engine's retry policy backs the row off (0.5 s, jittered) on its worker;
             # the quota scenarios keep the simpler model they were tuned with (no backoff)
             wait = 0.5 * (1 - 0.25 * self.noise_rng.random()) if self.noise_429 else 0.0
-        self.at(self.clock.now + wait, lambda: self._acquire(client, row))
+        self._wait(client, row, wait)
+
+    def _wait(self, client: SimClient, row: int, wait: float) -> None:
+        if not self.free_waiting:
+            self.at(self.clock.now + wait, lambda: self._acquire(client, row))
+            return
+        self.at(self.clock.now + wait, lambda: self._wake(client, row))
+        self._next_row(client)
+
+    def _wake(self, client: SimClient, row: int) -> None:
+        if client.idle:
+            client.idle -= 1
+            self._acquire(client, row)
+        else:
+            client.woken.append(row)
 
     def _failed(self, client: SimClient, row: int, sent_at: float) -> None:
         self.failed += 1
@@ -218,7 +244,7 @@ class Simulation:
         backoff = 0.5 * 2 ** (failures - 1) * (1 - 0.25 * self.noise_rng.random())
         if quick is not None:
             backoff = min(backoff, quick * 2 ** (failures - 1))
-        self.at(self.clock.now + backoff, lambda: self._acquire(client, row))
+        self._wait(client, row, backoff)
 
 
 def simulate(policy: QuotaPolicy, *clients: SimClient, **options: Any) -> Simulation:
@@ -1022,3 +1048,25 @@ def report() -> None:  # pragma: no cover - a tool, not a test
 
 if __name__ == "__main__":  # pragma: no cover
     report()
+
+
+@pytest.mark.parametrize("adaptive", [True, False], ids=["adaptive", "fixed"])
+def test_rows_waiting_to_retry_free_their_workers(adaptive: bool) -> None:
+    """The pooled methods' scheduling (a waiting row hands its worker to the next row) against a
+    row that keeps its worker asleep, under 5 % hint-less random 429s at 2,000 rows: never slower,
+    and faster by a margin (seeds 1-2 here: held 0.74-0.84 of the limit, freed 0.79-0.92)."""
+    for seed in (1, 2):
+        runs = [
+            simulate(
+                TokenBucket(1e9, burst=1e9),
+                SimClient("a", 2000, adaptive=adaptive),
+                latency=0.2,
+                seed=seed,
+                noise_429=0.05,
+                free_waiting=free,
+            )
+            for free in (False, True)
+        ]
+        held, freed = (sim.clients[0] for sim in runs)
+        assert all(all_answered(sim) for sim in runs)
+        assert freed.throughput >= held.throughput + 0.03 * 320, describe(runs[1], 320)

@@ -5,7 +5,7 @@ already runs a loop (notebooks, triggers) without ``nest_asyncio``. The caller's
 and hands them over only while fewer than ``window`` rows are unanswered, so memory is bounded
 whatever the row count; rows cross to the loop in lists and results come back through one queue
 that the caller drains, so the two threads meet once per burst of results, not once per row.
-The two methods differ only in their ``schedule`` coroutine.
+The two methods differ only in their inbox and their ``schedule`` coroutine.
 """
 
 from __future__ import annotations
@@ -15,18 +15,28 @@ import contextlib
 import queue
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from airflow_provider_llmq.core.accounting.result import QueryResult
 from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
 from airflow_provider_llmq.core.methods._read_ahead import Failed, Item, QueryStream, ReadAhead, drain
+from airflow_provider_llmq.core.methods._run_queue import AsyncRunQueue
 from airflow_provider_llmq.core.packing import group_rows
 from airflow_provider_llmq.core.request.options import QueryOptions
 from airflow_provider_llmq.core.transport.async_client import AsyncClient
+from airflow_provider_llmq.core.transport.engine import Sleep
 
 Emit = Callable[[QueryResult | list[QueryResult]], None]
-Schedule = Callable[[AsyncClient, "asyncio.Queue[Any]", Emit], Awaitable[None]]
+
+
+class Inbox(Protocol):
+    """Where the caller's rows arrive on the loop (and ``_END`` after the last one)."""
+
+    def put_nowait(self, item: Any) -> None: ...
+
+
+Schedule = Callable[[AsyncClient, Any, Emit], Awaitable[None]]
 
 
 class _End:
@@ -55,13 +65,17 @@ def _run_in_loop_thread(
     options: QueryOptions,
     concurrency: int,
     schedule: Schedule,
+    inbox: Callable[[AsyncClient], Inbox],
     bursts: bool = False,
 ) -> Iterator[QueryResult]:
-    """Checks the settings now (a bad option raises at the call), then streams lazily."""
+    """Checks the settings now (a bad option raises at the call), then streams lazily.
+
+    :param inbox: makes the loop's inbox, on the loop; ``schedule`` gets it."""
     client = AsyncClient(endpoint, options, concurrency=concurrency, bursts=bursts)  # no loop needed yet
     # rows_per_request: the items are packs, each emitted as a list
     items: Iterable[Any] = rows if client.sizer is None else group_rows(rows, client.sizer)
-    stream = QueryStream(_stream(client, ReadAhead(items, window=2 * concurrency), schedule), client.stats)
+    ahead = ReadAhead(items, window=2 * concurrency)
+    stream = QueryStream(_stream(client, ahead, schedule, inbox), client.stats)
     stream.packing = client.sizer.stats if client.sizer is not None else None
     return stream
 
@@ -73,16 +87,18 @@ async def _ask(client: AsyncClient, item: Any) -> QueryResult | list[QueryResult
     return await client.query(*item)
 
 
-def _stream(client: AsyncClient, ahead: ReadAhead, schedule: Schedule) -> Iterator[QueryResult]:
+def _stream(
+    client: AsyncClient, ahead: ReadAhead, schedule: Schedule, make_inbox: Callable[[AsyncClient], Inbox]
+) -> Iterator[QueryResult]:
     loop = asyncio.new_event_loop()
     outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()  # bounded by `window` through the caller's count
     started = threading.Event()
-    inbox: asyncio.Queue[Any] | None = None
+    inbox: Inbox | None = None
     main_task: asyncio.Task[None] | None = None
 
     async def main() -> None:
         nonlocal inbox, main_task
-        inbox = asyncio.Queue()
+        inbox = make_inbox(client)
         main_task = asyncio.current_task()
         started.set()
         try:
@@ -175,7 +191,13 @@ def query_async_batches(
             await _run_batch(client, batch, emit)
 
     return _run_in_loop_thread(
-        endpoint, rows, QueryOptions.of(options, **settings), batch_size, schedule, bursts=True
+        endpoint,
+        rows,
+        QueryOptions.of(options, **settings),
+        batch_size,
+        schedule,
+        lambda client: asyncio.Queue(),
+        bursts=True,
     )
 
 
@@ -206,24 +228,48 @@ def query_async_limited(
     Unlike the article's ``Semaphore`` version, no task is created per row up front, and each
     result carries its own row id instead of being zipped with the ids by position. The rate
     adapts to what the server allows; ``requests_per_minute`` / ``tokens_per_minute`` are ceilings
-    on top of it.
+    on top of it. A row that waits to retry gives its worker to the next row meanwhile, and comes
+    back ahead of new rows when its wait is over (:mod:`._run_queue`).
     """
     if max_concurrency < 1:
         raise LLMQueryConfigError(f"max_concurrency must be >= 1, got {max_concurrency}")
 
-    async def schedule(client: AsyncClient, inbox: asyncio.Queue[Any], emit: Emit) -> None:
+    async def schedule(client: AsyncClient, work: _PlanInbox, emit: Emit) -> None:
         async def worker() -> None:
-            while True:
-                item = await inbox.get()
-                if item is _END:
-                    inbox.put_nowait(_END)  # let the next worker see it too
-                    return
-                emit(await _ask(client, item))
+            while (plan := await work.get()) is not None:
+                outcome = await client.advance(plan)
+                if isinstance(outcome, Sleep):
+                    work.park(plan, outcome.seconds)
+                else:
+                    emit(outcome)
+                    work.answered()
 
-        async with asyncio.TaskGroup() as group:  # an auth error cancels the other workers
-            for _ in range(max_concurrency):
-                group.create_task(worker())
+        try:
+            async with asyncio.TaskGroup() as group:  # an auth error cancels the other workers
+                for _ in range(max_concurrency):
+                    group.create_task(worker())
+        finally:
+            work.close()  # a run that stopped early drops its parked rows
 
     return _run_in_loop_thread(
-        endpoint, rows, QueryOptions.of(options, **settings), max_concurrency, schedule
+        endpoint,
+        rows,
+        QueryOptions.of(options, **settings),
+        max_concurrency,
+        schedule,
+        lambda client: _PlanInbox(client, max_concurrency),
     )
+
+
+class _PlanInbox(AsyncRunQueue):
+    """The rate-limited method's inbox: each row arrives as its plan."""
+
+    def __init__(self, client: AsyncClient, workers: int) -> None:
+        super().__init__(workers)
+        self._client = client
+
+    def put_nowait(self, item: Any) -> None:
+        if item is _END:
+            self.end()
+        else:
+            self.put(self._client.plan(item))

@@ -5,15 +5,16 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from airflow_provider_llmq.core.accounting.result import QueryResult
 from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
 from airflow_provider_llmq.core.methods._read_ahead import Failed, Item, QueryStream, ReadAhead, drain
+from airflow_provider_llmq.core.methods._run_queue import ThreadRunQueue
 from airflow_provider_llmq.core.packing import group_rows
 from airflow_provider_llmq.core.request.options import QueryOptions
+from airflow_provider_llmq.core.transport.engine import Sleep
 from airflow_provider_llmq.core.transport.sync_client import SyncClient
 
 _clients: dict[tuple[object, ...], SyncClient] = {}
@@ -100,7 +101,9 @@ def query_thread_pool(
 
     At most ``2 * max_workers`` rows are submitted ahead of the results yielded, so memory stays
     bounded whatever the row count (the article submits every row up front). Results are yielded
-    in completion order, each with its own row id; a failed row is a result, never dropped.
+    in completion order, each with its own row id; a failed row is a result, never dropped. A row
+    that waits to retry gives its thread to the next row meanwhile, and comes back ahead of new
+    rows when its wait is over.
     """
     if max_workers < 1:
         raise LLMQueryConfigError(f"max_workers must be >= 1, got {max_workers}")
@@ -111,24 +114,37 @@ def query_thread_pool(
 
 
 def _pooled(client: SyncClient, rows: Iterable[Any], max_workers: int) -> Iterator[QueryResult]:
+    """``max_workers`` threads advance the rows' plans; a row that waits to retry is parked in the
+    run queue and its thread takes the next row (:mod:`._run_queue`)."""
     ahead = ReadAhead(rows, window=2 * max_workers)
     finished: queue.SimpleQueue[QueryResult | list[QueryResult] | Failed] = queue.SimpleQueue()
-    failed = threading.Event()
+    work = ThreadRunQueue()
+    threads: list[threading.Thread] = []
 
-    def work(item: Any) -> None:
-        if failed.is_set():  # the run is ending: send nothing more
-            return
-        try:
-            finished.put(client.query_pack(item) if client.sizer is not None else client.query(*item))
-        except BaseException as exc:  # an auth / config error ends the run in the caller's thread
-            failed.set()
-            finished.put(Failed(exc))
+    def worker() -> None:
+        while (plan := work.get()) is not None:
+            try:
+                outcome = client.advance(plan)
+            except BaseException as exc:  # an auth / config error ends the run in the caller's thread
+                work.stop()  # the other threads send nothing more
+                finished.put(Failed(exc))
+                return
+            if isinstance(outcome, Sleep):
+                work.park(plan, outcome.seconds)
+            else:
+                finished.put(outcome)
 
-    with client, ThreadPoolExecutor(max_workers, thread_name_prefix="llmq-query") as pool:
+    with client:
         try:
             while True:
-                for item in ahead.take():
-                    pool.submit(work, item)
+                items = ahead.take()
+                if items:
+                    work.put([client.plan(item) for item in items])
+                    # threads start as rows need them, as a ThreadPoolExecutor's do
+                    while len(threads) < min(max_workers, ahead.unanswered):
+                        name = f"llmq-query_{len(threads)}"
+                        threads.append(threading.Thread(target=worker, name=name, daemon=True))
+                        threads[-1].start()
                 if ahead.finished:
                     return
                 for outcome in drain(finished):
@@ -140,5 +156,8 @@ def _pooled(client: SyncClient, rows: Iterable[Any], max_workers: int) -> Iterat
                     else:
                         yield outcome
         finally:
-            # rows not yet started are dropped; the ones in flight finish (at most one request each)
-            pool.shutdown(wait=True, cancel_futures=True)
+            # rows not yet started, and rows waiting to retry, are dropped; the ones in flight
+            # finish (at most one request each)
+            work.stop()
+            for thread in threads:
+                thread.join()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Generator
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -21,7 +20,7 @@ from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
 from airflow_provider_llmq.core.pacing.limits import AsyncLimiter
 from airflow_provider_llmq.core.request.options import QueryOptions
 from airflow_provider_llmq.core.transport.client_base import ClientBase
-from airflow_provider_llmq.core.transport.engine import Acquire, Received, Sleep, Step
+from airflow_provider_llmq.core.transport.engine import Acquire, Plan, Received, Sleep
 
 __all__ = ["AsyncClient"]
 
@@ -99,7 +98,15 @@ class AsyncClient(ClientBase[AsyncLimiter]):
         results: list[QueryResult] = await self._run(self._pack_plan(rows))
         return results
 
-    async def _run(self, plan: Generator[Step, Received | None, Any]) -> Any:
+    async def _run(self, plan: Plan) -> Any:
+        while isinstance(outcome := await self.advance(plan), Sleep):
+            await asyncio.sleep(outcome.seconds)
+        return outcome
+
+    async def advance(self, plan: Plan) -> Any:
+        """Performs the plan's steps until it ends (its value) or asks to wait: the :class:`Sleep`
+        is returned, not slept, so a pooled method can give the worker to another row meanwhile;
+        the next call resumes the plan after its wait."""
         received: Received | None = None
         try:
             while True:
@@ -108,7 +115,7 @@ class AsyncClient(ClientBase[AsyncLimiter]):
                 if isinstance(step, Acquire):
                     await self.limiter.acquire(step.tokens, self.rate.patience_exhausted)
                 elif isinstance(step, Sleep):
-                    await asyncio.sleep(step.seconds)
+                    return step
                 else:
                     received = await self._post(step.body)
         except StopIteration as done:

@@ -17,7 +17,7 @@ from airflow_provider_llmq.core.pacing.limits import AsyncLimiter, ThreadLimiter
 from airflow_provider_llmq.core.pacing.reachability import Reachability
 from airflow_provider_llmq.core.packing import PackContext, PackSizer, pack_attempts, pack_policy_of
 from airflow_provider_llmq.core.request.options import QueryOptions
-from airflow_provider_llmq.core.transport.engine import Received, Step, _attempts, _RowPolicy
+from airflow_provider_llmq.core.transport.engine import Plan, Received, Step, _attempts, _RowPolicy
 
 __all__ = ["ClientBase"]
 
@@ -108,6 +108,10 @@ class ClientBase(Generic[L]):
     def stats(self) -> AdaptiveStats:
         """The admitted rate, 429s, pauses so far: what a progress line shows."""
         return self.rate.stats()
+
+    def plan(self, item: Any) -> Plan:
+        """A method's item as a plan: a row ``(row_id, prompt)``, or a pack of rows with packing."""
+        return self._pack_plan(item) if self.sizer is not None else self._plan(*item)
 
     def _plan(self, row_id: Any, prompt: Any) -> Generator[Step, Received | None, QueryResult]:
         return _attempts(row_id, prompt, self._policy, self.limiter, self.rate, self.budget)

@@ -50,7 +50,7 @@ from airflow_provider_llmq.core.request.payload import (
 )
 from airflow_provider_llmq.core.transport.transport_errors import classify_exception
 
-__all__ = ["Acquire", "Received", "Send", "Sleep", "Step"]
+__all__ = ["Acquire", "Plan", "Received", "Send", "Sleep", "Step"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,9 @@ Step = Acquire | Send | Sleep
 # what a Send gets back: (status, headers, body) or the transport exception
 Received = tuple[int, Mapping[str, str], bytes] | BaseException
 Limiter = ThreadLimiter | AsyncLimiter
+# one row's (or one pack's) attempts; a client advances it until it answers or asks to wait (Sleep),
+# and a pooled method hands a waiting plan's worker to the next row meanwhile (methods/_run_queue.py)
+Plan = Generator[Step, Received | None, Any]
 
 
 @dataclass(frozen=True)

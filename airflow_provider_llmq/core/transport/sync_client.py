@@ -13,7 +13,6 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Generator
 from typing import Any
 
 import requests
@@ -25,7 +24,7 @@ from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
 from airflow_provider_llmq.core.pacing.limits import ThreadLimiter
 from airflow_provider_llmq.core.request.options import QueryOptions
 from airflow_provider_llmq.core.transport.client_base import ClientBase
-from airflow_provider_llmq.core.transport.engine import Acquire, Received, Sleep, Step
+from airflow_provider_llmq.core.transport.engine import Acquire, Plan, Received, Sleep
 
 __all__ = ["SyncClient"]
 
@@ -223,7 +222,15 @@ class SyncClient(ClientBase[ThreadLimiter]):
         results: list[QueryResult] = self._run(self._pack_plan(rows))
         return results
 
-    def _run(self, plan: Generator[Step, Received | None, Any]) -> Any:
+    def _run(self, plan: Plan) -> Any:
+        while isinstance(outcome := self.advance(plan), Sleep):
+            time.sleep(outcome.seconds)
+        return outcome
+
+    def advance(self, plan: Plan) -> Any:
+        """Performs the plan's steps until it ends (its value) or asks to wait: the :class:`Sleep`
+        is returned, not slept, so the thread pool can give the thread to another row meanwhile;
+        the next call resumes the plan after its wait."""
         received: Received | None = None
         try:
             while True:
@@ -232,7 +239,7 @@ class SyncClient(ClientBase[ThreadLimiter]):
                 if isinstance(step, Acquire):
                     self.limiter.acquire(step.tokens, self.rate.patience_exhausted)
                 elif isinstance(step, Sleep):
-                    time.sleep(step.seconds)
+                    return step
                 else:
                     received = self._post(step.body)
         except StopIteration as done:
