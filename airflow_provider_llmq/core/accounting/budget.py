@@ -256,9 +256,9 @@ class Budget:
         """The ledger cannot be reached from here: this budget keeps the fixed share."""
         assert self._grants is not None
         tokens, cost = self._grants.fallback()
-        if not _fell_back.is_set():  # once per process: every task of this worker falls back alike
+        if not _fell_back.is_set():  # once per process; the driver's log says it once for the job
             _fell_back.set()
-            log.warning("the budget ledger cannot be reached (%s): tasks keep a fixed share of it", reason)
+            log.info("the budget ledger cannot be reached (%s): tasks keep a fixed share of it", reason)
         with self._lock:
             self._grants = None
             self.max_total_tokens = tokens if self.max_total_tokens is not None else None
