@@ -263,7 +263,8 @@ class Budget:
 
     def _when_idle(self) -> None:
         """Nothing in flight for a while (the task ended, or waits for rows): give back what is
-        granted and unreserved, so that another task may use it."""
+        granted and unreserved, so that another task may use it (closed too: what its last
+        requests in flight held, and did not spend, is another task's to wait for)."""
         with self._wire:
             with self._lock:
                 self._idle_timer = None
@@ -272,7 +273,7 @@ class Budget:
                     self._ceiling_tokens > self.spent_tokens + self.reserved_tokens
                     or self._ceiling_cost > self.spent_cost + self.reserved_cost
                 )
-                if grants is None or self.in_flight or self._drawing or self.closed or not unreserved:
+                if grants is None or self.in_flight or self._drawing or not unreserved:
                     return
                 standing = self._standing()
             try:
