@@ -125,3 +125,47 @@ def test_a_user_max_tokens_is_kept_and_bounds_the_reservation(server: Any) -> No
     answered = [r for r in results if r.ok]
     assert answered and all(r.completion_tokens == 4 and r.finish_reason == "length" for r in answered)
     assert all(r.attempts == 1 for r in answered)
+
+
+@pytest.mark.parametrize("method", ["async_limited", "thread_pool"])
+def test_tasks_drawing_from_the_ledger_never_pass_the_budget_and_use_it(server: Any, method: str) -> None:
+    """The Spark executors' path without Spark: three clients (one per task) draw from one driver
+    ledger over a socket, one of them holding most of the rows (a skewed partition)."""
+    import threading
+
+    from airflow_provider_llmq.core.request.options import QueryOptions
+    from airflow_provider_llmq.spark.placements.budget_ledger import Ledger, LedgerServer
+    from airflow_provider_llmq.spark.placements.ledger_line import LedgerTicket
+
+    server.configure(latency_ms=20)
+    run, scheduling = SCHEDULING[method]
+    budget = 8000
+    # the small tasks' rows are short: they leave most of an equal share unspent
+    tasks = [
+        _mixed(300),
+        [(300 + i, f"row {i}: short") for i in range(5)],
+        [(305 + i, "short") for i in range(5)],
+    ]
+    results: list[list[QueryResult]] = [[] for _ in tasks]
+    with LedgerServer(Ledger(budget, None), "127.0.0.1") as ledger:
+        host, port = ledger.address
+        ticket = LedgerTicket(host, port, ledger.secret, budget // 3, None)
+        options = QueryOptions(max_total_tokens=budget, budget_grants=ticket)
+
+        def task(i: int) -> None:
+            results[i] = list(run(make_endpoint(server, "openai"), tasks[i], options=options, **scheduling))
+
+        threads = [threading.Thread(target=task, args=(i,)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    every = _every_row_once([r for part in results for r in part], 310)
+    billed = _billed(server)
+    codes = Counter(r.error_code for r in every)
+    print(f"{method} via the ledger: billed {billed} of {budget}; {dict(codes)}")
+    assert billed <= budget
+    assert billed >= 0.8 * budget  # the big task drew what the small ones left
+    small = sum((r.prompt_tokens or 0) + (r.completion_tokens or 0) for part in results[1:] for r in part)
+    assert small < budget // 6  # so fixed thirds would have stopped near budget // 3 + small
+    assert set(codes) <= {None, "budget_exceeded", "cut_by_budget"}, codes

@@ -6,8 +6,9 @@ import threading
 
 import pytest
 
-from airflow_provider_llmq.core.accounting.budget import WAIT, Budget, Hold, RowBudget
+from airflow_provider_llmq.core.accounting.budget import WAIT, Budget, Hold
 from airflow_provider_llmq.core.accounting.cost import Price, TokenCounter
+from airflow_provider_llmq.core.accounting.row_budget import RowBudget
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
 from airflow_provider_llmq.core.request.error_codes import (
     BUDGET_EXCEEDED,

@@ -21,7 +21,9 @@ later run). So with the prompt ratio learned, spent never passes the budget, and
 work stops within one request's worst case of it.
 
 A run's budget is the **run's**, across task tries: the Spark layer gives a try what is left after
-what the checkpoint says earlier tries of the run were billed.
+what the checkpoint says earlier tries of the run were billed. On Spark executors many budgets share
+one: each draws *grants* from the driver's ledger (a :class:`~.grants.GrantSource`) and reserves
+inside them; the ledger, not each budget, decides when the run's budget is closed.
 
 Safe for threads and event loops alike: one ``threading.Lock``, held for a few additions and never
 across a wait, so an event loop never blocks on it.
@@ -29,18 +31,20 @@ across a wait, so an event loop never blocks on it.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
+import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Final
 
-from airflow_provider_llmq.core.accounting.cost import Price, TokenCounter
+from airflow_provider_llmq.core.accounting.cost import Price
+from airflow_provider_llmq.core.accounting.grants import GrantAnswer, GrantSource, GrantsUnreachable, Standing
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
 
-if TYPE_CHECKING:
-    from airflow_provider_llmq.core.request.payload import ChatRequest
+__all__ = ["WAIT", "Budget", "Hold"]
 
-__all__ = ["WAIT", "Budget", "Hold", "RowBudget"]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +72,11 @@ _LIMIT_GROWTH = 1.5
 _LIMIT_SLACK = 16
 _FIRST_LIMIT = 256  # nothing learned and no expected_completion_tokens: a short answer's room
 _MIN_LIMIT = 16
+# a grant is this many of the attempt's worst case: few draws per task, little held idle at the end
+_GRANT_CHUNK = 4
+_REDRAW_SECONDS = 0.1  # a ledger that said wait is asked again after this long
+_IDLE_SECONDS = 0.25  # nothing in flight this long (a task ended): what is unreserved goes back
+_fell_back = threading.Event()
 
 
 class Budget:
@@ -78,6 +87,8 @@ class Budget:
     :param price: the model's price; needed for ``max_cost`` and to count cost at all.
     :param expected_completion_tokens: the user's guess of an answer's length: the first limit
         llmq sends is twice it (before any answer was seen).
+    :param grants: where this budget draws its room from when it shares the run's with others
+        (a Spark executor's task: the driver's ledger); None: the limits are this budget's own.
     """
 
     def __init__(
@@ -86,6 +97,7 @@ class Budget:
         max_cost: float | None = None,
         price: Price | None = None,
         expected_completion_tokens: int | None = None,
+        grants: GrantSource | None = None,
     ) -> None:
         if max_cost is not None and price is None:
             raise LLMQueryConfigError("max_cost needs prices for the model (or deployment) the run asks")
@@ -103,6 +115,18 @@ class Budget:
         self._prompt_ratio: float | None = None  # billed / estimated prompt tokens, the largest seen
         self._longest_answer = 0  # completion tokens of the longest complete answer seen
         self._first_limit = 2 * expected_completion_tokens if expected_completion_tokens else _FIRST_LIMIT
+        # with grants: the room granted (billed + reserved stay inside it), what the other holders
+        # hold, and the one call to the source at a time (the wire lock orders them, taken before
+        # ``_lock`` and never inside it)
+        self._grants = grants
+        self._ceiling_tokens = 0
+        self._ceiling_cost = 0.0
+        self._elsewhere_tokens = 0
+        self._elsewhere_cost = 0.0
+        self._drawing = False
+        self._next_draw = 0.0
+        self._idle_timer: threading.Timer | None = None
+        self._wire = threading.Lock()
 
     def _cost(self, prompt_tokens: int | None, completion_tokens: int | None) -> float:
         return self.price.cost(prompt_tokens, completion_tokens) if self.price is not None else 0.0
@@ -124,7 +148,7 @@ class Budget:
             floor = max(_MIN_LIMIT, self._longest_answer)
             if self.max_total_tokens is None:
                 return target
-            left = self.max_total_tokens - self.spent_tokens - self.reserved_tokens
+            left = self.max_total_tokens - self._elsewhere_tokens - self.spent_tokens - self.reserved_tokens
             share = left // (self.in_flight + 1)
             return max(floor, min(target, share))
 
@@ -137,11 +161,18 @@ class Budget:
         cost = self._cost(prompt, completion_tokens)
         with self._lock:
             if not self.closed:
-                if not self._passes(tokens, cost, self.reserved_tokens, self.reserved_cost):
+                if not self._passes(tokens, cost, self.reserved_tokens, self.reserved_cost, granted=True):
                     self.reserved_tokens += tokens
                     self.reserved_cost += cost
                     self.in_flight += 1
                     return Hold(tokens, cost, prompt_estimate)
+                if self._grants is not None:  # the ledger decides: draw, and look again shortly
+                    if not self._drawing and time.monotonic() >= self._next_draw:
+                        self._drawing = True
+                        threading.Thread(
+                            target=self._draw, args=(tokens, cost), name="llmq-grant", daemon=True
+                        ).start()
+                    return WAIT
                 if self.in_flight and not self._passes(tokens, cost, 0, 0.0):
                     return WAIT
                 self.closed = True
@@ -155,13 +186,100 @@ class Budget:
         with self._lock:
             return not self._passes(prompt + completion_tokens, self._cost(prompt, completion_tokens), 0, 0.0)
 
-    def _passes(self, tokens: int, cost: float, reserved_tokens: int, reserved_cost: float) -> bool:
-        over_tokens = (
-            self.max_total_tokens is not None
-            and self.spent_tokens + reserved_tokens + tokens > self.max_total_tokens
-        )
-        over_cost = self.max_cost is not None and self.spent_cost + reserved_cost + cost > self.max_cost
+    def release(self) -> None:
+        """The holder is done (its task ended): what is granted and unreserved goes back now."""
+        with self._lock:
+            timer, self._idle_timer = self._idle_timer, None
+        if timer is not None:
+            timer.cancel()
+        if self._grants is not None:
+            self._when_idle()
+
+    def _passes(
+        self, tokens: int, cost: float, reserved_tokens: int, reserved_cost: float, granted: bool = False
+    ) -> bool:
+        """Whether spent + reserved + the attempt pass the budget; with grants, ``granted`` compares
+        with the room granted, else with the budget less what the other holders hold."""
+        max_tokens, max_cost = self.max_total_tokens, self.max_cost
+        if self._grants is not None:
+            if granted:
+                max_tokens = None if max_tokens is None else self._ceiling_tokens
+                max_cost = None if max_cost is None else self._ceiling_cost
+            else:
+                max_tokens = None if max_tokens is None else max_tokens - self._elsewhere_tokens
+                max_cost = None if max_cost is None else max_cost - self._elsewhere_cost
+        over_tokens = max_tokens is not None and self.spent_tokens + reserved_tokens + tokens > max_tokens
+        over_cost = max_cost is not None and self.spent_cost + reserved_cost + cost > max_cost
         return over_tokens or over_cost
+
+    def _standing(self) -> Standing:
+        """Gives back what is granted and not reserved (under ``_lock``): the ceiling becomes what
+        was billed plus what is in flight, as the source is about to be told."""
+        kept_tokens = self.spent_tokens + self.reserved_tokens
+        kept_cost = self.spent_cost + self.reserved_cost
+        self._ceiling_tokens = min(self._ceiling_tokens, kept_tokens)
+        self._ceiling_cost = min(self._ceiling_cost, kept_cost)
+        return Standing(self.spent_tokens, self.spent_cost, kept_tokens, kept_cost)
+
+    def _draw(self, tokens: int, cost: float) -> None:
+        """One draw from the grant source, off the callers' threads (an event loop never waits on
+        the network); the callers look again after :data:`WAIT`."""
+        assert self._grants is not None
+        answer: GrantAnswer | None = None
+        with self._wire:
+            with self._lock:
+                standing = self._standing()
+            try:
+                chunk = (_GRANT_CHUNK * tokens, _GRANT_CHUNK * cost)
+                answer = self._grants.draw(standing, (tokens, cost), chunk)
+            except GrantsUnreachable as exc:
+                self._fall_back(str(exc))
+            except Exception as exc:  # the ledger was reached before and is gone: nothing more is safe
+                log.warning("the budget ledger was lost (%s): this task sends nothing more", exc)
+        with self._lock:
+            self._drawing = False
+            if self._grants is None:  # fell back
+                return
+            if answer is None or answer.closed:
+                self.closed = True
+                return
+            self._elsewhere_tokens, self._elsewhere_cost = answer.elsewhere_tokens, answer.elsewhere_cost
+            self._ceiling_tokens += answer.tokens
+            self._ceiling_cost += answer.cost
+            if answer.wait:
+                self._next_draw = time.monotonic() + _REDRAW_SECONDS
+
+    def _fall_back(self, reason: str) -> None:
+        """The ledger cannot be reached from here: this budget keeps the fixed share."""
+        assert self._grants is not None
+        tokens, cost = self._grants.fallback()
+        if not _fell_back.is_set():  # once per process; the driver's log says it once for the job
+            _fell_back.set()
+            log.info("the budget ledger cannot be reached (%s): tasks keep a fixed share of it", reason)
+        with self._lock:
+            self._grants = None
+            self.max_total_tokens = tokens if self.max_total_tokens is not None else None
+            self.max_cost = cost if self.max_cost is not None else None
+
+    def _when_idle(self) -> None:
+        """Nothing in flight for a while (the task ended, or waits for rows): give back what is
+        granted and unreserved, so that another task may use it (closed too: what its last
+        requests in flight held, and did not spend, is another task's to wait for)."""
+        with self._wire:
+            with self._lock:
+                self._idle_timer = None
+                grants = self._grants
+                unreserved = (
+                    self._ceiling_tokens > self.spent_tokens + self.reserved_tokens
+                    or self._ceiling_cost > self.spent_cost + self.reserved_cost
+                )
+                if grants is None or self.in_flight or self._drawing or not unreserved:
+                    return
+                standing = self._standing()
+            try:
+                grants.give_back(standing)
+            except Exception as exc:  # kept by the ledger until the job ends: never passed, only idle
+                log.debug("the budget ledger did not take back an unused grant: %s", exc)
 
     def settle(
         self,
@@ -190,6 +308,10 @@ class Budget:
             if completion_tokens:
                 longest = completion_tokens * 2 if cut else completion_tokens
                 self._longest_answer = max(self._longest_answer, longest)
+            if self._grants is not None and not self.in_flight and self._idle_timer is None:
+                self._idle_timer = threading.Timer(_IDLE_SECONDS, self._when_idle)
+                self._idle_timer.daemon = True
+                self._idle_timer.start()
 
     def refusal(self) -> str:
         """The message of a row the budget kept from being sent."""
@@ -210,39 +332,3 @@ class Budget:
             f"Budget(max_total_tokens={self.max_total_tokens}, max_cost={self.max_cost}, "
             f"spent_tokens={self.spent_tokens}, reserved_tokens={self.reserved_tokens}, closed={self.closed})"
         )
-
-
-class RowBudget:
-    """One row's view of the run's budget: the completion limit each attempt sends when the user set
-    none, and each attempt's reservation (its conversation counted as it is sent: a repair request
-    carries the invalid answer too)."""
-
-    def __init__(self, budget: Budget, request: ChatRequest) -> None:
-        self.budget = budget
-        self.request = request
-        self.user_limit = request.max_completion_tokens()
-        self.limit: int | None = None  # the limit llmq sent with the latest attempt
-        self.cut_at = 0  # the limit that cut the latest cut answer
-
-    @property
-    def owns_limit(self) -> bool:
-        """llmq sets the completion limit (the user set no ``max_tokens``)."""
-        return self.user_limit is None
-
-    def body(self, conversation: dict[str, Any]) -> dict[str, Any]:
-        """The attempt's body: the conversation, with the limit llmq sets when it sets one (twice
-        the limit that cut the previous answer, if one did)."""
-        if not self.owns_limit:
-            return conversation
-        self.limit = max(self.budget.completion_limit(), 2 * self.cut_at)
-        return self.request.with_limit(conversation, self.limit)
-
-    def reserve(self, body: dict[str, Any]) -> Hold | _Wait | None:
-        texts = [m["content"] for m in body.get("messages", ()) if isinstance(m.get("content"), str)]
-        estimate = TokenCounter.shared().messages_tokens(texts)
-        completion = self.limit if self.owns_limit else self.user_limit
-        return self.budget.reserve(estimate, completion or 0)
-
-    def cut(self) -> None:
-        """The latest answer stopped at llmq's limit: the next attempt asks for twice as much."""
-        self.cut_at = self.limit or 0

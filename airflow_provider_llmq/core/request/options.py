@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from airflow_provider_llmq.core.accounting.cost import parse_prices
+from airflow_provider_llmq.core.accounting.grants import GrantTicket
 from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
 from airflow_provider_llmq.core.pacing.retry import RetryPolicy
@@ -77,6 +78,8 @@ class QueryOptions:
         default) sends one row per request; an integer > 1 packs that many; ``"auto"`` picks the size
         (about 2,000 prompt tokens, at most 64 rows). Each row keeps its own answer or error;
         ``max_tokens`` stays a row's: a pack asks for each of its rows' (and their ids).
+    :param budget_grants: where the budget draws its room from when many clients share it (set by
+        the Spark layer on executors: the driver's ledger); None: each client's budget is its own.
     """
 
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
@@ -98,6 +101,7 @@ class QueryOptions:
     max_cost: float | None = None
     expected_completion_tokens: int | None = None
     rows_per_request: int | str = 1
+    budget_grants: GrantTicket | None = None
 
     def __post_init__(self) -> None:
         # a wrong type is a configuration error like a wrong value, never a TypeError deep in a retry

@@ -85,6 +85,8 @@ class AsyncClient(ClientBase[AsyncLimiter]):
             await asyncio.sleep(0.05)
 
     async def close(self) -> None:
+        if self.budget is not None:  # a share of a run's budget: what it did not use goes back now
+            await asyncio.to_thread(self.budget.release)  # a call to the driver, off the loop
         if self._session is not None:
             await self._session.close()
             self._session = None

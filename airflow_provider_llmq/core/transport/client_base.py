@@ -63,11 +63,16 @@ class ClientBase(Generic[L]):
         # one budget per client: every thread or task of the client reserves against it
         self.budget: Budget | None = None
         if self.options.max_total_tokens is not None or self.options.max_cost is not None:
+            ticket = self.options.budget_grants
+            grants = ticket.open() if ticket is not None else None
+            for secret in grants.secrets() if grants is not None else ():
+                self._policy.scrubber.add(secret)
             self.budget = Budget(
                 self.options.max_total_tokens,
                 self.options.max_cost,
                 price,
                 expected_completion_tokens=self.options.expected_completion_tokens,
+                grants=grants,
             )
         self._url = self.endpoint.url()
         self._headers = self.endpoint.request_headers()

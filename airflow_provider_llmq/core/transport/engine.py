@@ -24,9 +24,10 @@ from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from airflow_provider_llmq.core.accounting.budget import WAIT, Budget, Hold, RowBudget
+from airflow_provider_llmq.core.accounting.budget import WAIT, Budget, Hold
 from airflow_provider_llmq.core.accounting.cost import Price
 from airflow_provider_llmq.core.accounting.result import STATUS_ERROR, STATUS_OK, QueryResult
+from airflow_provider_llmq.core.accounting.row_budget import RowBudget
 from airflow_provider_llmq.core.endpoint.entra_token import TokenSource
 from airflow_provider_llmq.core.endpoint.secrets import Scrubber
 from airflow_provider_llmq.core.pacing.adaptive import AdaptiveRate

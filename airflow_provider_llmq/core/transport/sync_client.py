@@ -277,6 +277,8 @@ class SyncClient(ClientBase[ThreadLimiter]):
                 response.close()
 
     def close(self) -> None:
+        if self.budget is not None:  # a share of a run's budget: what it did not use goes back now
+            self.budget.release()
         self._session.close()
         self._watchdog.close()
 

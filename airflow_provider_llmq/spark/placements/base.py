@@ -63,8 +63,9 @@ class Placement(Protocol):
 
 
 def job_share(options: QueryOptions, spent: tuple[int, float], partitions: int) -> QueryOptions:
-    """The budget of one partition of the next Spark job (UDF, executors): an equal share of what
-    this try has left after the jobs before it (``spent``, read from their result files).
+    """The budget of one partition of the next Spark job (UDF, executors) where the driver's
+    ledger cannot serve it (:class:`~.budget_ledger.JobBudgets`): an equal share of what this try
+    has left after the jobs before it (``spent``, read from their result files).
 
     Each partition's client keeps its own share, so a job spends at most what was left, plus what
     its requests in flight used beyond their reservation; a share too small for a request ends

@@ -21,7 +21,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
-from airflow_provider_llmq.spark.placements.base import PlacementStopped, Work, job_share, portable
+from airflow_provider_llmq.spark.placements.base import PlacementStopped, Work, portable
+from airflow_provider_llmq.spark.placements.budget_ledger import JobBudgets
 from airflow_provider_llmq.spark.placements.driver import QueryMethod
 from airflow_provider_llmq.spark.placements.udf import unwrap_spark_error
 from airflow_provider_llmq.spark.plan import BUCKET_COL, bucket_of, bucket_sizes, job_groups
@@ -73,6 +74,8 @@ class ExecutorPlacement:
         ``max_workers``).
     :param concurrency: its global value, shared between the partitions.
     :param parallelism: task slots, where Spark cannot tell them (Spark Connect); None reads them.
+    :param budget_ledger: with a budget, the partitions draw it from a ledger this process serves;
+        False gives each partition a fixed share of it (what is left where Spark Connect runs).
     """
 
     keeps_its_own_ledger: ClassVar[bool] = False
@@ -81,6 +84,7 @@ class ExecutorPlacement:
     concurrency_arg: str
     concurrency: int
     parallelism: int | None = None
+    budget_ledger: bool = True
 
     def run(self, work: Work) -> None:
         pending, staged = _stage(work)
@@ -94,16 +98,8 @@ class ExecutorPlacement:
 
         slots = self.parallelism or default_parallelism(work.spark)
         share = share_caps(self.concurrency, work.options, slots)
-        ask = _partition_asker(
-            self.method,
-            portable(work.endpoint),
-            dataclasses.replace(
-                work.options,
-                requests_per_minute=share.requests_per_minute,
-                tokens_per_minute=share.tokens_per_minute,
-            ),
-            {self.concurrency_arg: share.concurrency},
-        )
+        endpoint = portable(work.endpoint)
+        budgets = JobBudgets(work, share.partitions, self.budget_ledger)
         # The first job asks one bucket; later jobs are sized to about JOB_SECONDS at the rate
         # measured so far, so that each Spark job's fixed cost (scheduling, worker start, TLS
         # handshakes, the commit) is paid rarely while a killed driver still loses at most about
@@ -114,29 +110,28 @@ class ExecutorPlacement:
         while remaining:
             if work.stop.is_set():
                 raise PlacementStopped("stopped between two bucket jobs")
-            if work.options.max_total_tokens is not None or work.options.max_cost is not None:
-                # a budget: each partition of the next job gets its share of what is left
-                shared = job_share(work.options, work.checkpoint.spent(written), share.partitions)
+            group = job_groups(remaining, rate * JOB_SECONDS)[0]
+            started = time.monotonic()
+            rows = bucket_of(work.pending, *group).repartition(share.partitions, F.col(KEY_COL))
+            # a budget: the partitions draw from the driver's ledger, or share what is left
+            with budgets.job(written) as options:
                 ask = _partition_asker(
                     self.method,
-                    portable(work.endpoint),
+                    endpoint,
                     dataclasses.replace(
-                        shared,
+                        options,
                         requests_per_minute=share.requests_per_minute,
                         tokens_per_minute=share.tokens_per_minute,
                     ),
                     {self.concurrency_arg: share.concurrency},
                 )
-            group = job_groups(remaining, rate * JOB_SECONDS)[0]
-            started = time.monotonic()
-            rows = bucket_of(work.pending, *group).repartition(share.partitions, F.col(KEY_COL))
-            try:
-                written_file = work.checkpoint.write_frame(rows.mapInArrow(ask, _OUTPUT_DDL))
-            except Exception as exc:
-                if work.stop.is_set():
-                    raise PlacementStopped("stopped: the running bucket job was cancelled") from None
-                raise unwrap_spark_error(exc) from None
-            written.append(written_file)
+                try:
+                    written_file = work.checkpoint.write_frame(rows.mapInArrow(ask, _OUTPUT_DDL))
+                except Exception as exc:
+                    if work.stop.is_set():
+                        raise PlacementStopped("stopped: the running bucket job was cancelled") from None
+                    raise unwrap_spark_error(exc) from None
+                written.append(written_file)
             asked = sum(remaining.pop(bucket) for bucket in group)
             rate = asked / max(time.monotonic() - started, 1e-3)
             work.progress.add(asked, work.checkpoint.tally(written_file))

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow_provider_llmq.core.errors import LLMQueryConfigError, LLMQueryError
 from airflow_provider_llmq.core.methods import sync_client_for
-from airflow_provider_llmq.spark.placements.base import PlacementStopped, Work, job_share, portable
+from airflow_provider_llmq.spark.placements.base import PlacementStopped, Work, portable
+from airflow_provider_llmq.spark.placements.budget_ledger import JobBudgets
 from airflow_provider_llmq.spark.placements.udf_packs import packed_answers
 from airflow_provider_llmq.spark.plan import bucket_of, bucket_sizes
 from airflow_provider_llmq.spark.schema import KEY_COL, PROMPT_COL, RESULT_DDL, result_values
@@ -30,12 +31,15 @@ class UDFPlacement:
     :param requests_per_worker: requests in flight per Python worker. 1 is the article's method;
         more runs the UDF Arrow-optimized with that many threads per worker (Spark's
         ``pythonUDF.arrow.concurrency.level``), so a wide cluster is not held to one request per core.
+    :param budget_ledger: with a budget, the workers draw it from a ledger this process serves;
+        False gives each worker a fixed share of it (what is left where Spark Connect runs).
     """
 
     keeps_its_own_ledger: ClassVar[bool] = False
 
     num_partitions: int | None = None
     requests_per_worker: int = 1
+    budget_ledger: bool = True
 
     def __post_init__(self) -> None:
         if self.num_partitions is not None and self.num_partitions < 1:
@@ -60,27 +64,29 @@ class UDFPlacement:
     def _ask_buckets(self, work: Work, endpoint: EndpointConfig, threaded: bool, partitions: int) -> None:
         from pyspark.sql import functions as F
 
-        # a budget: each job's Python workers (at most as many as run at once) share what is left
-        workers = min(partitions, default_parallelism(work.spark))
+        # a budget: each job's Python workers (at most as many as run at once) draw from the
+        # driver's ledger, or share what is left where it cannot serve them
+        budgets = JobBudgets(work, min(partitions, default_parallelism(work.spark)), self.budget_ledger)
         written: list[str] = []
         for bucket, size in sorted(bucket_sizes(work.pending).items()):
             if work.stop.is_set():
                 raise PlacementStopped("stopped between two bucket jobs")
-            options = job_share(work.options, work.checkpoint.spent(written), workers)
-            rows = bucket_of(work.pending, bucket).repartition(partitions)
-            if options.packed:  # rows_per_request: packs formed over each partition's rows
-                answered = packed_answers(rows, endpoint, options, _scope(options), self.requests_per_worker)
-            else:
-                ask = _query_udf(endpoint, options, arrow=threaded)
-                answered = rows.select(KEY_COL, ask(F.col(KEY_COL), F.col(PROMPT_COL)).alias("r"))
-                answered = answered.select(KEY_COL, "r.*")
-            try:
-                name = work.checkpoint.write_frame(answered)
-            except Exception as exc:  # a Spark job failure wraps the executor's Python error
-                if work.stop.is_set():  # the job was cancelled by the stop
-                    raise PlacementStopped("stopped: the running bucket job was cancelled") from None
-                raise unwrap_spark_error(exc) from None
-            written.append(name)
+            with budgets.job(written) as options:
+                rows = bucket_of(work.pending, bucket).repartition(partitions)
+                if options.packed:  # rows_per_request: packs formed over each partition's rows
+                    threads = self.requests_per_worker
+                    answered = packed_answers(rows, endpoint, options, _scope(options), threads)
+                else:
+                    ask = _query_udf(endpoint, options, arrow=threaded)
+                    answered = rows.select(KEY_COL, ask(F.col(KEY_COL), F.col(PROMPT_COL)).alias("r"))
+                    answered = answered.select(KEY_COL, "r.*")
+                try:
+                    name = work.checkpoint.write_frame(answered)
+                except Exception as exc:  # a Spark job failure wraps the executor's Python error
+                    if work.stop.is_set():  # the job was cancelled by the stop
+                        raise PlacementStopped("stopped: the running bucket job was cancelled") from None
+                    raise unwrap_spark_error(exc) from None
+                written.append(name)
             work.progress.add(size, work.checkpoint.tally(name))
 
 
