@@ -205,7 +205,9 @@ def table(ms: list[Measurement]) -> str:
         ref = base[m.scenario]
         speed = f"{m.rows_per_s / ref.rows_per_s:.1f}x" if ref.rows_per_s else "-"
         tokens = (
-            f"{ref.prompt_tokens_per_row / m.prompt_tokens_per_row:.1f}x fewer" if m.prompt_tokens else "-"
+            f"{ref.prompt_tokens_per_row / m.prompt_tokens_per_row:.1f}x fewer"
+            if m.prompt_tokens and m.right  # a run that answered nothing saved nothing
+            else "-"
         )
         errors = ", ".join(f"{k} {v}" for k, v in sorted(m.errors_by_code.items())) or "0"
         lines.append(

@@ -34,10 +34,10 @@ __all__ = [
 PACK_SCHEMA_NAME = "llmq_pack"
 #: completion tokens an item's id and JSON punctuation add to its answer, and those of the answer's
 #: ``{"items": [...]}`` around them: a pack's ``max_tokens`` is each row's plus the first, times the
-#: rows, plus the second. Measured (benchmarks/PACKING.md, "answer overhead"): an item's
-#: ``{"id": "12", "answer": "..."},`` is 17 tokens as the mock counts (each mark one) and 11-12 in
-#: o200k_base, and the frame 8; 16 left a pack cut at ``max_tokens`` where every row asked alone
-#: fitted. The 3 tokens over the mock's 17 leave room for a few escaped quotes or newlines.
+#: rows, plus the second. Measured by benchmarks/packing_overhead.py: an item takes 17 tokens as the
+#: mock counts (each mark one), 7-12 in o200k_base written compact or spaced and 17-18 indented (as
+#: some models write strict JSON); the frame 8. 16 and no frame cut packs at ``max_tokens`` where
+#: every row asked alone fitted; the 3 over 17 leave room for a few escaped quotes or newlines.
 ITEM_ANSWER_OVERHEAD = 20
 PACK_ANSWER_OVERHEAD = 8
 PACK_INSTRUCTION = (
