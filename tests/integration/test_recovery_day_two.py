@@ -23,6 +23,14 @@ def _write(spark: Any, path: Path, rows: int, new: int = 0) -> str:
     return str(path)
 
 
+def _task(spark: Any, tmp_path: Path, rows: int, **kwargs: Any) -> dict[str, Any]:
+    """The rate-limited operator on ``rows`` new rows, as :mod:`tests.slow.run_operator` runs it."""
+    paths = {"output_path": str(tmp_path / "out"), "checkpoint_dir": str(tmp_path / "ckpt")}
+    source = _write(spark, tmp_path / "src", rows)
+    kwargs = {"source_path": source, "id_col": "id", **paths, "checkpoint_key": "dag/task/run", **kwargs}
+    return {"operator": "LLMQueryRateLimitedOperator", "kwargs": kwargs}
+
+
 @pytest.mark.slow  # two operator runs of 3000 rows: 30-90 s on a loaded 2-core machine
 def test_day_two_with_the_cache_asks_only_the_new_rows(
     server: Any, spark: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -65,18 +73,7 @@ def test_resume_after_a_kill_asks_again_at_most_the_rows_in_flight_plus_one_flus
 ) -> None:
     rows, chunk_size, concurrency = 4000, 200, 16
     server.configure(latency_ms=20)  # about 800 rows/s: the kill lands in the middle of asking
-    spec = {
-        "operator": "LLMQueryRateLimitedOperator",
-        "kwargs": {
-            "source_path": _write(spark, tmp_path / "src", rows),
-            "id_col": "id",
-            "output_path": str(tmp_path / "out"),
-            "checkpoint_dir": str(tmp_path / "ckpt"),
-            "checkpoint_key": "dag/task/run",
-            "chunk_size": chunk_size,
-            "max_concurrency": concurrency,
-        },
-    }
+    spec = _task(spark, tmp_path, rows, chunk_size=chunk_size, max_concurrency=concurrency)
     env = llmq_connection_env(server)
     kill_midway(start(spec, env), lambda: server.stats()["chat_requests"] >= rows * 6 // 10)
     found = summary(start(spec, env), timeout=600)
@@ -93,19 +90,8 @@ def test_a_packed_run_killed_midway_pays_again_at_most_the_rows_in_flight(
 ) -> None:
     rows, chunk_size, concurrency, per_request = 4000, 200, 16, 8
     server.configure(latency_ms=200)  # 500 packs, about 6 s of asking: the kill lands midway
-    spec = {
-        "operator": "LLMQueryRateLimitedOperator",
-        "kwargs": {
-            "source_path": _write(spark, tmp_path / "src", rows),
-            "id_col": "id",
-            "output_path": str(tmp_path / "out"),
-            "checkpoint_dir": str(tmp_path / "ckpt"),
-            "checkpoint_key": "dag/task/run",
-            "chunk_size": chunk_size,
-            "max_concurrency": concurrency,
-            "rows_per_request": per_request,
-        },
-    }
+    options = {"chunk_size": chunk_size, "max_concurrency": concurrency, "rows_per_request": per_request}
+    spec = _task(spark, tmp_path, rows, **options)
     packs = rows // per_request
     env = llmq_connection_env(server)
     kill_midway(start(spec, env), lambda: server.stats()["chat_requests"] >= packs // 2)

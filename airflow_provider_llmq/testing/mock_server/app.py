@@ -17,7 +17,7 @@ from .access import check_access, unauthorised
 from .admin import add_admin_routes
 from .batches import add_batch_routes
 from .chat_answer import answer_for, assistant_message, completion
-from .fault_answers import Reset, fault_response, over_rps
+from .fault_answers import counted_route, fault_response, over_rps
 from .faults import ANSWER_KINDS, MockConfig, expected_answer, jitter_ms, plan, prompt_hash
 from .packing import parse_pack
 from .responses import (
@@ -31,25 +31,6 @@ from .responses import (
 )
 from .responses_api import add_responses_routes
 from .state import AZURE_V1_PREFIX, STATE, MockState
-
-
-async def chat(request: web.Request) -> web.StreamResponse:
-    """Both chat-completions routes; the Azure one carries the deployment in the path."""
-    st = request.app[STATE]
-    st.enter_api(request)
-    st.chat_requests += 1
-    resource = request.match_info.route.resource
-    st.chat_routes[resource.canonical if resource else request.path] += 1
-    try:
-        response = await _chat(request, st)
-    except Reset:
-        # no HTTP answer at all: the client sees a reset / "server disconnected". aiohttp then fails
-        # to write the placeholder below and ignores that quietly as a premature disconnection.
-        st.by_status["reset"] += 1
-        if request.transport is not None:
-            request.transport.abort()
-        return web.Response()
-    return st.finish(response)
 
 
 async def _chat(request: web.Request, st: MockState) -> web.StreamResponse:
@@ -149,6 +130,9 @@ async def _chat(request: web.Request, st: MockState) -> web.StreamResponse:
         return web.Response(body=payload, content_type=JSON, headers=quota_headers or None)
     finally:
         st.in_flight -= 1
+
+
+chat = counted_route(_chat)  # both chat-completions routes; the Azure one has the deployment in its path
 
 
 def _quota_cost(

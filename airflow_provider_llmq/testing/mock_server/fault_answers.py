@@ -1,12 +1,13 @@
-"""What the mock answers instead of a model's answer: a fault's error (or a reset, or a broken
-body), and the 429 of the requests-per-second cap. One place that the chat route
-(:mod:`.app`) and the Responses API route (:mod:`.responses_api`) both answer from."""
+"""What the mock answers around and instead of a model's answer: a model route's counting, a
+fault's error (or a reset, or a broken body), and the 429 of the requests-per-second cap. One place
+that the chat route (:mod:`.app`) and the Responses API route (:mod:`.responses_api`) share."""
 
 from __future__ import annotations
 
 import json
 import math
 import time
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -22,7 +23,33 @@ from .responses import (
     error,
     rate_limited,
 )
-from .state import MockState
+from .state import STATE, MockState
+
+Serve = Callable[[web.Request, MockState], Awaitable[web.StreamResponse]]
+
+
+def counted_route(serve: Serve) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """A model route: the request counted (``chat_requests``, ``chat_routes`` by route, its status)
+    around ``serve``, and a ``reset`` fault's connection aborted."""
+
+    async def route(request: web.Request) -> web.StreamResponse:
+        st = request.app[STATE]
+        st.enter_api(request)
+        st.chat_requests += 1
+        resource = request.match_info.route.resource
+        st.chat_routes[resource.canonical if resource else request.path] += 1
+        try:
+            response = await serve(request, st)
+        except Reset:
+            # no HTTP answer at all: the client sees a reset / "server disconnected". aiohttp then
+            # fails to write the placeholder below and ignores that quietly as a premature disconnect.
+            st.by_status["reset"] += 1
+            if request.transport is not None:
+                request.transport.abort()
+            return web.Response()
+        return st.finish(response)
+
+    return route
 
 
 def over_rps(st: MockState) -> web.Response | None:

@@ -30,11 +30,11 @@ from typing import Any
 from aiohttp import web
 
 from .access import check_access
-from .fault_answers import Reset, fault_response, over_rps
+from .fault_answers import counted_route, fault_response, over_rps
 from .faults import ANSWER_KINDS, jitter_ms, plan, prompt_hash
 from .packing import Pack
 from .responses import REFUSAL, completion_tokens_of, content_text, error, rate_limited, usage
-from .state import AZURE_V1_PREFIX, STATE, MockState
+from .state import AZURE_V1_PREFIX, MockState
 from .structured import answer_text
 from .tokens import within_max_tokens
 
@@ -50,23 +50,7 @@ class _BadRequest(Exception):
 
 def add_responses_routes(app: web.Application) -> None:
     for path in ("/v1/responses", f"{AZURE_V1_PREFIX}/responses", "/responses"):
-        app.router.add_post(path, _responses)
-
-
-async def _responses(request: web.Request) -> web.StreamResponse:
-    st = request.app[STATE]
-    st.enter_api(request)
-    st.chat_requests += 1
-    resource = request.match_info.route.resource
-    st.chat_routes[resource.canonical if resource else request.path] += 1
-    try:
-        response = await _serve(request, st)
-    except Reset:
-        st.by_status["reset"] += 1
-        if request.transport is not None:
-            request.transport.abort()
-        return web.Response()
-    return st.finish(response)
+        app.router.add_post(path, counted_route(_serve))
 
 
 def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
