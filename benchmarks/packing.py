@@ -13,11 +13,14 @@ tokens and short rows (one review line each). Scenarios, each with the same rows
 
 Measured per run: wall time, rows/s of rows answered with their own answer (checked against the
 mock's ``expected_answer``), misplaced answers (another row's), errors by code, the requests and
-429s the server saw, and the prompt tokens it counted per row. openaivec (the issue's anchor) speaks
-only the Responses API, which this mock server does not serve: it is left out and said so.
+429s the server saw, and the prompt tokens it counted per row; rows lost (neither an answer nor an
+error of their own). openaivec (the issue's anchor) runs beside them against the same server, on
+its Responses API, in its own virtualenv (:mod:`packing_openaivec`); without it, it is left out and
+the report says why.
 
-Run: ``.venv/bin/python benchmarks/packing.py [--rows 3000] [--latency-ms 200] [--concurrency 64]``
-Writes ``benchmarks/PACKING.md`` (the table, the command, the git SHA and the raw JSON).
+Run: ``.venv/bin/python benchmarks/packing.py [--rows 3000] [--latency-ms 200] [--concurrency 64]
+[--openaivec-python /work/venv-oaivec/bin/python]``. Writes ``benchmarks/PACKING.md`` (the table,
+the command, the git SHA and the raw JSON) and ``benchmarks/packing.png``.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ for _path in (ROOT, HERE):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
+from packing_chart import chart  # noqa: E402
+from packing_openaivec import DEFAULT_PYTHON, available, run_openaivec  # noqa: E402
 from run import API_VERSION, DEPLOYMENT, KEY, git_revision, machine_info  # noqa: E402
 
 from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig  # noqa: E402
@@ -76,7 +81,12 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "seed": 23,
     },
 }
-PACKINGS: dict[str, int | str] = {"one row per request": 1, 'rows_per_request="auto"': "auto"}
+OPENAIVEC = "openaivec, automatic batch size"
+PACKINGS: dict[str, int | str] = {
+    "one row per request": 1,
+    'rows_per_request="auto"': "auto",
+    OPENAIVEC: "openaivec",
+}
 
 
 @dataclass
@@ -87,13 +97,14 @@ class Measurement:
     seconds: float = 0.0
     right: int = 0
     misplaced: int = 0
-    missing: int = 0
+    lost: int = 0  # rows that came back with neither an answer nor an error of their own
     errors_by_code: dict[str, int] = field(default_factory=dict)
     filtered_planned: int = 0
     filtered_as_own_error: int = 0
     requests: int = 0
     throttled: int = 0
     prompt_tokens: int = 0
+    run_error: str | None = None  # what ended a run early (openaivec stops at its first failure)
 
     @property
     def rows_per_s(self) -> float:
@@ -124,36 +135,57 @@ def run_one(server: MockServerProcess, scenario: str, packing: str, args: argpar
         ca_cert=server.ca_path,
         timeout=60.0,
     )
-    started = time.perf_counter()
-    results = list(
-        query_async_limited(
-            endpoint,
-            rows,
-            max_concurrency=args.concurrency,
-            system_prompt=system,
-            rows_per_request=PACKINGS[packing],
-            retry_backoff=0.05,
+    if packing == OPENAIVEC:
+        spec = {
+            "base_url": f"{server.base_url}/openai/v1",  # Azure's v1 API: openaivec's AsyncOpenAI form
+            "key": KEY,
+            "ca": server.ca_path,
+            "model": DEPLOYMENT,
+            "system": system,
+            "prompts": [p for _, p in rows],
+            "concurrency": args.concurrency,
+        }
+        child = run_openaivec(args.openaivec_python, spec)
+        seconds, answers = float(child["seconds"]), child["answers"]
+        outcomes = [] if answers is None else [(i, a, None) for (i, _), a in zip(rows, answers, strict=True)]
+        run_error = child["error"]
+    else:
+        started = time.perf_counter()
+        results = list(
+            query_async_limited(
+                endpoint,
+                rows,
+                max_concurrency=args.concurrency,
+                system_prompt=system,
+                rows_per_request=PACKINGS[packing],
+                retry_backoff=0.05,
+            )
         )
-    )
-    seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        outcomes = [
+            (r.row_id, r.response if r.ok else None, None if r.ok else r.error_code or "?") for r in results
+        ]
+        run_error = None
     stats = server.stats()
-    m = Measurement(scenario, packing, len(rows), seconds=round(seconds, 3))
-    answers = {expected_answer(DEPLOYMENT, system, p, {}): i for i, p in rows}
+    m = Measurement(scenario, packing, len(rows), seconds=round(seconds, 3), run_error=run_error)
+    answers_of = {expected_answer(DEPLOYMENT, system, p, {}): i for i, p in rows}
     prompts = dict(rows)
-    seen = Counter(r.row_id for r in results)
-    m.missing = sum(1 for i in prompts if seen[i] == 0) + sum(n - 1 for n in seen.values() if n > 1)
+    seen = Counter(i for i, _, _ in outcomes)
     codes: Counter[str] = Counter()
-    for r in results:
-        if r.ok:
-            if r.response == expected_answer(DEPLOYMENT, system, prompts[r.row_id], {}):
-                m.right += 1
-            else:
-                m.misplaced += 1 if answers.get(r.response or "") is not None else 0
-                codes["wrong_answer"] += 0 if answers.get(r.response or "") is not None else 1
-        else:
-            codes[r.error_code or "?"] += 1
-            if r.row_id in filtered and r.error_code == "content_filter":
+    for row_id, response, code in outcomes:
+        if code is not None:
+            codes[code] += 1
+            if row_id in filtered and code == "content_filter":
                 m.filtered_as_own_error += 1
+        elif response is None:
+            m.lost += 1
+        elif response == expected_answer(DEPLOYMENT, system, prompts[row_id], {}):
+            m.right += 1
+        elif answers_of.get(response) is not None:
+            m.misplaced += 1
+        else:
+            codes["wrong_answer"] += 1
+    m.lost += sum(1 for i in prompts if seen[i] == 0) + sum(n - 1 for n in seen.values() if n > 1)
     m.errors_by_code = dict(+codes)
     m.filtered_planned = len(filtered)
     m.requests = int(stats["chat_requests"])
@@ -165,7 +197,7 @@ def run_one(server: MockServerProcess, scenario: str, packing: str, args: argpar
 def table(ms: list[Measurement]) -> str:
     lines = [
         "| scenario | packing | rows/s | vs unpacked | prompt tokens/row | vs unpacked | requests | 429s "
-        "| right | misplaced | missing | errors | filtered rows: own error |",
+        "| right | misplaced | lost | errors | filtered rows: own error |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     base = {m.scenario: m for m in ms if m.packing == "one row per request"}
@@ -173,12 +205,14 @@ def table(ms: list[Measurement]) -> str:
         ref = base[m.scenario]
         speed = f"{m.rows_per_s / ref.rows_per_s:.1f}x" if ref.rows_per_s else "-"
         tokens = (
-            f"{ref.prompt_tokens_per_row / m.prompt_tokens_per_row:.1f}x fewer" if m.prompt_tokens else "-"
+            f"{ref.prompt_tokens_per_row / m.prompt_tokens_per_row:.1f}x fewer"
+            if m.prompt_tokens and m.right  # a run that answered nothing saved nothing
+            else "-"
         )
         errors = ", ".join(f"{k} {v}" for k, v in sorted(m.errors_by_code.items())) or "0"
         lines.append(
             f"| {m.scenario} | {m.packing} | {m.rows_per_s:.0f} | {speed} | {m.prompt_tokens_per_row:.1f} "
-            f"| {tokens} | {m.requests} | {m.throttled} | {m.right}/{m.rows} | {m.misplaced} | {m.missing} "
+            f"| {tokens} | {m.requests} | {m.throttled} | {m.right}/{m.rows} | {m.misplaced} | {m.lost} "
             f"| {errors} | {m.filtered_as_own_error}/{m.filtered_planned} |"
         )
     return "\n".join(lines)
@@ -206,10 +240,17 @@ def verdicts(ms: list[Measurement]) -> list[str]:
             if faults.right == faults.rows - faults.filtered_planned
             and faults.filtered_as_own_error == faults.filtered_planned
             and faults.misplaced == 0
-            and faults.missing == 0
+            and faults.lost == 0
             else "FAIL"
         ),
     ]
+    for m in ms:
+        if m.packing == OPENAIVEC:
+            ended = f"its run ended with `{m.run_error}`" if m.run_error else "it answered every row"
+            out.append(
+                f"- openaivec, {m.scenario}: {m.right}/{m.rows} rows answered in {m.requests} requests, "
+                f"{m.lost} lost, {m.misplaced} misplaced; {ended}"
+            )
     return out
 
 
@@ -219,19 +260,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-ms", type=float, default=200.0)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--output", default=str(HERE / "PACKING.md"))
+    parser.add_argument("--openaivec-python", default=DEFAULT_PYTHON, help="a Python with openaivec")
     args = parser.parse_args(argv)
     os.environ.setdefault("LLMQ_BENCH_API_KEY", KEY)
     info = machine_info()
     revision = git_revision()
+    openaivec = available(args.openaivec_python)
+    info["openaivec"] = openaivec or f"not importable under {args.openaivec_python}: not measured"
+    packings = [p for p in PACKINGS if openaivec or p != OPENAIVEC]
     ms: list[Measurement] = []
     with MockServerProcess(MockConfig(api_key=KEY)) as server:
         for scenario in SCENARIOS:
-            for packing in PACKINGS:
+            for packing in packings:
                 m = run_one(server, scenario, packing, args)
                 print(
-                    f"{scenario:12} {packing:26} {m.rows_per_s:7.0f} rows/s  "
+                    f"{scenario:12} {packing:32} {m.rows_per_s:7.0f} rows/s  "
                     f"{m.prompt_tokens_per_row:6.1f} tok/row  "
-                    f"{m.requests} requests, {m.right}/{m.rows} right, errors {m.errors_by_code}",
+                    f"{m.requests} requests, {m.right}/{m.rows} right, {m.lost} lost, errors "
+                    f"{m.errors_by_code} {m.run_error or ''}",
                     flush=True,
                 )
                 ms.append(m)
@@ -262,10 +308,20 @@ def main(argv: list[str] | None = None) -> int:
             f"`query_async_limited(max_concurrency={args.concurrency})`, a system prompt of "
             f"{count_text(system_prompt())} tokens (as the mock counts), short rows (one review line). "
             "Mock server in a child process over TLS. `rows/s` counts rows answered with their own "
-            "answer. openaivec is not measured: it speaks only the Responses API, which the mock "
-            "server does not serve.",
+            "answer; `lost` rows came back with neither an answer nor an error of their own. "
+            + (
+                f"openaivec {openaivec} (`Series.aio.responses(system, batch_size=None, "
+                f"max_concurrency={args.concurrency})`, its automatic batch size, the SDK's default "
+                "retries) runs in its own virtualenv against the same server's Responses API on "
+                "Azure's v1 path (benchmarks/packing_openaivec.py)."
+                if openaivec
+                else f"openaivec is not measured: it is not importable under {args.openaivec_python} "
+                "(see benchmarks/packing_openaivec.py for the virtualenv it needs)."
+            ),
             "",
             table(ms),
+            "",
+            "![rows/s and rows answered per scenario](packing.png)",
             "",
             *verdicts(ms),
             "",
@@ -281,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
 
     kept = kept_section(Path(args.output))
     Path(args.output).write_text(report if kept is None else f"{report}\n{kept}\n")
+    chart(ms, Path(args.output).with_name("packing.png"))
     print(table(ms))
     print("\n".join(verdicts(ms)))
     return 0

@@ -271,3 +271,24 @@ def test_packs_without_a_system_prompt_on_the_openai_form(server: Any) -> None:
     }
     assert all(results[i].response == expected_answer(DEPLOYMENT, None, p, {}) for i, p in rows)
     assert server.stats()["chat_requests"] == 2
+
+
+def test_a_tight_max_tokens_leaves_room_for_each_items_id_and_punctuation(server: Any) -> None:
+    """Rows whose answers take exactly their ``max_tokens`` alone: packed, no pack is cut at its
+    ``max_tokens`` (which would split it), so 24 rows take 3 requests, each row its own answer."""
+    from airflow_provider_llmq.testing.mock_server.tokens import count_text
+
+    tight = 14
+    params = {"max_tokens": tight}
+
+    def answer(prompt: str) -> str:
+        return expected_answer(DEPLOYMENT, DEFAULT_SYSTEM_PROMPT, prompt, params)
+
+    rows = [(i, p) for i, p in _prompts(400) if count_text(answer(p)) == tight][:24]
+    assert len(rows) == 24
+    alone = _run(server, rows[:4], rows_per_request=1, request_params=params)
+    assert all(alone[i].response == answer(p) for i, p in rows[:4])  # asked alone, no row is cut
+    server.reset()
+    results = _run(server, rows, rows_per_request=8, request_params=params)
+    assert [i for i, p in rows if results[i].response != answer(p)] == []
+    assert server.stats()["chat_requests"] == 3

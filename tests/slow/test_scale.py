@@ -4,12 +4,6 @@ Run with ``make test-slow`` (``pytest -m slow``)."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,28 +17,10 @@ from airflow_provider_llmq.operators.llmq import (
 )
 from airflow_provider_llmq.testing.mock_server import expected_answer, planned_fault
 from tests.conftest import DEPLOYMENT, llmq_connection_env
+from tests.slow.run_operator import kill_midway, start, summary
 
 pytestmark = pytest.mark.slow
-RUNNER = Path(__file__).with_name("run_operator.py")
 SYSTEM = "You are a helpful assistant."
-
-
-def _start(spec: dict[str, Any], env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, str(RUNNER), json.dumps(spec)],
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,  # so the kill takes the Spark JVM with it
-    )
-
-
-def _summary(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-2000:]
-    line = next(line for line in out.splitlines() if line.startswith("SUMMARY "))
-    return json.loads(line.removeprefix("SUMMARY "))
 
 
 @pytest.mark.parametrize(
@@ -76,16 +52,9 @@ def test_sigkill_midway_then_resume_asks_each_row_once(
         },
     }
     env = llmq_connection_env(server)
-    first = _start(spec, env)
-    deadline = time.monotonic() + 600
-    while server.stats()["requests_by_status"].get("200", 0) < rows // 2:
-        assert first.poll() is None, "the first run ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+    kill_midway(start(spec, env), lambda: server.stats()["requests_by_status"].get("200", 0) >= rows // 2)
     answered_before_kill = server.stats()["requests_by_status"]["200"]
-    second = _summary(_start(spec, env), timeout=900)
+    second = summary(start(spec, env), timeout=900)
     assert second["rows"] == rows and second["ok"] == rows
     out = spark.read.parquet(str(tmp_path / "out")).collect()
     assert len(out) == rows and len({r["id"] for r in out}) == rows
@@ -195,6 +164,6 @@ def test_driver_memory_stays_bounded_over_100k_prompts(spark: Any, server: Any, 
             "progress_interval": 10,
         },
     }
-    summary = _summary(_start(spec, llmq_connection_env(server)), timeout=1800)
-    assert summary["rows"] == rows and summary["ok"] == rows
-    assert summary["tracemalloc_peak_bytes"] < 50 * 1024 * 1024, summary["tracemalloc_peak_bytes"]
+    found = summary(start(spec, llmq_connection_env(server)), timeout=1800)
+    assert found["rows"] == rows and found["ok"] == rows
+    assert found["tracemalloc_peak_bytes"] < 50 * 1024 * 1024, found["tracemalloc_peak_bytes"]

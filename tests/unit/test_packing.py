@@ -34,7 +34,7 @@ def test_the_envelope_sends_the_system_prompt_once_and_the_instruction() -> None
     items = json.loads(roles[2][1])["items"]
     assert items == [{"id": "1", "prompt": "a"}, {"id": "2", "prompt": "b"}, {"id": "3", "prompt": "c"}]
     assert body["response_format"]["json_schema"]["name"] == "llmq_pack"
-    assert body["max_tokens"] == 3 * (10 + 16)  # a row's max_tokens, for each row and its id
+    assert body["max_tokens"] == 3 * (10 + 20) + 8  # a row's max_tokens, for each row and its id
 
 
 def test_the_pack_schema_is_strict_and_keeps_a_user_field_named_id() -> None:
@@ -108,10 +108,10 @@ def test_auto_shrinks_on_failures_that_say_too_big_and_grows_back() -> None:
 
 
 def test_the_answer_length_caps_a_pack() -> None:
-    assert PackSizer("auto", max_tokens=1000).row_cap() == 16_384 // 1016
+    assert PackSizer("auto", max_tokens=1000).row_cap() == (16_384 - 8) // 1020
     learned = PackSizer("auto")
     learned.answered(64, complete=True, completion_tokens=64 * 800)
-    assert learned.row_cap() == 16_384 // (1000 + 16)
+    assert learned.row_cap() == (16_384 - 8) // 1020
 
 
 def test_empty_prompts_go_alone() -> None:

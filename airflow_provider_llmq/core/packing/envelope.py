@@ -20,6 +20,7 @@ from airflow_provider_llmq.core.request.payload import ChatRequest, Failure
 
 __all__ = [
     "ITEM_ANSWER_OVERHEAD",
+    "PACK_ANSWER_OVERHEAD",
     "PACK_INSTRUCTION",
     "PACK_SCHEMA_NAME",
     "PackedChatRequest",
@@ -27,12 +28,18 @@ __all__ = [
     "item_id_key",
     "pack_items",
     "pack_max_tokens",
+    "row_max_tokens",
 ]
 
 PACK_SCHEMA_NAME = "llmq_pack"
-#: completion tokens an item's id and JSON punctuation add to its answer: a row's ``max_tokens``
-#: plus this, times the rows, is a pack's ``max_tokens``
-ITEM_ANSWER_OVERHEAD = 16
+#: completion tokens an item's id and JSON punctuation add to its answer, and those of the answer's
+#: ``{"items": [...]}`` around them: a pack's ``max_tokens`` is each row's plus the first, times the
+#: rows, plus the second. Measured by benchmarks/packing_overhead.py: an item takes 17 tokens as the
+#: mock counts (each mark one), 7-12 in o200k_base written compact or spaced and 17-18 indented (as
+#: some models write strict JSON); the frame 8. 16 and no frame cut packs at ``max_tokens`` where
+#: every row asked alone fitted; the 3 over 17 leave room for a few escaped quotes or newlines.
+ITEM_ANSWER_OVERHEAD = 20
+PACK_ANSWER_OVERHEAD = 8
 PACK_INSTRUCTION = (
     'The user message is a JSON object whose "items" each hold an "id" and a "prompt". Answer each '
     "item's prompt on its own, exactly as if it were the only prompt you were given: items must not "
@@ -72,7 +79,12 @@ def pack_schema(item_schema: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def pack_max_tokens(per_row: int, rows: int) -> int:
     """A pack's ``max_tokens``: each row's, plus its item's id and JSON punctuation."""
-    return rows * (per_row + ITEM_ANSWER_OVERHEAD)
+    return rows * (per_row + ITEM_ANSWER_OVERHEAD) + PACK_ANSWER_OVERHEAD
+
+
+def row_max_tokens(pack: int, rows: int) -> int:
+    """The ``max_tokens`` of each row of a pack asked for ``pack``: :func:`pack_max_tokens` undone."""
+    return (pack - PACK_ANSWER_OVERHEAD) // rows - ITEM_ANSWER_OVERHEAD
 
 
 def envelope_text(prompts: Sequence[str]) -> str:

@@ -16,7 +16,7 @@ import math
 import threading
 from dataclasses import dataclass
 
-from airflow_provider_llmq.core.packing.envelope import ITEM_ANSWER_OVERHEAD
+from airflow_provider_llmq.core.packing.envelope import ITEM_ANSWER_OVERHEAD, PACK_ANSWER_OVERHEAD
 
 __all__ = ["AUTO", "PackSizer"]
 
@@ -70,7 +70,8 @@ class PackSizer:
             if per_row is None and self._completion_per_row:
                 per_row = int(self._completion_per_row * 1.25)
             if per_row is not None:
-                rows = min(rows, max(1, _COMPLETION_CAP // (per_row + ITEM_ANSWER_OVERHEAD)))
+                room = _COMPLETION_CAP - PACK_ANSWER_OVERHEAD
+                rows = min(rows, max(1, room // (per_row + ITEM_ANSWER_OVERHEAD)))
             return rows
 
     def token_cap(self) -> int | None:

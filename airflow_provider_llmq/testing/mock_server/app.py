@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import time
 from typing import Any
 
@@ -18,16 +17,11 @@ from .access import check_access, unauthorised
 from .admin import add_admin_routes
 from .batches import add_batch_routes
 from .chat_answer import answer_for, assistant_message, completion
-from .faults import ANSWER_KINDS, Fault, MockConfig, expected_answer, jitter_ms, plan, prompt_hash
+from .fault_answers import counted_route, fault_response, over_rps
+from .faults import ANSWER_KINDS, MockConfig, expected_answer, jitter_ms, plan, prompt_hash
 from .packing import parse_pack
 from .responses import (
-    CONTENT_FILTER,
-    CONTEXT_LENGTH,
-    INSUFFICIENT_QUOTA,
     JSON,
-    STANDARD_HEADERS,
-    STATUS_CODES,
-    WAIT_HEADERS,
     completion_tokens_of,
     content_text,
     error,
@@ -35,26 +29,8 @@ from .responses import (
     rate_limited,
     usage,
 )
+from .responses_api import add_responses_routes
 from .state import AZURE_V1_PREFIX, STATE, MockState
-
-
-async def chat(request: web.Request) -> web.StreamResponse:
-    """Both chat-completions routes; the Azure one carries the deployment in the path."""
-    st = request.app[STATE]
-    st.enter_api(request)
-    st.chat_requests += 1
-    resource = request.match_info.route.resource
-    st.chat_routes[resource.canonical if resource else request.path] += 1
-    try:
-        response = await _chat(request, st)
-    except _Reset:
-        # no HTTP answer at all: the client sees a reset / "server disconnected". aiohttp then fails
-        # to write the placeholder below and ignores that quietly as a premature disconnection.
-        st.by_status["reset"] += 1
-        if request.transport is not None:
-            request.transport.abort()
-        return web.Response()
-    return st.finish(response)
 
 
 async def _chat(request: web.Request, st: MockState) -> web.StreamResponse:
@@ -125,21 +101,16 @@ async def _chat(request: web.Request, st: MockState) -> web.StreamResponse:
         if af and st.auth_fail_ok >= int(af["after"]) and st.auth_fail_served < int(af["count"]):
             st.auth_fail_served += 1
             return unauthorised()
-        now = time.monotonic()
-        window = int(now)
-        if cfg.rps is not None:
-            if window != st.rps_window:
-                st.rps_window, st.rps_count = window, 0
-            if st.rps_count >= cfg.rps:
-                return rate_limited(max(1, math.ceil((window + 1 - now) * 1000)))
-            st.rps_count += 1
+        capped = over_rps(st)
+        if capped is not None:
+            return capped
 
         extra_ms, fault = plan(prompt, attempt, cfg) if pack is None else pack.plan(cfg)
         delay = cfg.latency_ms + jitter_ms(prompt, cfg) + extra_ms
         if delay > 0:
             await asyncio.sleep(delay / 1000)
         if fault is not None and fault.kind not in ANSWER_KINDS:
-            response = _fault_response(fault, cfg, request)
+            response = fault_response(fault, cfg, request)
             for name, value in quota_headers.items():  # rate headers come with every admitted answer
                 response.headers.setdefault(name, value)
             return response
@@ -159,6 +130,9 @@ async def _chat(request: web.Request, st: MockState) -> web.StreamResponse:
         return web.Response(body=payload, content_type=JSON, headers=quota_headers or None)
     finally:
         st.in_flight -= 1
+
+
+chat = counted_route(_chat)  # both chat-completions routes; the Azure one has the deployment in its path
 
 
 def _quota_cost(
@@ -189,58 +163,6 @@ async def _drip(request: web.Request, payload: bytes, ms_per_byte: int) -> web.S
     except (ConnectionError, RuntimeError):
         pass  # the client gave up, as it should
     return response
-
-
-class _Reset(Exception):
-    """Raised by a ``reset`` fault; ``chat`` aborts the connection instead of answering."""
-
-
-def _fault_response(fault: Fault, cfg: MockConfig, request: web.Request) -> web.Response:
-    response = _fault_answer(fault, cfg, request)
-    if fault.headers:
-        if any(name in WAIT_HEADERS for name, _ in fault.headers):
-            for name in WAIT_HEADERS:
-                response.headers.popall(name, None)
-        for name, value in fault.headers:
-            response.headers[name] = value
-    return response
-
-
-def _fault_answer(fault: Fault, cfg: MockConfig, request: web.Request) -> web.Response:
-    kind = fault.kind
-    if kind == "reset":
-        raise _Reset
-    if kind == "malformed":
-        return web.Response(body='{"choices": [', content_type=JSON)
-    if kind == "empty":
-        return web.Response(
-            body=json.dumps({"id": "chatcmpl-empty", "object": "chat.completion", "choices": []}),
-            content_type=JSON,
-        )
-    if kind == "content_filter":
-        return web.Response(status=400, body=json.dumps({"error": CONTENT_FILTER}), content_type=JSON)
-    if kind == "context_length":
-        return web.Response(status=400, body=json.dumps({"error": CONTEXT_LENGTH}), content_type=JSON)
-    if kind == "quota":
-        return web.Response(status=429, body=json.dumps({"error": INSUFFICIENT_QUOTA}), content_type=JSON)
-    if kind == "echo":
-        # as some gateways do: an error that quotes the request's headers, secrets included
-        quoted = str(dict(request.headers))
-        own = ",".join(v for k, v in request.headers.items() if k.lower() not in STANDARD_HEADERS)
-        return error(fault.status or 400, f"rejected:{own}", f"Rejected request with headers {quoted}")
-    if kind == "redirect":
-        location = cfg.redirect_url or "/redirected/chat/completions"
-        return web.Response(status=307, headers={"Location": location})
-    status = int(kind)
-    if status == 429:
-        return rate_limited(fault.retry_after_ms, fault.retry_after_s)
-    code = STATUS_CODES.get(status, "server_error")
-    return error(
-        status,
-        code,
-        f"The server had an error while processing your request ({status}).",
-        type="server_error",
-    )
 
 
 async def models(request: web.Request) -> web.Response:
@@ -290,4 +212,5 @@ def build_app(config: MockConfig) -> web.Application:
     add_admin_routes(app, "/_mock", STATE, _apply_and_show)
 
     add_batch_routes(app)
+    add_responses_routes(app)
     return app

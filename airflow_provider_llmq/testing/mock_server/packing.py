@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from airflow_provider_llmq.core.packing.envelope import (
-    ITEM_ANSWER_OVERHEAD,
     PACK_INSTRUCTION,
     PACK_SCHEMA_NAME,
     item_id_key,
+    row_max_tokens,
 )
 from airflow_provider_llmq.core.request.structured import DEFAULT_SCHEMA_NAME
 
@@ -81,7 +81,7 @@ class Pack:
         alone = {k: v for k, v in params.items() if k != "response_format"}
         for name in ("max_tokens", "max_completion_tokens"):  # a pack asks for each row's, scaled
             if isinstance(alone.get(name), int):
-                alone[name] = alone[name] // len(self.ids) - ITEM_ANSWER_OVERHEAD
+                alone[name] = row_max_tokens(alone[name], len(self.ids))
         if self.item_schema is not None:
             alone["response_format"] = {
                 "type": "json_schema",
@@ -106,7 +106,7 @@ class Pack:
             if "[[pack_dup]]" in prompt:
                 other = {"answer": f"duplicate of {item_id}"} if self.item_schema is None else fields
                 items.append({key: item_id, **other})
-        return json.dumps({"items": items})
+        return json.dumps({"items": items}, ensure_ascii=False)  # a model writes UTF-8, not \u escapes
 
 
 def parse_pack(body: dict[str, Any], envelope: str) -> Pack | None:
