@@ -266,6 +266,12 @@ def main() -> None:
         help="HH:MM UTC: a run that would not end by then (judged from the driver's run of its size) "
         "is not started",
     )
+    parser.add_argument(
+        "--merge",
+        default=None,
+        help="a scale.json (or scale.partial.json) of an earlier run: its size runs are kept and not "
+        "run again (a run cut short by the time, continued with its day two and kill)",
+    )
     parser.add_argument("--out", default=str(HERE / "SCALE.md"))
     parser.add_argument("--report", default=None, help="only render SCALE.md from this scale.json")
     args = parser.parse_args()
@@ -285,6 +291,11 @@ def main() -> None:
     }
     results["command"] = "python benchmarks/scale.py " + " ".join(sys.argv[1:])
     partial = Path(args.out).with_name("scale.partial.json")
+    if args.merge:
+        earlier = json.loads(Path(args.merge).read_text())
+        results["sizes"], results["skipped"] = earlier["sizes"], earlier.get("skipped", [])
+        results["command"] = f"{earlier['command']}, then {results['command']}"
+    done = {(run["rows"], run["placement"]) for run in results["sizes"]}
     # the largest size's other placements last: day two (whose day one is the driver's run of its
     # size) and the kill need the time more
     steps: list[tuple[str, Any]] = [("size", (rows, p)) for rows in sizes[:-1] for p in placements]
@@ -300,6 +311,8 @@ def main() -> None:
             for kind, step in steps:
                 if kind == "size":
                     rows, placement = step
+                    if step in done:
+                        continue
                     if not _in_time(args.stop_by, results, rows, placement):
                         results["skipped"].append(f"{placement} {rows}: would not end by {args.stop_by} UTC")
                         continue
@@ -315,6 +328,9 @@ def main() -> None:
                     day_one = results["sizes"][-1] if cache else day_one
                     print(json.dumps(results["sizes"][-1]), flush=True)
                 elif kind == "day_two" and step:
+                    if day_one is None:  # its size was not run: day two at the largest that was
+                        ran = [run["rows"] for run in results["sizes"] if run["placement"] == "driver"]
+                        step = min(step, max(ran, default=step))
                     results["day_two"] = day_two(bench, step, day_one)
                     print(json.dumps(results["day_two"]), flush=True)
                 elif kind == "recovery" and step:
@@ -326,8 +342,8 @@ def main() -> None:
 
 
 def _in_time(stop_by: str | None, results: dict[str, Any], rows: int, placement: str) -> bool:
-    """Whether a run is expected to end by ``stop_by``: its driver's wall at that size, else a
-    tenth of it at the size below, times 1.2 (the executors are a little slower)."""
+    """Whether a run is expected to end by ``stop_by``: the driver's wall at that size (times 1.2
+    on the executors, a little slower), else the size below's scaled by the rows."""
     if stop_by is None:
         return True
     hour, minute = (int(part) for part in stop_by.split(":"))
@@ -335,10 +351,10 @@ def _in_time(stop_by: str | None, results: dict[str, Any], rows: int, placement:
     left = (hour * 3600 + minute * 60) - (now.tm_hour * 3600 + now.tm_min * 60 + now.tm_sec)
     known = {run["rows"]: run["wall_seconds"] for run in results["sizes"] if run["placement"] == "driver"}
     if rows in known:
-        expected = known[rows] * 1.2
+        expected = known[rows] * (1.0 if placement == "driver" else 1.2)
     elif known:
         below = max(known)
-        expected = known[below] * rows / below * 1.2
+        expected = known[below] * rows / below
     else:
         return left > 0
     return expected <= left
