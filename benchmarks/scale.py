@@ -154,6 +154,7 @@ class Bench:
     def run(self, kwargs: dict[str, Any], kill_at: int | None = None) -> dict[str, Any]:
         """One task run; with ``kill_at``, SIGKILLed once the server has that many requests."""
         before = self.server.stats()["chat_requests"]
+        load_start = round(os.getloadavg()[0], 1)  # the machine is shared: say how loaded it was
         started = time.monotonic()
         proc, summary_path = self.start(kwargs)
         memory = _Peak(proc.pid)
@@ -172,6 +173,7 @@ class Bench:
             time.sleep(0.2)
         wall = time.monotonic() - started
         memory.stop()
+        load_end = round(os.getloadavg()[0], 1)
         asked = self.server.stats()["chat_requests"] - before
         found: dict[str, Any] = {
             "wall_seconds": round(wall, 1),
@@ -180,6 +182,7 @@ class Bench:
             "driver_rss_mb": round(memory.driver / 2**20),
             "tree_rss_mb": round(memory.tree / 2**20),
             "killed": killed,
+            "load": [load_start, load_end],
         }
         if killed:
             time.sleep(1)  # the server answers what was in flight to a closed socket
@@ -250,8 +253,24 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=50)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--placements", default="driver,executors")
+    parser.add_argument("--recovery-rows", type=int, default=None, help="rows of the kill run (0: none)")
     parser.add_argument(
-        "--recovery-rows", type=int, default=None, help="rows of the kill and day two runs (0: none)"
+        "--day-two-rows",
+        type=int,
+        default=None,
+        help="rows of day two (0: none); at a size the driver runs, that run is day one",
+    )
+    parser.add_argument(
+        "--stop-by",
+        default=None,
+        help="HH:MM UTC: a run that would not end by then (judged from the driver's run of its size) "
+        "is not started",
+    )
+    parser.add_argument(
+        "--merge",
+        default=None,
+        help="a scale.json (or scale.partial.json) of an earlier run: its size runs are kept and not "
+        "run again (a run cut short by the time, continued with its day two and kill)",
     )
     parser.add_argument("--out", default=str(HERE / "SCALE.md"))
     parser.add_argument("--report", default=None, help="only render SCALE.md from this scale.json")
@@ -261,30 +280,84 @@ def main() -> None:
         return
     sizes = [n for n in SIZES if n <= args.max_rows] or [args.max_rows]
     placements = args.placements.split(",")
-    results: dict[str, Any] = {"sizes": [], "recovery": None, "day_two": None}
-    with tempfile.TemporaryDirectory(prefix="llmq-scale-") as tmp, standalone_cluster(2, 1) as cluster:
-        work = Path(tmp)
-        config = MockConfig(api_key=KEY, deployments=[DEPLOYMENT], latency_ms=args.latency_ms)
-        with MockServerProcess(config, tls=True, cert_dir=str(work / "ca")) as server:
-            bench = Bench(args, work, cluster.master, server)
-            for rows in sizes:
-                for placement in placements:
-                    found = bench.run(bench.kwargs(placement, bench.source(rows), f"{placement}-{rows}"))
-                    results["sizes"].append({"placement": placement, **found})
-                    print(json.dumps(results["sizes"][-1]), flush=True)
-            rows = sizes[-1] if args.recovery_rows is None else args.recovery_rows
-            if rows:
-                results["recovery"] = recovery(bench, rows)
-                print(json.dumps(results["recovery"]), flush=True)
-                results["day_two"] = day_two(bench, rows)
-                print(json.dumps(results["day_two"]), flush=True)
+    largest = sizes[-1]
+    recovery_rows = largest if args.recovery_rows is None else args.recovery_rows
+    day_two_rows = largest if args.day_two_rows is None else args.day_two_rows
+    results: dict[str, Any] = {"sizes": [], "recovery": None, "day_two": None, "skipped": []}
     results["settings"] = {
         "latency_ms": args.latency_ms,
         "concurrency": args.concurrency,
         "chunk_size": CHUNK,
     }
     results["command"] = "python benchmarks/scale.py " + " ".join(sys.argv[1:])
+    partial = Path(args.out).with_name("scale.partial.json")
+    if args.merge:
+        earlier = json.loads(Path(args.merge).read_text())
+        results["sizes"], results["skipped"] = earlier["sizes"], earlier.get("skipped", [])
+        results["command"] = f"{earlier['command']}, then {results['command']}"
+    done = {(run["rows"], run["placement"]) for run in results["sizes"]}
+    # the largest size's other placements last: day two (whose day one is the driver's run of its
+    # size) and the kill need the time more
+    steps: list[tuple[str, Any]] = [("size", (rows, p)) for rows in sizes[:-1] for p in placements]
+    steps += [("size", (largest, "driver"))] if "driver" in placements else []
+    steps += [("day_two", day_two_rows), ("recovery", recovery_rows)]
+    steps += [("size", (largest, p)) for p in placements if p != "driver"]
+    with tempfile.TemporaryDirectory(prefix="llmq-scale-") as tmp, standalone_cluster(2, 1) as cluster:
+        work = Path(tmp)
+        config = MockConfig(api_key=KEY, deployments=[DEPLOYMENT], latency_ms=args.latency_ms)
+        with MockServerProcess(config, tls=True, cert_dir=str(work / "ca")) as server:
+            bench = Bench(args, work, cluster.master, server)
+            day_one: dict[str, Any] | None = None
+            for kind, step in steps:
+                if kind == "size":
+                    rows, placement = step
+                    if step in done:
+                        continue
+                    if not _in_time(args.stop_by, results, rows, placement):
+                        results["skipped"].append(f"{placement} {rows}: would not end by {args.stop_by} UTC")
+                        continue
+                    cache = rows == day_two_rows and placement == "driver"
+                    extra = {"cache_path": f"file://{work}/cache"} if cache else {}
+                    key = f"{placement}-{rows}"
+                    try:
+                        found = bench.run(bench.kwargs(placement, bench.source(rows), key, **extra))
+                    except RuntimeError as exc:  # the other runs' figures still count
+                        results["skipped"].append(f"{placement} {rows}: {exc}")
+                        continue
+                    results["sizes"].append({"placement": placement, "cache_path": cache, **found})
+                    day_one = results["sizes"][-1] if cache else day_one
+                    print(json.dumps(results["sizes"][-1]), flush=True)
+                elif kind == "day_two" and step:
+                    if day_one is None:  # its size was not run: day two at the largest that was
+                        ran = [run["rows"] for run in results["sizes"] if run["placement"] == "driver"]
+                        step = min(step, max(ran, default=step))
+                    results["day_two"] = day_two(bench, step, day_one)
+                    print(json.dumps(results["day_two"]), flush=True)
+                elif kind == "recovery" and step:
+                    results["recovery"] = recovery(bench, step)
+                    print(json.dumps(results["recovery"]), flush=True)
+                partial.write_text(json.dumps(results, indent=2))  # --report renders a cut-short run
     write_report(results, Path(args.out))
+    partial.unlink(missing_ok=True)
+
+
+def _in_time(stop_by: str | None, results: dict[str, Any], rows: int, placement: str) -> bool:
+    """Whether a run is expected to end by ``stop_by``: the driver's wall at that size (times 1.2
+    on the executors, a little slower), else the size below's scaled by the rows."""
+    if stop_by is None:
+        return True
+    hour, minute = (int(part) for part in stop_by.split(":"))
+    now = time.gmtime()
+    left = (hour * 3600 + minute * 60) - (now.tm_hour * 3600 + now.tm_min * 60 + now.tm_sec)
+    known = {run["rows"]: run["wall_seconds"] for run in results["sizes"] if run["placement"] == "driver"}
+    if rows in known:
+        expected = known[rows] * (1.0 if placement == "driver" else 1.2)
+    elif known:
+        below = max(known)
+        expected = known[below] * rows / below
+    else:
+        return left > 0
+    return expected <= left
 
 
 def recovery(bench: Bench, rows: int) -> dict[str, Any]:
@@ -303,10 +376,12 @@ def recovery(bench: Bench, rows: int) -> dict[str, Any]:
     }
 
 
-def day_two(bench: Bench, rows: int) -> dict[str, Any]:
-    """A first run fills the cache; the same input with 1 % new rows asks only those."""
+def day_two(bench: Bench, rows: int, first: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A first run fills the cache (``first``: the driver's run of this size did, with the same
+    cache); the same input with 1 % new rows asks only those."""
     cache = f"file://{bench.work}/cache"
-    first = bench.run(bench.kwargs("driver", bench.source(rows), f"day1-{rows}", cache_path=cache))
+    if first is None or first["rows"] != rows:
+        first = bench.run(bench.kwargs("driver", bench.source(rows), f"day1-{rows}", cache_path=cache))
     second = bench.run(bench.kwargs("driver", bench.source(rows, 0.01), f"day2-{rows}", cache_path=cache))
     return {"rows": rows, "new_rows": int(rows * 0.01), "first": first, "second": second}
 

@@ -38,19 +38,24 @@ def render(results: dict[str, Any], machine: dict[str, Any], chart: Path | None 
         "## Runs",
         "",
         "| placement | rows | wall s | task s | ask s | rows/s (ask) | of limit | Spark outside asking s "
-        "| per 10k rows | flush % of wall | ms per row (wall) | driver RSS MB | tree RSS MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| per 10k rows | flush % of wall | ms per row (wall) | driver RSS MB | tree RSS MB | load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for run in runs:
         ask = run["phases"]["ask"] + run["phases"].get("flush", 0.0)
         rps = run["rows"] / ask if ask else 0.0
         outside, flush, rss = _outside(run), run["phases"].get("flush", 0.0), run["driver_rss_mb"]
+        mark = "\\*" if run.get("cache_path") else ""
         lines.append(
-            f"| {run['placement']} | {run['rows']} | {run['wall_seconds']} | {run['task_seconds']} | "
+            f"| {run['placement']}{mark} | {run['rows']} | {run['wall_seconds']} | {run['task_seconds']} | "
             f"{ask:.1f} | {rps:.0f} | {rps / limit:.2f} | {outside:.1f} | "
             f"{outside / run['rows'] * 1e4:.2f} | {100 * flush / run['task_seconds']:.1f} | "
-            f"{1000 * run['wall_seconds'] / run['rows']:.2f} | {rss} | {run['tree_rss_mb']} |"
+            f"{1000 * run['wall_seconds'] / run['rows']:.2f} | {rss} | {run['tree_rss_mb']} | "
+            f"{_load(run)} |"
         )
+    if any(run.get("cache_path") for run in runs):
+        lines += ["", "\\* with `cache_path`: day one of the day two run below (its cache written)."]
+    lines += [f"- not run: {why}" for why in results.get("skipped", [])]
     names = sorted({name for run in runs for name in run["phases"]}, key=_phase_order)
     lines += [
         "",
@@ -70,6 +75,12 @@ def render(results: dict[str, Any], machine: dict[str, Any], chart: Path | None 
         lines += ["", f"![rows against wall time]({chart.name})"]
     lines += ["", "Raw results: `scale.json` beside this file.", ""]
     return "\n".join(lines)
+
+
+def _load(run: dict[str, Any]) -> str:
+    """The 1-minute load average at the run's start and end (the 2 cores are shared)."""
+    load = run.get("load")
+    return f"{load[0]} -> {load[1]}" if load else "?"
 
 
 def _phase_order(name: str) -> int:

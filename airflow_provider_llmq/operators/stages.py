@@ -124,9 +124,12 @@ class QueryStagesMixin(_Arguments):
         to_ask = pending.count() if results_before else manifest.total_requests  # a new run asks all
         phases.lap("plan")
         cache = self._answer_cache(endpoint, options)
-        if cache is not None and to_ask and cache.copy_hits(spark, pending, checkpoint) is not None:
-            pending = pending_requests(requests, checkpoint.read_results(spark))
-            hits, to_ask = to_ask - (left := pending.count()), left
+        if cache is not None and to_ask:
+            # each hit is a distinct pending request, now settled: what is left needs no count
+            hits = cache.copy_hits(spark, pending, checkpoint)
+            if hits:
+                pending = pending_requests(requests, checkpoint.read_results(spark))
+                to_ask -= hits
             self.log.info("llmq: %d requests answered from the cache at %s", hits, cache.uri)
             phases.lap("cache")
         already = manifest.total_requests - to_ask
@@ -175,7 +178,7 @@ class QueryStagesMixin(_Arguments):
         query_seconds = time.monotonic() - query_started
         phases.lap("ask")
         if cache is not None:
-            added = cache.add(spark, requests, checkpoint)
+            added = cache.add(spark, materialized, checkpoint)
             self.log.info("llmq: %d answers added to the cache at %s", added, cache.uri)
             phases.lap("cache")
 

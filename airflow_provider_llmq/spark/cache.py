@@ -77,14 +77,15 @@ class AnswerCache:
 
         return F.sha2(F.concat(F.lit(self.fingerprint + "\n"), F.sha2(prompt, 256)), 256)
 
-    def copy_hits(self, spark: SparkSession, pending: DataFrame, checkpoint: Checkpoint) -> str | None:
+    def copy_hits(self, spark: SparkSession, pending: DataFrame, checkpoint: Checkpoint) -> int:
         """Copies the cached results of ``pending`` requests into ``checkpoint`` as one result file
-        (attempts 0: this run sent nothing for them); returns its name, None when nothing was there."""
+        (attempts 0: this run sent nothing for them); returns how many, each a pending request now
+        settled. The lookup is one join, evaluated once by its write."""
         from pyspark.sql import functions as F
 
         names = self.store.result_names()
         if not names:
-            return None
+            return 0
         cached = (
             self.store.read_results(spark, names).drop(WRITTEN_COL).withColumnRenamed(KEY_COL, _CACHE_KEY)
         )
@@ -104,13 +105,13 @@ class AnswerCache:
                 for name in RESULT_COLUMNS
             ],
         )
-        if hits.isEmpty():
-            return None
-        return checkpoint.write_frame(hits)
+        written = checkpoint.write_frame_if_any(hits)
+        return written[1] if written else 0
 
-    def add(self, spark: SparkSession, requests: DataFrame, checkpoint: Checkpoint) -> int:
+    def add(self, spark: SparkSession, inputs: DataFrame, checkpoint: Checkpoint) -> int:
         """Adds the checkpoint's settled results that this run asked (not its cache hits) and the
-        cache does not hold yet, as one committed folder; returns how many."""
+        cache does not hold yet, as one committed folder; returns how many. ``inputs``: rows with
+        ``KEY_COL`` and ``PROMPT_COL`` (the materialized input; a key's rows share its prompt)."""
         from pyspark.sql import functions as F
 
         results = (
@@ -121,17 +122,21 @@ class AnswerCache:
             # an expired batch, a redirect): those would poison every later run
             .where((F.col(STATUS_COL) == F.lit(STATUS_OK)) | F.col(ERROR_CODE_COL).isin(*PROMPT_ERROR_CODES))
         )
-        prompts = requests.where(F.col(PROMPT_COL).isNotNull()).select(KEY_COL, PROMPT_COL)
+        # the prompts of the input rows, deduped after the join: the results are the small side,
+        # so the input is scanned once, not shuffled to one row per key first
+        prompts = inputs.where(F.col(PROMPT_COL).isNotNull()).select(KEY_COL, PROMPT_COL)
         entries = (
             results.join(prompts, on=KEY_COL, how="inner")
+            .dropDuplicates([KEY_COL])
             .withColumn(KEY_COL, self._key(F.col(PROMPT_COL)))
             .select(KEY_COL, *RESULT_COLUMNS)
         )
         names = self.store.result_names()
         if names:
-            held = self.store.read_results(spark, names).select(KEY_COL)
+            # only whether a key is held: its files' keys, without choosing one entry per key
+            held = spark.read.schema(f"`{KEY_COL}` string").parquet(
+                *[f"{self.store.results_uri}/{name}" for name in names]
+            )
             entries = entries.join(held, on=KEY_COL, how="left_anti")
-        if entries.isEmpty():
-            return 0
-        name = self.store.write_frame(entries)  # no UDF here: evaluating it again is harmless
-        return spark.read.parquet(f"{self.store.results_uri}/{name}").count()
+        written = self.store.write_frame_if_any(entries)
+        return written[1] if written else 0

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -226,6 +227,27 @@ class Checkpoint:
         answered.withColumn(WRITTEN_COL, F.lit(time.time_ns())).write.parquet(f"{self.results_uri}/{name}")
         self._write_file(["results", name + _DONE], b"")
         return name
+
+    def write_frame_if_any(self, frame: DataFrame) -> tuple[str, int] | None:
+        """Like :meth:`write_frame`, for a frame that may be empty, evaluated once: the rows are
+        counted from the written files' footers (no second Spark job), and a folder with none is
+        removed instead of committed. Returns (name, rows), None when nothing was written."""
+        from pyspark.sql import functions as F
+
+        name = _unique_name("spark")
+        frame.withColumn(WRITTEN_COL, F.lit(time.time_ns())).write.parquet(f"{self.results_uri}/{name}")
+        path = self._path("results", name)
+        files = [
+            info.path
+            for info in self.fs.get_file_info(pafs.FileSelector(path))
+            if info.type == pafs.FileType.File and not info.base_name.startswith(("_", "."))
+        ]
+        rows = pads.dataset(files, format="parquet", filesystem=self.fs).count_rows() if files else 0
+        if not rows:
+            self.fs.delete_dir(path)
+            return None
+        self._write_file(["results", name + _DONE], b"")
+        return name, rows
 
     def tally(self, name: str) -> Tally:
         """What one committed result file came to (errors by code, retries, 429s), for a progress

@@ -103,7 +103,8 @@ def materialize_input(
     frame = frame.withColumn(KEY_COL, key)
     checkpoint.reset()
     frame.write.mode("overwrite").parquet(checkpoint.input_uri)
-    materialized = spark.read.parquet(checkpoint.input_uri)
+    # the schema just written: reading it back from a file footer would be a Spark job of its own
+    materialized = spark.read.schema(frame.schema).parquet(checkpoint.input_uri)
 
     # a distinct count is a shuffle: count only what is not known. Assigned ids are unique; without
     # dedupe the key is the id, so distinct keys are distinct ids (an id whose text collides with
