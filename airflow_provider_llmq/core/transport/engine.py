@@ -21,7 +21,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Generator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from airflow_provider_llmq.core.accounting.budget import WAIT, Budget, Hold
@@ -49,6 +49,7 @@ from airflow_provider_llmq.core.request.payload import (
     Failure,
     classify_response,
 )
+from airflow_provider_llmq.core.transport.retry_log import RetryLog
 from airflow_provider_llmq.core.transport.transport_errors import classify_exception
 
 __all__ = ["Acquire", "Plan", "Received", "Send", "Sleep", "Step"]
@@ -89,6 +90,10 @@ class _RowPolicy:
     price: Price | None = None  # the model's price: results then carry their cost
     tokens: TokenSource | None = None  # Entra ID: a 401 refreshes its token once
     reach: Reachability | None = None  # a server that never answers ends the run in seconds
+    retries: RetryLog = field(init=False)  # each retry's line, traceable to its row
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "retries", RetryLog(self.scrubber))
 
     def estimated_tokens(self, prompt: str) -> int:
         """What a request reserves against tokens/min before it is sent: prompt + max_tokens."""
@@ -326,8 +331,11 @@ def _row_attempts(
             if row_wait is None:
                 # no usable hint: this row backs off (jittered), so it does not ask again within
                 # milliseconds while the client's rate is high
-                yield Sleep(retry.delay(outcome, throttled))
-            elif row_wait > 0:
+                row_wait = retry.delay(outcome, throttled)
+            policy.retries.note(
+                row_id, attempts, outcome.code, outcome.http_status, outcome.message, row_wait
+            )
+            if row_wait > 0:
                 yield Sleep(row_wait)
             continue
         repair = None if repaired else policy.request.repair_body(prompt, outcome)
@@ -350,6 +358,7 @@ def _row_attempts(
             # second backoff of 1 s ended short runs late (2 % of 500s: the async 0.65 against the
             # threads' 0.78 of the limit, the row that met two). A server's own hint is kept.
             delay = min(delay, quick * 2 ** (failures - 1))
+        policy.retries.note(row_id, attempts, outcome.code, outcome.http_status, outcome.message, delay)
         yield Sleep(delay)
 
 

@@ -8,7 +8,6 @@ A 429 that the rate controller reads as a quota is logged like any other: its ro
 
 from __future__ import annotations
 
-import itertools
 import logging
 from typing import Any
 
@@ -22,7 +21,8 @@ _ID_CHARS = 80
 
 
 class RetryLog:
-    """One line per retry; safe from any thread (a counter, no lock on the hot path).
+    """One line per retry, from any thread (a race on the counter only moves a line between INFO
+    and DEBUG, so the hot path takes no lock).
 
     :param scrubber: the client's; the server's message may echo a header or a key.
     :param first_at_info: retries logged at INFO before the rest go to DEBUG.
@@ -31,14 +31,15 @@ class RetryLog:
     def __init__(self, scrubber: Scrubber, first_at_info: int = FIRST_AT_INFO) -> None:
         self._scrubber = scrubber
         self._first_at_info = first_at_info
-        self._count = itertools.count(1)
+        self._count = 0
 
     def note(
         self, row_id: Any, attempt: int, code: str, http_status: int | None, message: str, wait: float | None
     ) -> None:
         """Row ``row_id``'s attempt ``attempt`` failed with ``code`` and is asked again after ``wait``
         seconds (None: when the pacer gives it a slot)."""
-        n = next(self._count)
+        self._count += 1
+        n = self._count
         level = logging.INFO if n <= self._first_at_info else logging.DEBUG
         if not _log.isEnabledFor(level):
             return
