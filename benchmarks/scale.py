@@ -1,7 +1,9 @@
 """Scale: the rate-limited operator through ``dag.test()`` against the mock server (its own process,
 TLS) at 10k, 100k and 1M rows, on the driver and on the executors of a local standalone cluster
-(a master and two 1-core workers on 127.0.0.1); then a kill at 60 % and its resume, and a day two
-with 1 % new rows and the cross-run cache. Each run's phases come from the task's own summary.
+(a master and two 1-core workers on 127.0.0.1); then a kill at 60 % and its resume, a day two
+with 1 % new rows and the cross-run cache, and the Batch API operator at the largest size (its
+request files against the API's limits, the time to submit and to collect). Each run's phases come
+from the task's own summary.
 
     python benchmarks/scale.py [--max-rows 100000] [--latency-ms 50] [--concurrency 64]
 
@@ -47,10 +49,12 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, task
 
+from airflow_provider_llmq.operators.batch_api import LLMQueryBatchAPIOperator
 from airflow_provider_llmq.operators.llmq import LLMQueryRateLimitedOperator
 
 with open({spec!r}) as handle:
     SPEC = json.load(handle)
+OPERATOR = {{"batch_api": LLMQueryBatchAPIOperator}}.get(SPEC.get("operator"), LLMQueryRateLimitedOperator)
 
 with DAG(
     SPEC["dag_id"],
@@ -58,7 +62,7 @@ with DAG(
     start_date=datetime(2026, 1, 1),
     default_args={{"owner": "bench", "retries": 0, "retry_delay": timedelta(0)}},
 ) as dag:
-    ask = LLMQueryRateLimitedOperator(task_id="ask", **SPEC["kwargs"])
+    ask = OPERATOR(task_id="ask", **SPEC["kwargs"])
 
     @task(task_id="save")
     def save(summary):
@@ -134,11 +138,12 @@ class Bench:
             **extra,
         }
 
-    def start(self, kwargs: dict[str, Any]) -> tuple[subprocess.Popen[bytes], Path]:
+    def start(self, kwargs: dict[str, Any], operator: str) -> tuple[subprocess.Popen[bytes], Path]:
         self.runs += 1
         name = f"scale_{self.runs}"
         spec, summary = self.work / f"{name}.json", self.work / f"{name}.summary.json"
-        spec.write_text(json.dumps({"dag_id": name, "kwargs": kwargs, "summary_path": str(summary)}))
+        found = {"dag_id": name, "kwargs": kwargs, "summary_path": str(summary), "operator": operator}
+        spec.write_text(json.dumps(found))
         dag = self.dags / f"{name}.py"
         dag.write_text(DAG_FILE.format(spec=str(spec)))
         log = open(self.work / f"{name}.log", "wb")  # noqa: SIM115 - the child writes it
@@ -151,12 +156,14 @@ class Bench:
         )
         return proc, summary
 
-    def run(self, kwargs: dict[str, Any], kill_at: int | None = None) -> dict[str, Any]:
+    def run(
+        self, kwargs: dict[str, Any], kill_at: int | None = None, operator: str = "rate_limited"
+    ) -> dict[str, Any]:
         """One task run; with ``kill_at``, SIGKILLed once the server has that many requests."""
         before = self.server.stats()["chat_requests"]
         load_start = round(os.getloadavg()[0], 1)  # the machine is shared: say how loaded it was
         started = time.monotonic()
-        proc, summary_path = self.start(kwargs)
+        proc, summary_path = self.start(kwargs, operator)
         memory = _Peak(proc.pid)
         first_request: list[float] = []
         watcher = threading.Thread(
@@ -195,12 +202,13 @@ class Bench:
             rows=summary["rows"],
             ok=summary["ok"],
             task_seconds=summary["seconds"],
-            query_seconds=summary["query_seconds"],
-            query_rps=summary["query_requests_per_second"],
+            query_seconds=summary.get("query_seconds"),
+            query_rps=summary.get("query_requests_per_second"),
             phases=summary["phases"],
             cache_hits=summary.get("cache_hits", 0),
             requests_sent=summary["requests_sent"],
             resumed_requests=summary["resumed_requests"],
+            batch_api=summary.get("batch_api"),
         )
         return found
 
@@ -272,6 +280,12 @@ def main() -> None:
         help="a scale.json (or scale.partial.json) of an earlier run: its size runs are kept and not "
         "run again (a run cut short by the time, continued with its day two and kill)",
     )
+    parser.add_argument(
+        "--batch-rows",
+        type=int,
+        default=None,
+        help="rows of the Batch API run (0: none; default: the largest)",
+    )
     parser.add_argument("--out", default=str(HERE / "SCALE.md"))
     parser.add_argument("--report", default=None, help="only render SCALE.md from this scale.json")
     args = parser.parse_args()
@@ -283,7 +297,10 @@ def main() -> None:
     largest = sizes[-1]
     recovery_rows = largest if args.recovery_rows is None else args.recovery_rows
     day_two_rows = largest if args.day_two_rows is None else args.day_two_rows
-    results: dict[str, Any] = {"sizes": [], "recovery": None, "day_two": None, "skipped": []}
+    batch_rows = largest if args.batch_rows is None else args.batch_rows
+    results: dict[str, Any] = {
+        "sizes": [], "recovery": None, "day_two": None, "batch_api": None, "skipped": []
+    }  # fmt: skip
     results["settings"] = {
         "latency_ms": args.latency_ms,
         "concurrency": args.concurrency,
@@ -300,7 +317,7 @@ def main() -> None:
     # size) and the kill need the time more
     steps: list[tuple[str, Any]] = [("size", (rows, p)) for rows in sizes[:-1] for p in placements]
     steps += [("size", (largest, "driver"))] if "driver" in placements else []
-    steps += [("day_two", day_two_rows), ("recovery", recovery_rows)]
+    steps += [("day_two", day_two_rows), ("recovery", recovery_rows), ("batch_api", batch_rows)]
     steps += [("size", (largest, p)) for p in placements if p != "driver"]
     with tempfile.TemporaryDirectory(prefix="llmq-scale-") as tmp, standalone_cluster(2, 1) as cluster:
         work = Path(tmp)
@@ -336,6 +353,12 @@ def main() -> None:
                 elif kind == "recovery" and step:
                     results["recovery"] = recovery(bench, step)
                     print(json.dumps(results["recovery"]), flush=True)
+                elif kind == "batch_api" and step:
+                    try:
+                        results["batch_api"] = batch_api(bench, step)
+                    except RuntimeError as exc:
+                        results["skipped"].append(f"Batch API {step}: {exc}")
+                    print(json.dumps(results["batch_api"]), flush=True)
                 partial.write_text(json.dumps(results, indent=2))  # --report renders a cut-short run
     write_report(results, Path(args.out))
     partial.unlink(missing_ok=True)
@@ -384,6 +407,30 @@ def day_two(bench: Bench, rows: int, first: dict[str, Any] | None = None) -> dic
         first = bench.run(bench.kwargs("driver", bench.source(rows), f"day1-{rows}", cache_path=cache))
     second = bench.run(bench.kwargs("driver", bench.source(rows, 0.01), f"day2-{rows}", cache_path=cache))
     return {"rows": rows, "new_rows": int(rows * 0.01), "first": first, "second": second}
+
+
+def batch_api(bench: Bench, rows: int) -> dict[str, Any]:
+    """The Batch API operator over ``rows`` (polling in the task, the mock's batches quick): its
+    request files against the API's limits, and the time to write and upload them, to wait, and to
+    collect the answers, from the task's phases."""
+    kwargs = bench.kwargs("driver", bench.source(rows), f"batch-{rows}")
+    for live_only in ("run_on", "max_concurrency"):
+        kwargs.pop(live_only)
+    kwargs.update(deferrable=False, poll_interval=2.0, keep_checkpoint=True)  # its request files, measured
+    before = bench.server.batch_stats()
+    found = bench.run(kwargs, operator="batch_api")
+    after = bench.server.batch_stats()
+    files = sorted((bench.work / "ckpt").glob(f"batch-{rows}/**/*.jsonl"))
+    lines = [sum(1 for _ in file.open("rb")) for file in files]
+    return {
+        "rows": rows,
+        "run": found,
+        "request_files": len(files),
+        "max_file_lines": max(lines, default=0),
+        "max_file_bytes": max((file.stat().st_size for file in files), default=0),
+        "limits": {"lines": 100_000, "bytes": 200_000_000},  # Azure's, as the mock serves them
+        "mock": {name: after[name] - before.get(name, 0) for name in after if isinstance(after[name], int)},
+    }
 
 
 def write_report(results: dict[str, Any], out: Path) -> None:

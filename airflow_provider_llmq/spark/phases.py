@@ -15,9 +15,14 @@ from contextlib import contextmanager
 # the order of the summary and the log line: the plan's order
 # spark_start: the session; materialize: the source read, its prompts rendered and written under the
 # checkpoint; plan: the pending requests counted; cache: hits copied in, answers added; ask: the
-# placement, without the driver's checkpoint flushes (flush); write: the join with the results and
-# the write (one Spark job); summary: the counts read back from the output and the result files
-ORDER = ("spark_start", "materialize", "plan", "cache", "ask", "flush", "write", "summary")
+# placement, without the driver's checkpoint flushes (flush) and, on the Batch API, without writing
+# its request files (request_files), uploading them (upload) and reading its answers back (collect),
+# so that its ask is the wait for the batches; write: the join with the results and the write (one
+# Spark job); summary: the counts read back from the output and the result files
+ORDER = (
+    "spark_start", "materialize", "plan", "cache", "ask", "flush",
+    "request_files", "upload", "collect", "write", "summary",
+)  # fmt: skip
 
 
 class Phases:

@@ -32,7 +32,8 @@ class Work:
     :param flush_rows: results per checkpoint write, at most.
     :param progress: counts settled requests.
     :param stop: set when the task is being stopped: send nothing more, keep what was answered.
-    :param phases: the task's phase timer; a placement times its checkpoint writes as ``flush``.
+    :param phases: the task's phase timer; a placement times its checkpoint writes as ``flush`` (the
+        Batch API also its request files, uploads and collection).
     """
 
     spark: SparkSession

@@ -180,9 +180,10 @@ class _Pass:
             raise LLMQueryConfigError(
                 "the Batch API needs a model (OpenAI) or deployment (Azure) on each line"
             )
-        records, empty_prompts = write_request_files(
-            self.work, self._lines(), f"round-{number:03d}", *self._limits(), self.estimate
-        )
+        with self.work.phases("request_files", within="ask"):
+            records, empty_prompts = write_request_files(
+                self.work, self._lines(), f"round-{number:03d}", *self._limits(), self.estimate
+            )
         planned = Round(number, self.settings.owner, records, empty_prompts=empty_prompts)
         self.ledger.rounds.append(planned)
         self.save()
@@ -204,11 +205,12 @@ class _Pass:
         return limit, self.settings.max_file_bytes
 
     def _upload(self, file: FileRecord) -> None:
-        with open_request_file(self.checkpoint, file.name) as stream:
-            content = stream.read()
-        if hashlib.sha256(content).hexdigest() != file.digest:
-            raise LLMQueryBatchError(f"the request file {file.name} changed since it was written")
-        file.file_id = self.client.upload(f"llmq-{file.digest[:16]}.jsonl", content)
+        with self.work.phases("upload", within="ask"):
+            with open_request_file(self.checkpoint, file.name) as stream:
+                content = stream.read()  # one file at a time: at most the API's 200 MB
+            if hashlib.sha256(content).hexdigest() != file.digest:
+                raise LLMQueryBatchError(f"the request file {file.name} changed since it was written")
+            file.file_id = self.client.upload(f"llmq-{file.digest[:16]}.jsonl", content)
         self.save()
 
     # --- batches ---------------------------------------------------------------------------
@@ -348,7 +350,8 @@ class _Pass:
         """A finished batch's output and error files into the checkpoint; what it never ran is left
         to the next try, or recorded when this is the last one."""
         if not batch.refused:
-            reasks = collect(self.work, self.client, file, batch, last_try=self.settings.last_try)
+            with self.work.phases("collect", within="ask"):
+                reasks = collect(self.work, self.client, file, batch, last_try=self.settings.last_try)
             if reasks:  # rows a pack's answer did not settle: asked again in this round
                 add_reask_files(
                     self.checkpoint, self.round, file, reasks, self._lines(), self._limits(), self.estimate

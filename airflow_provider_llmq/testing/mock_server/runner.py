@@ -308,6 +308,10 @@ class MockServerProcess(_ServerApi):
     def reset(self) -> None:
         self._admin("POST", "/_mock/reset", {})
 
+    def batch_stats(self) -> dict[str, Any]:
+        """The Files and Batches APIs' counters (files, batches, lines created and answered)."""
+        return self._admin("GET", "/_mock/batches/stats")
+
     def configure(self, **changes: Any) -> dict[str, Any]:
         result: dict[str, Any] = self._admin("POST", "/_mock/config", changes)
         self.config.update(**changes)
