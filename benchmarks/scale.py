@@ -277,8 +277,8 @@ def main() -> None:
     parser.add_argument(
         "--merge",
         default=None,
-        help="a scale.json (or scale.partial.json) of an earlier run: its size runs are kept and not "
-        "run again (a run cut short by the time, continued with its day two and kill)",
+        help="a scale.json (or scale.partial.json) of an earlier run: its size runs, day two, kill and "
+        "Batch API run are kept and not run again (a run cut short, continued with the rest)",
     )
     parser.add_argument(
         "--batch-rows",
@@ -311,6 +311,8 @@ def main() -> None:
     if args.merge:
         earlier = json.loads(Path(args.merge).read_text())
         results["sizes"], results["skipped"] = earlier["sizes"], earlier.get("skipped", [])
+        for stage in ("day_two", "recovery", "batch_api"):  # kept, and not run again
+            results[stage] = earlier.get(stage)
         results["command"] = f"{earlier['command']}, then {results['command']}"
     done = {(run["rows"], run["placement"]) for run in results["sizes"]}
     # the largest size's other placements last: day two (whose day one is the driver's run of its
@@ -326,6 +328,8 @@ def main() -> None:
             bench = Bench(args, work, cluster.master, server)
             day_one: dict[str, Any] | None = None
             for kind, step in steps:
+                if kind != "size" and results.get(kind) is not None:
+                    continue  # merged from the earlier run
                 if kind == "size":
                     rows, placement = step
                     if step in done:
