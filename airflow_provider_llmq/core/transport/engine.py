@@ -52,7 +52,7 @@ from airflow_provider_llmq.core.request.payload import (
 from airflow_provider_llmq.core.transport.retry_log import RetryLog
 from airflow_provider_llmq.core.transport.transport_errors import classify_exception
 
-__all__ = ["Acquire", "Plan", "Received", "Send", "Sleep", "Step"]
+__all__ = ["Acquire", "Plan", "Received", "Send", "Sleep", "Step", "resume"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,15 @@ Limiter = ThreadLimiter | AsyncLimiter
 # one row's (or one pack's) attempts; a client advances it until it answers or asks to wait (Sleep),
 # and a pooled method hands a waiting plan's worker to the next row meanwhile (methods/_run_queue.py)
 Plan = Generator[Step, Received | None, Any]
+
+
+def resume(plan: Plan, received: Received | None = None) -> Any:
+    """The plan's next step, given what its last one received; once it has ended, its value (a row's
+    result or a pack's results, never a step): what both clients' ``advance`` loops drive."""
+    try:
+        return plan.send(received)
+    except StopIteration as done:
+        return done.value
 
 
 @dataclass(frozen=True)
