@@ -160,7 +160,7 @@ class Bench:
         self, kwargs: dict[str, Any], kill_at: int | None = None, operator: str = "rate_limited"
     ) -> dict[str, Any]:
         """One task run; with ``kill_at``, SIGKILLed once the server has that many requests."""
-        before = self.server.stats()["chat_requests"]
+        before = self.server.counters()["chat_requests"]
         load_start = round(os.getloadavg()[0], 1)  # the machine is shared: say how loaded it was
         started = time.monotonic()
         proc, summary_path = self.start(kwargs, operator)
@@ -172,7 +172,7 @@ class Bench:
         watcher.start()
         killed = False
         while proc.poll() is None:
-            if kill_at is not None and self.server.stats()["chat_requests"] - before >= kill_at:
+            if kill_at is not None and self.server.counters()["chat_requests"] - before >= kill_at:
                 os.killpg(proc.pid, signal.SIGKILL)
                 killed = True
                 proc.wait()
@@ -181,7 +181,7 @@ class Bench:
         wall = time.monotonic() - started
         memory.stop()
         load_end = round(os.getloadavg()[0], 1)
-        asked = self.server.stats()["chat_requests"] - before
+        asked = self.server.counters()["chat_requests"] - before
         found: dict[str, Any] = {
             "wall_seconds": round(wall, 1),
             "server_requests": asked,
@@ -193,7 +193,7 @@ class Bench:
         }
         if killed:
             time.sleep(1)  # the server answers what was in flight to a closed socket
-            found["server_requests"] = self.server.stats()["chat_requests"] - before
+            found["server_requests"] = self.server.counters()["chat_requests"] - before
             return found
         if proc.returncode or not summary_path.exists():
             raise RuntimeError(f"run failed ({proc.returncode}): see {self.work}")
@@ -249,7 +249,7 @@ def _first_request(
     server: MockServerProcess, before: int, proc: subprocess.Popen[bytes], out: list[float]
 ) -> None:
     while proc.poll() is None:
-        if server.stats()["chat_requests"] > before:
+        if server.counters()["chat_requests"] > before:
             out.append(time.monotonic())
             return
         time.sleep(0.2)

@@ -588,6 +588,9 @@ def test_server_process_starts_answers_and_stops(tmp_path: Any) -> None:
         assert proc.configure(latency_ms=5)["latency_ms"] == 5
         stats = proc.stats()
         assert stats["requests_by_status"] == {"200": 1} and proc.attempts_for("hello") == 1
+        # the counters alone, without a count per prompt (cheap to poll during a million requests)
+        counters = proc.counters()
+        assert counters["chat_requests"] == 1 and "requests_per_prompt" not in counters
         proc.reset()
         assert proc.stats()["requests_total"] == 0
         child = proc.proc

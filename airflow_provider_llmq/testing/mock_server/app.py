@@ -165,6 +165,10 @@ async def _drip(request: web.Request, payload: bytes, ms_per_byte: int) -> web.S
     return response
 
 
+async def counters(request: web.Request) -> web.Response:
+    return web.json_response(request.app[STATE].counters())
+
+
 async def models(request: web.Request) -> web.Response:
     """Cheap authenticated call, for a connection test that must not spend tokens."""
     st = request.app[STATE]
@@ -210,6 +214,7 @@ def build_app(config: MockConfig) -> web.Application:
     for path in ("/openai/models", f"{AZURE_V1_PREFIX}/models", "/v1/models", "/models"):
         app.router.add_get(path, models)
     add_admin_routes(app, "/_mock", STATE, _apply_and_show)
+    app.router.add_get("/_mock/counters", counters)
 
     add_batch_routes(app)
     add_responses_routes(app)

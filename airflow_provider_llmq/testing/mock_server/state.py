@@ -56,6 +56,16 @@ class MockState:
         self.auth_fail_ok = 0
         self.auth_fail_served = 0
 
+    def counters(self) -> dict[str, Any]:
+        """The request counters alone (``GET /_mock/counters``): cheap to poll after millions of
+        requests, where :meth:`snapshot` carries a count per prompt."""
+        return {
+            "requests_total": self.requests_total,
+            "requests_by_status": dict(self.by_status),
+            "chat_requests": self.chat_requests,
+            "in_flight": self.in_flight,
+        }
+
     def snapshot(self) -> dict[str, Any]:
         windows = sorted(self.ok_per_window)
         counts = [self.ok_per_window.get(w, 0) for w in range(windows[0], windows[-1] + 1)] if windows else []
