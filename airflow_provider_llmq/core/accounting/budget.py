@@ -39,7 +39,13 @@ from dataclasses import dataclass
 from typing import Final
 
 from airflow_provider_llmq.core.accounting.cost import Price
-from airflow_provider_llmq.core.accounting.grants import GrantAnswer, GrantSource, GrantsUnreachable, Standing
+from airflow_provider_llmq.core.accounting.grants import (
+    GrantAnswer,
+    GrantSource,
+    GrantsUnreachable,
+    Room,
+    Standing,
+)
 from airflow_provider_llmq.core.errors import LLMQueryConfigError
 
 __all__ = ["WAIT", "Budget", "Hold"]
@@ -119,10 +125,7 @@ class Budget:
         # hold, and the one call to the source at a time (the wire lock orders them, taken before
         # ``_lock`` and never inside it)
         self._grants = grants
-        self._ceiling_tokens = 0
-        self._ceiling_cost = 0.0
-        self._elsewhere_tokens = 0
-        self._elsewhere_cost = 0.0
+        self._ceiling = self._elsewhere = Room()
         self._drawing = False
         self._next_draw = 0.0
         self._idle_timer: threading.Timer | None = None
@@ -148,7 +151,7 @@ class Budget:
             floor = max(_MIN_LIMIT, self._longest_answer)
             if self.max_total_tokens is None:
                 return target
-            left = self.max_total_tokens - self._elsewhere_tokens - self.spent_tokens - self.reserved_tokens
+            left = self.max_total_tokens - self._elsewhere.tokens - self.spent_tokens - self.reserved_tokens
             share = left // (self.in_flight + 1)
             return max(floor, min(target, share))
 
@@ -203,11 +206,11 @@ class Budget:
         max_tokens, max_cost = self.max_total_tokens, self.max_cost
         if self._grants is not None:
             if granted:
-                max_tokens = None if max_tokens is None else self._ceiling_tokens
-                max_cost = None if max_cost is None else self._ceiling_cost
+                max_tokens = None if max_tokens is None else self._ceiling.tokens
+                max_cost = None if max_cost is None else self._ceiling.cost
             else:
-                max_tokens = None if max_tokens is None else max_tokens - self._elsewhere_tokens
-                max_cost = None if max_cost is None else max_cost - self._elsewhere_cost
+                max_tokens = None if max_tokens is None else max_tokens - self._elsewhere.tokens
+                max_cost = None if max_cost is None else max_cost - self._elsewhere.cost
         over_tokens = max_tokens is not None and self.spent_tokens + reserved_tokens + tokens > max_tokens
         over_cost = max_cost is not None and self.spent_cost + reserved_cost + cost > max_cost
         return over_tokens or over_cost
@@ -217,8 +220,7 @@ class Budget:
         was billed plus what is in flight, as the source is about to be told."""
         kept_tokens = self.spent_tokens + self.reserved_tokens
         kept_cost = self.spent_cost + self.reserved_cost
-        self._ceiling_tokens = min(self._ceiling_tokens, kept_tokens)
-        self._ceiling_cost = min(self._ceiling_cost, kept_cost)
+        self._ceiling = self._ceiling.at_most(kept_tokens, kept_cost)
         return Standing(self.spent_tokens, self.spent_cost, kept_tokens, kept_cost)
 
     def _draw(self, tokens: int, cost: float) -> None:
@@ -243,9 +245,8 @@ class Budget:
             if answer is None or answer.closed:
                 self.closed = True
                 return
-            self._elsewhere_tokens, self._elsewhere_cost = answer.elsewhere_tokens, answer.elsewhere_cost
-            self._ceiling_tokens += answer.tokens
-            self._ceiling_cost += answer.cost
+            self._elsewhere = Room(answer.elsewhere_tokens, answer.elsewhere_cost)
+            self._ceiling = self._ceiling.plus(answer.tokens, answer.cost)
             if answer.wait:
                 self._next_draw = time.monotonic() + _REDRAW_SECONDS
 
@@ -270,8 +271,8 @@ class Budget:
                 self._idle_timer = None
                 grants = self._grants
                 unreserved = (
-                    self._ceiling_tokens > self.spent_tokens + self.reserved_tokens
-                    or self._ceiling_cost > self.spent_cost + self.reserved_cost
+                    self._ceiling.tokens > self.spent_tokens + self.reserved_tokens
+                    or self._ceiling.cost > self.spent_cost + self.reserved_cost
                 )
                 if grants is None or self.in_flight or self._drawing or not unreserved:
                     return

@@ -15,7 +15,22 @@ from typing import Protocol
 
 from airflow_provider_llmq.core.errors import LLMQueryError
 
-__all__ = ["GrantAnswer", "GrantSource", "GrantTicket", "GrantsUnreachable", "Standing"]
+__all__ = ["GrantAnswer", "GrantSource", "GrantTicket", "GrantsUnreachable", "Room", "Standing"]
+
+
+@dataclass(frozen=True, slots=True)
+class Room:
+    """Tokens and cost together, the two units a budget bounds: a holder's ceiling, what it was
+    billed, or what the other holders hold."""
+
+    tokens: int = 0
+    cost: float = 0.0
+
+    def plus(self, tokens: int, cost: float) -> Room:
+        return Room(self.tokens + tokens, self.cost + cost)
+
+    def at_most(self, tokens: int, cost: float) -> Room:
+        return Room(min(self.tokens, tokens), min(self.cost, cost))
 
 
 @dataclass(frozen=True, slots=True)

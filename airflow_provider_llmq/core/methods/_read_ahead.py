@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import queue
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, TypeVar
 
 from airflow_provider_llmq.core.accounting.result import QueryResult
@@ -47,12 +47,25 @@ class ReadAhead:
         self.exhausted = len(items) < wanted
         return items
 
-    def answered(self) -> None:
-        self.unanswered -= 1
-
     @property
     def finished(self) -> bool:
         return self.exhausted and self.unanswered == 0
+
+    def results(self, burst: Iterable[Any]) -> Generator[QueryResult, None, Any]:
+        """Yields the results of a burst of messages (a pack's rows one by one), counting each answered.
+
+        Returns the first message that is no result (a :class:`Failed`, a method's own end marker), for
+        the caller to act on; the messages after it are not read. None when the burst held only results.
+        """
+        for message in burst:
+            if not isinstance(message, (QueryResult, list)):
+                return message
+            self.unanswered -= 1
+            if isinstance(message, list):  # a pack's rows
+                yield from message
+            else:
+                yield message
+        return None
 
 
 def drain(inbox: queue.SimpleQueue[T]) -> list[T]:

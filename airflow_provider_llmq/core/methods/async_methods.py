@@ -140,20 +140,15 @@ def _stream(
                 if items:
                     with contextlib.suppress(RuntimeError):  # the loop already ended: its outbox says why
                         loop.call_soon_threadsafe(feed, items)
-            for message in drain(outbox):
-                if message is _DONE:
-                    stopped = True
-                    if ahead.unanswered:
-                        raise RuntimeError(f"query loop stopped with {ahead.unanswered} rows unanswered")
-                    return
-                if isinstance(message, Failed):
-                    stopped = True  # the loop is ending by itself
-                    raise message.error
-                ahead.answered()
-                if isinstance(message, list):  # a pack's rows
-                    yield from message
-                else:
-                    yield message
+            message = yield from ahead.results(drain(outbox))
+            if message is _DONE:
+                stopped = True
+                if ahead.unanswered:
+                    raise RuntimeError(f"query loop stopped with {ahead.unanswered} rows unanswered")
+                return
+            if isinstance(message, Failed):
+                stopped = True  # the loop is ending by itself
+                raise message.error
     finally:
         if not stopped and main_task is not None:
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing left to cancel

@@ -147,14 +147,9 @@ def _pooled(client: SyncClient, rows: Iterable[Any], max_workers: int) -> Iterat
                         threads[-1].start()
                 if ahead.finished:
                     return
-                for outcome in drain(finished):
-                    if isinstance(outcome, Failed):
-                        raise outcome.error
-                    ahead.answered()
-                    if isinstance(outcome, list):  # a pack's rows
-                        yield from outcome
-                    else:
-                        yield outcome
+                failed = yield from ahead.results(drain(finished))
+                if failed is not None:
+                    raise failed.error
         finally:
             # rows not yet started, and rows waiting to retry, are dropped; the ones in flight
             # finish (at most one request each)

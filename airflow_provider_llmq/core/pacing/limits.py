@@ -270,6 +270,24 @@ class _Limiter:
     def snapshot(self) -> LimiterStats:
         return self.pacer.snapshot()
 
+    def _reserve(self, tokens: int, give_up: Callable[[], bool] | None) -> Reservation | None:
+        """The caller's slot, or None when it gave up before reserving one."""
+        if give_up is not None and give_up():
+            return None
+        return self.pacer.reserve(tokens)
+
+    def _next_nap(self, reservation: Reservation | None, give_up: Callable[[], bool] | None) -> float:
+        """How long to sleep before the next check; 0.0 once the slot is due or the caller gives up.
+
+        Both acquire loops drive this one decision; they differ only in how they sleep.
+        """
+        if reservation is None:
+            return 0.0
+        delay = self.pacer.remaining(reservation)  # re-checks pauses begun meanwhile
+        if delay <= 0 or (give_up is not None and give_up()):
+            return 0.0
+        return self.pacer.nap(delay)
+
 
 class ThreadLimiter(_Limiter):
     """Blocking limiter for thread pools: each caller sleeps outside any lock until its slot."""
@@ -291,14 +309,9 @@ class ThreadLimiter(_Limiter):
         ``give_up`` is asked before reserving and between naps: once it says True the call returns
         at once, its slot left unused (the caller then sends nothing).
         """
-        if give_up is not None and give_up():
-            return 0.0
-        reservation = self.pacer.reserve(tokens)
+        reservation = self._reserve(tokens, give_up)
         waited = 0.0
-        while (delay := self.pacer.remaining(reservation)) > 0:  # re-checks pauses begun meanwhile
-            if give_up is not None and give_up():
-                break
-            nap = self.pacer.nap(delay)
+        while nap := self._next_nap(reservation, give_up):
             self._sleep(nap)
             waited += nap
         return waited
@@ -326,14 +339,9 @@ class AsyncLimiter(_Limiter):
 
         ``give_up``: as for :meth:`ThreadLimiter.acquire`.
         """
-        if give_up is not None and give_up():
-            return 0.0
-        reservation = self.pacer.reserve(tokens)
+        reservation = self._reserve(tokens, give_up)
         waited = 0.0
-        while (delay := self.pacer.remaining(reservation)) > 0:  # re-checks pauses begun meanwhile
-            if give_up is not None and give_up():
-                break
-            nap = self.pacer.nap(delay)
+        while nap := self._next_nap(reservation, give_up):
             await self._sleep(nap)
             waited += nap
         return waited

@@ -20,7 +20,7 @@ from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
 from airflow_provider_llmq.core.pacing.limits import AsyncLimiter
 from airflow_provider_llmq.core.request.options import QueryOptions
 from airflow_provider_llmq.core.transport.client_base import ClientBase
-from airflow_provider_llmq.core.transport.engine import Acquire, Plan, Received, Sleep
+from airflow_provider_llmq.core.transport.engine import Acquire, Plan, Received, Send, Sleep, resume
 
 __all__ = ["AsyncClient"]
 
@@ -109,19 +109,14 @@ class AsyncClient(ClientBase[AsyncLimiter]):
         """Performs the plan's steps until it ends (its value) or asks to wait: the :class:`Sleep`
         is returned, not slept, so a pooled method can give the worker to another row meanwhile;
         the next call resumes the plan after its wait."""
-        received: Received | None = None
-        try:
-            while True:
-                step = plan.send(received)
-                received = None
-                if isinstance(step, Acquire):
-                    await self.limiter.acquire(step.tokens, self.rate.patience_exhausted)
-                elif isinstance(step, Sleep):
-                    return step
-                else:
-                    received = await self._post(step.body)
-        except StopIteration as done:
-            return done.value
+        step = resume(plan)
+        while isinstance(step, (Acquire, Send)):
+            if isinstance(step, Acquire):
+                await self.limiter.acquire(step.tokens, self.rate.patience_exhausted)
+                step = resume(plan)
+            else:
+                step = resume(plan, await self._post(step.body))
+        return step  # a Sleep, or the plan's value
 
     async def _post(self, body: bytes) -> Received:
         if self._session is None:

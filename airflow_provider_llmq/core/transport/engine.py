@@ -52,7 +52,7 @@ from airflow_provider_llmq.core.request.payload import (
 from airflow_provider_llmq.core.transport.retry_log import RetryLog
 from airflow_provider_llmq.core.transport.transport_errors import classify_exception
 
-__all__ = ["Acquire", "Plan", "Received", "Send", "Sleep", "Step"]
+__all__ = ["Acquire", "Plan", "Received", "Send", "Sleep", "Step", "resume"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,15 @@ Limiter = ThreadLimiter | AsyncLimiter
 # one row's (or one pack's) attempts; a client advances it until it answers or asks to wait (Sleep),
 # and a pooled method hands a waiting plan's worker to the next row meanwhile (methods/_run_queue.py)
 Plan = Generator[Step, Received | None, Any]
+
+
+def resume(plan: Plan, received: Received | None = None) -> Any:
+    """The plan's next step, given what its last one received; once it has ended, its value (a row's
+    result or a pack's results, never a step): what both clients' ``advance`` loops drive."""
+    try:
+        return plan.send(received)
+    except StopIteration as done:
+        return done.value
 
 
 @dataclass(frozen=True)
@@ -171,38 +180,44 @@ def _row_attempts(
     billed_completion: int | None = None
     billed_cached: int | None = None  # of billed_prompt, served from the prompt cache
 
-    def ended(outcome: Failure, message: str | None = None, code: str | None = None) -> QueryResult:
+    def result(
+        content: str | None,
+        status: str,
+        code: str | None = None,
+        message: str | None = None,
+        http_status: int | None = None,
+        finish_reason: str | None = None,
+    ) -> QueryResult:
+        """The row's end, with what every attempt so far sent, was billed and took."""
         return QueryResult(
             row_id,
-            outcome.content,  # an invalid structured answer keeps its text; None for every other error
-            STATUS_ERROR,
-            code or outcome.code,
-            message or outcome.message,
-            http_status=outcome.http_status,
+            content,
+            status,
+            code,
+            message,
+            http_status=http_status,
             attempts=attempts,
             prompt_tokens=billed_prompt,
             completion_tokens=billed_completion,
             cached_prompt_tokens=billed_cached,
             latency_ms=round((time.monotonic() - started) * 1000, 3),
-            finish_reason=outcome.finish_reason,
+            finish_reason=finish_reason,
             throttled=throttled,
         )
 
-    def not_sent(code: str, message: str) -> QueryResult:
-        return QueryResult(
-            row_id,
-            None,
+    def ended(outcome: Failure, message: str | None = None, code: str | None = None) -> QueryResult:
+        # an invalid structured answer keeps its text (content); None for every other error
+        return result(
+            outcome.content,
             STATUS_ERROR,
-            code,
-            message,
-            http_status=429 if code == RATE_LIMITED and throttled else None,
-            attempts=attempts,
-            prompt_tokens=billed_prompt,
-            completion_tokens=billed_completion,
-            cached_prompt_tokens=billed_cached,
-            latency_ms=round((time.monotonic() - started) * 1000, 3),
-            throttled=throttled,
+            code or outcome.code,
+            message or outcome.message,
+            outcome.http_status,
+            outcome.finish_reason,
         )
+
+    def not_sent(code: str, message: str) -> QueryResult:
+        return result(None, STATUS_ERROR, code, message, 429 if code == RATE_LIMITED and throttled else None)
 
     while True:
         hold = None
@@ -294,19 +309,7 @@ def _row_attempts(
                 code=CUT_BY_BUDGET,
             )
         if isinstance(outcome, Answer):
-            return QueryResult(
-                row_id,
-                outcome.content,
-                STATUS_OK,
-                http_status=200,
-                attempts=attempts,
-                prompt_tokens=billed_prompt,
-                completion_tokens=billed_completion,
-                cached_prompt_tokens=billed_cached,
-                latency_ms=round((time.monotonic() - started) * 1000, 3),
-                finish_reason=outcome.finish_reason,
-                throttled=throttled,
-            )
+            return result(outcome.content, STATUS_OK, http_status=200, finish_reason=outcome.finish_reason)
         last = outcome
         if outcome.code == RATE_LIMITED and outcome.http_status == 429:
             throttled += 1

@@ -24,7 +24,7 @@ from airflow_provider_llmq.core.endpoint.endpoint import EndpointConfig
 from airflow_provider_llmq.core.pacing.limits import ThreadLimiter
 from airflow_provider_llmq.core.request.options import QueryOptions
 from airflow_provider_llmq.core.transport.client_base import ClientBase
-from airflow_provider_llmq.core.transport.engine import Acquire, Plan, Received, Sleep
+from airflow_provider_llmq.core.transport.engine import Acquire, Plan, Received, Send, Sleep, resume
 
 __all__ = ["SyncClient"]
 
@@ -231,19 +231,14 @@ class SyncClient(ClientBase[ThreadLimiter]):
         """Performs the plan's steps until it ends (its value) or asks to wait: the :class:`Sleep`
         is returned, not slept, so the thread pool can give the thread to another row meanwhile;
         the next call resumes the plan after its wait."""
-        received: Received | None = None
-        try:
-            while True:
-                step = plan.send(received)
-                received = None
-                if isinstance(step, Acquire):
-                    self.limiter.acquire(step.tokens, self.rate.patience_exhausted)
-                elif isinstance(step, Sleep):
-                    return step
-                else:
-                    received = self._post(step.body)
-        except StopIteration as done:
-            return done.value
+        step = resume(plan)
+        while isinstance(step, (Acquire, Send)):
+            if isinstance(step, Acquire):
+                self.limiter.acquire(step.tokens, self.rate.patience_exhausted)
+                step = resume(plan)
+            else:
+                step = resume(plan, self._post(step.body))
+        return step  # a Sleep, or the plan's value
 
     def _post(self, body: bytes) -> Received:
         try:

@@ -31,10 +31,11 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from typing import TYPE_CHECKING, Any
 
+from airflow_provider_llmq.core.accounting.grants import Room
 from airflow_provider_llmq.core.endpoint.secrets import Scrubber
 
 if TYPE_CHECKING:
@@ -52,10 +53,8 @@ MAX_WAIT_SECONDS = 600.0
 
 @dataclass
 class _Holder:
-    ceiling_tokens: int = 0
-    ceiling_cost: float = 0.0
-    spent_tokens: int = 0
-    spent_cost: float = 0.0
+    ceiling: Room = field(default_factory=Room)  # granted (billed and in flight included)
+    spent: Room = field(default_factory=Room)  # billed
     waiting_since: float | None = None
 
 
@@ -77,17 +76,24 @@ class Ledger:
         tokens, cost = 0, 0.0
         for name, h in self._holders.items():
             if name != skip:
-                tokens += max(h.ceiling_tokens, h.spent_tokens)
-                cost += max(h.ceiling_cost, h.spent_cost)
+                tokens += max(h.ceiling.tokens, h.spent.tokens)
+                cost += max(h.ceiling.cost, h.spent.cost)
         return tokens, cost
 
     def _update(self, holder: str, standing: list[Any]) -> _Holder:
         spent_tokens, spent_cost, kept_tokens, kept_cost = standing
         h = self._holders.setdefault(holder, _Holder())
-        h.spent_tokens = max(h.spent_tokens, int(spent_tokens))  # billing only grows
-        h.spent_cost = max(h.spent_cost, float(spent_cost))
-        h.ceiling_tokens, h.ceiling_cost = int(kept_tokens), float(kept_cost)
+        # billing only grows
+        h.spent = Room(max(h.spent.tokens, int(spent_tokens)), max(h.spent.cost, float(spent_cost)))
+        h.ceiling = Room(int(kept_tokens), float(kept_cost))
         return h
+
+    def _billed(self) -> Room:
+        """Tokens and cost billed, over every holder."""
+        return Room(
+            sum(h.spent.tokens for h in self._holders.values()),
+            sum(h.spent.cost for h in self._holders.values()),
+        )
 
     def draw(
         self, holder: str, standing: list[Any], need: list[Any], chunk: list[Any], now: float | None = None
@@ -101,20 +107,18 @@ class Ledger:
             other_tokens, other_cost = self._held(skip=holder)
             answer: dict[str, Any] = {"elsewhere": [other_tokens, other_cost]}
             max_tokens, max_cost = self.max_tokens, self.max_cost
-            free_tokens = None if max_tokens is None else max_tokens - other_tokens - h.ceiling_tokens
-            free_cost = None if max_cost is None else max_cost - other_cost - h.ceiling_cost
+            free_tokens = None if max_tokens is None else max_tokens - other_tokens - h.ceiling.tokens
+            free_cost = None if max_cost is None else max_cost - other_cost - h.ceiling.cost
             fits_tokens = free_tokens is None or need_tokens <= free_tokens
             if fits_tokens and (free_cost is None or need_cost <= free_cost):
                 tokens = 0 if free_tokens is None else min(max(need_tokens, int(chunk[0])), free_tokens)
                 cost = 0.0 if free_cost is None else min(max(need_cost, float(chunk[1])), free_cost)
-                h.ceiling_tokens += tokens
-                h.ceiling_cost += cost
+                h.ceiling = h.ceiling.plus(tokens, cost)
                 h.waiting_since = None
                 return {**answer, "tokens": tokens, "cost": cost}
-            billed_tokens = sum(x.spent_tokens for x in self._holders.values())
-            billed_cost = sum(x.spent_cost for x in self._holders.values())
-            over = (self.max_tokens is not None and billed_tokens + need_tokens > self.max_tokens) or (
-                self.max_cost is not None and billed_cost + need_cost > self.max_cost
+            billed = self._billed()
+            over = (self.max_tokens is not None and billed.tokens + need_tokens > self.max_tokens) or (
+                self.max_cost is not None and billed.cost + need_cost > self.max_cost
             )
             h.waiting_since = now if h.waiting_since is None else h.waiting_since
             if over or now - h.waiting_since > self.max_wait:
@@ -129,10 +133,12 @@ class Ledger:
     def totals(self) -> dict[str, Any]:
         """Granted (or billed, where more) and billed, over every holder; the holders' count."""
         with self._lock:
-            granted = self._held()
-            billed_tokens = sum(h.spent_tokens for h in self._holders.values())
-            billed_cost = sum(h.spent_cost for h in self._holders.values())
-            return {"granted": granted, "billed": (billed_tokens, billed_cost), "holders": len(self._holders)}
+            billed = self._billed()
+            return {
+                "granted": self._held(),
+                "billed": (billed.tokens, billed.cost),
+                "holders": len(self._holders),
+            }
 
 
 class LedgerServer:
