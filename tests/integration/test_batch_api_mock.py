@@ -8,7 +8,6 @@ import asyncio
 import dataclasses
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -48,16 +47,6 @@ class BatchMock:
 
     def configure(self, **changes: Any) -> dict[str, Any]:
         return dict(self._call("POST", "/_mock/batches/config", changes))
-
-
-@pytest.fixture
-def batches(server: Any) -> Iterator[BatchMock]:
-    """Files, batches, counters and batch config cleared; batches take about 0.3 + 0.3 + 0.1 s."""
-    mock = BatchMock(server)
-    mock.reset()
-    mock.configure(validating_s=0.3, in_progress_s=0.3, finalizing_s=0.1)
-    yield mock
-    mock.reset()
 
 
 def _client(endpoint: EndpointConfig) -> BatchApiClient:

@@ -4,7 +4,6 @@ files, uploads and collection apart from the wait for its batches."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,25 +17,21 @@ from tests.integration.test_batch_api_mock import BatchMock
 ROWS = 3000
 
 
-@pytest.fixture
-def batches(server: Any) -> Iterator[BatchMock]:
-    """Batches of about 0.2 + 0.4 + 0.1 s."""
-    mock = BatchMock(server)
-    mock.reset()
-    mock.configure(validating_s=0.2, in_progress_s=0.4, finalizing_s=0.1)
-    yield mock
-    mock.reset()
+def _source(spark: Any, tmp_path: Path, rows: int, server: Any, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``rows`` prompts as a Parquet source, with the connection to the mock in the environment."""
+    for name, value in llmq_connection_env(server).items():
+        monkeypatch.setenv(name, value)
+    source = str(tmp_path / "src")
+    prompts = [(i, f"phase row {i}") for i in range(rows)]
+    spark.createDataFrame(prompts, "id long, prompt string").write.parquet(source)
+    return source
 
 
 def test_the_phases_are_in_the_summary_and_add_up_to_the_wall_time(
     server: Any, spark: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name, value in llmq_connection_env(server).items():
-        monkeypatch.setenv(name, value)
     server.configure(latency_ms=2)
-    source = str(tmp_path / "src")
-    rows = [(i, f"phase row {i}") for i in range(ROWS)]
-    spark.createDataFrame(rows, "id long, prompt string").write.parquet(source)
+    source = _source(spark, tmp_path, ROWS, server, monkeypatch)
     summary = LLMQueryRateLimitedOperator(
         task_id="phases",
         source_path=source,
@@ -66,12 +61,7 @@ def test_the_batch_api_times_its_files_uploads_and_collection_apart_from_waiting
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    for name, value in llmq_connection_env(server).items():
-        monkeypatch.setenv(name, value)
-    source = str(tmp_path / "src")
-    spark.createDataFrame(
-        [(i, f"batch phase row {i}") for i in range(300)], "id long, prompt string"
-    ).write.parquet(source)
+    source = _source(spark, tmp_path, 300, server, monkeypatch)
     summary = LLMQueryBatchAPIOperator(
         task_id="batch_phases",
         source_path=source,
