@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from airflow_provider_llmq.testing.mock_server import MockConfig, MockServerProcess  # noqa: E402
+from airflow_provider_llmq.testing.mock_server.batch_state import FLAVOURS  # noqa: E402
 from airflow_provider_llmq.testing.spark_cluster import standalone_cluster  # noqa: E402
 
 KEY = "sk-bench-scale"
@@ -425,16 +426,25 @@ def batch_api(bench: Bench, rows: int) -> dict[str, Any]:
     found = bench.run(kwargs, operator="batch_api")
     after = bench.server.batch_stats()
     files = sorted((bench.work / "ckpt").glob(f"batch-{rows}/**/*.jsonl"))
-    lines = [sum(1 for _ in file.open("rb")) for file in files]
+    lines = [_line_count(file) for file in files]
+    config = after["config"]  # the limits the mock enforces, Azure's unless configured
     return {
         "rows": rows,
         "run": found,
         "request_files": len(files),
         "max_file_lines": max(lines, default=0),
         "max_file_bytes": max((file.stat().st_size for file in files), default=0),
-        "limits": {"lines": 100_000, "bytes": 200_000_000},  # Azure's, as the mock serves them
+        "limits": {
+            "lines": config["max_requests_per_file"] or FLAVOURS["azure"][2],
+            "bytes": config["max_file_bytes"],
+        },
         "mock": {name: after[name] - before.get(name, 0) for name in after if isinstance(after[name], int)},
     }
+
+
+def _line_count(path: Path) -> int:
+    with path.open("rb") as stream:
+        return sum(1 for _ in stream)
 
 
 def write_report(results: dict[str, Any], out: Path) -> None:

@@ -72,11 +72,8 @@ class MockState:
         # first and last windows are partial; with fewer than 3 there is no full one: use them all
         inner = counts[1:-1] if len(counts) > 2 else counts
         return {
-            "requests_total": self.requests_total,
-            "requests_by_status": dict(self.by_status),
-            "chat_requests": self.chat_requests,
+            **self.counters(),
             "chat_routes": dict(self.chat_routes),
-            "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
             "per_second": {str(w): n for w, n in sorted(self.ok_per_window.items())},
             "per_second_counts": counts,
